@@ -1,0 +1,250 @@
+"""One validated configuration model for build, analyses, crosstalk and the explorer.
+
+Precedence: defaults < config file (YAML/JSON/TOML) < environment < CLI flags.
+
+Environment variables: ``TME_ATLAS__<SECTION>__<FIELD>`` (double underscores separate
+levels), e.g. ``TME_ATLAS__SERVE__PORT=8080`` or ``TME_ATLAS__SCVI__MAX_STEPS=2000``.
+The file can be named with ``--config FILE`` or ``TME_ATLAS_CONFIG``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+ENV_PREFIX = "TME_ATLAS__"
+ENV_CONFIG_FILE = "TME_ATLAS_CONFIG"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class QCConfig(_Section):
+    """Per-sample quality control (stage ``qc``)."""
+
+    min_genes: int = Field(200, ge=0, description="hard floor: genes per cell")
+    min_counts: int = Field(500, ge=0, description="hard floor: UMIs per cell")
+    nmads_counts: float = Field(5.0, gt=0, description="MADs for log total counts")
+    nmads_genes: float = Field(5.0, gt=0, description="MADs for log genes")
+    nmads_mito: float = Field(3.0, gt=0, description="MADs for % mito (upper only)")
+    max_pct_mito: float = Field(25.0, gt=0, le=100, description="hard ceiling on % mito")
+    min_cells_gene: int = Field(3, ge=0, description="drop genes seen in fewer cells")
+    doublets: bool = Field(True, description="run scrublet per sample")
+    doublet_rate: float = Field(0.06, gt=0, lt=1, description="expected doublet rate")
+    remove_doublets: bool = True
+
+
+class HVGConfig(_Section):
+    n_top_genes: int = Field(2000, ge=50)
+    flavor: Literal["seurat_v3", "seurat", "cell_ranger"] = "seurat_v3"
+    exclude_patterns: bool = Field(True, description="exclude IG/TCR/mito/ribo/Hb genes")
+
+
+class ScviConfig(_Section):
+    """scVI integration, budgeted by gradient steps with early stopping."""
+
+    batch_key: str = "sample_id"
+    categorical_covariates: list[str] = Field(default_factory=list)
+    n_latent: int = Field(20, ge=2)
+    n_layers: int = Field(1, ge=1)
+    n_hidden: int = Field(128, ge=8)
+    gene_likelihood: Literal["nb", "zinb", "poisson"] = "nb"
+    max_steps: int = Field(3500, ge=10, description="gradient-step budget")
+    max_epochs: int | None = Field(None, description="override the step budget")
+    batch_size: int = Field(512, ge=16)
+    learning_rate: float = Field(2e-3, gt=0)
+    early_stopping: bool = True
+    early_stopping_patience: int = Field(15, ge=1)
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    torch_threads: int | None = Field(None, ge=1, description="default: 1 under CI, else cores")
+    seed: int = 0
+
+    @field_validator("categorical_covariates")
+    @classmethod
+    def _no_condition(cls, v: list[str]) -> list[str]:
+        if "condition" in v:
+            raise ValueError("the resistance state is biology, never a batch covariate")
+        return v
+
+
+class ClusterConfig(_Section):
+    n_neighbors: int = Field(15, ge=2)
+    resolutions: list[float] = Field(default_factory=lambda: [0.3, 0.5, 1.0, 2.0])
+    default_resolution: float = 1.0
+    umap_min_dist: float = 0.3
+    seed: int = 0
+
+
+class AnnotateConfig(_Section):
+    min_confidence: float = Field(0.1, ge=0, le=1, description="below: Unassigned")
+    resolution: float | None = Field(None, description="Leiden resolution to label")
+
+
+class AnalysesConfig(_Section):
+    reference: str | None = Field(None, description="default: the sheet's first condition")
+    contrasts: list[str] | None = Field(None, description="default: every other condition")
+    min_cells: int = Field(10, ge=1, description="pseudobulk: min cells per sample x type")
+    min_samples: int = Field(2, ge=1, description="pseudobulk: min samples per condition")
+    n_cpus: int = Field(1, ge=1)
+
+
+class CrosstalkConfig(_Section):
+    groupby: str = "cell_type"
+    n_perms: int = Field(100, ge=0)
+    expr_prop: float = Field(0.1, ge=0, le=1)
+    min_cells: int = Field(5, ge=1)
+    resource: str | None = Field(None, description="default: consensus / mouseconsensus")
+    by_sample: bool = True
+    ligrec_check: bool = True
+    seed: int = 0
+
+
+class LimitsConfig(_Section):
+    max_genes_per_request: int = Field(50, ge=1)
+    max_cells_quick_de: int = Field(20000, ge=100)
+    max_export_cells: int = Field(200000, ge=1)
+    max_display_points: int = Field(200000, ge=1000, description="scatter downsampling cap")
+
+
+class AuthConfig(_Section):
+    enabled: bool = False
+    # username -> password hash (werkzeug.security.generate_password_hash); never plain text
+    users: dict[str, str] = Field(default_factory=dict)
+
+
+class ServeConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8050, ge=1, le=65535)
+    # several atlases served by one instance: display name -> atlas directory
+    atlases: dict[str, str] = Field(default_factory=dict)
+    debug: bool = False
+    url_base_pathname: str = "/"
+
+
+class Config(BaseModel):
+    """The whole configuration. ``Config()`` gives the defaults."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    qc: QCConfig = Field(default_factory=QCConfig)
+    hvg: HVGConfig = Field(default_factory=HVGConfig)
+    scvi: ScviConfig = Field(default_factory=ScviConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    annotate: AnnotateConfig = Field(default_factory=AnnotateConfig)
+    analyses: AnalysesConfig = Field(default_factory=AnalysesConfig)
+    crosstalk: CrosstalkConfig = Field(default_factory=CrosstalkConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    seed: int = 0
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
+
+    def section_hash(self, *sections: str) -> str:
+        """A stable hash of some sections (for ``--resume``)."""
+        import hashlib
+
+        payload = json.dumps({s: self.model_dump(mode="json")[s] for s in sections}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+class ConfigError(ValueError):
+    """A configuration file, variable or flag is invalid (one line per problem)."""
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text) or {}
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        elif path.suffix == ".toml":
+            data = tomllib.loads(text)
+        else:
+            raise ConfigError(f"config file {path}: use .yaml, .yml, .json or .toml")
+    except (yaml.YAMLError, json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"config file {path}: cannot parse ({e.__class__.__name__})") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping")
+    return data
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        parts = [p.lower() for p in name[len(ENV_PREFIX) :].split("__") if p]
+        if not parts:
+            continue
+        try:
+            value: Any = yaml.safe_load(raw)  # "8080" -> 8080, "[0.5, 1]" -> list, "true" -> True
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(
+    file: str | Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the :class:`Config`: defaults < ``file`` < ``env`` < ``overrides``.
+
+    ``overrides`` are nested dicts from CLI flags (``None`` values are ignored).
+    Raises :class:`ConfigError` with one line per invalid field.
+    """
+    env = os.environ if env is None else env
+    data: dict[str, Any] = {}
+    file = file or env.get(ENV_CONFIG_FILE)
+    if file:
+        data = _merge(data, _read_file(Path(file)))
+    data = _merge(data, _env_overrides(env))
+    if overrides:
+        data = _merge(data, _drop_none(overrides))
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        lines = [
+            f"config {'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()
+        ]
+        raise ConfigError("\n".join(lines)) from None
+
+
+def _drop_none(d: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            sub = _drop_none(v)
+            if sub:
+                out[k] = sub
+        elif v is not None:
+            out[k] = v
+    return out

@@ -1,0 +1,282 @@
+"""The AnnData key registry of a CLL TME atlas.
+
+Every ``.obs``, ``.obsm``, ``.layers``, ``.uns`` key and every file name that the build
+writes and the explorer / exports read is a named constant here, and nowhere else.
+Readers call :func:`require_obs`, :func:`require_obsm`, ... which fail with a
+:class:`MissingKeyError` that names the stage to run.
+
+Layout of an atlas directory ``DIR`` (written by ``tme-atlas build``)::
+
+    DIR/atlas.h5ad            the atlas (X = log1p(normalize_total 1e4), layers["counts"] raw)
+    DIR/store/                column-oriented read store for the explorer (atlas.store)
+    DIR/tables/*.csv          result tables (also in .uns, h5ad-safe)
+    DIR/qc/report.html        QC report; DIR/qc/summary.csv
+    DIR/model/                trained scVI model
+    DIR/integration_metrics.csv
+    DIR/provenance.json       versions, config, input checksums, timings per stage
+    DIR/build.log
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+# --------------------------------------------------------------------------------------
+# files in an atlas directory
+# --------------------------------------------------------------------------------------
+ATLAS_FILE = "atlas.h5ad"
+STORE_DIR = "store"
+TABLES_DIR = "tables"
+QC_DIR = "qc"
+QC_REPORT_FILE = "qc/report.html"
+QC_SUMMARY_FILE = "qc/summary.csv"
+MODEL_DIR = "model"
+INTEGRATION_METRICS_FILE = "integration_metrics.csv"
+PROVENANCE_FILE = "provenance.json"
+LOG_FILE = "build.log"
+WORK_DIR = ".work"  # stage checkpoints for --resume (removed after a finished build)
+
+# --------------------------------------------------------------------------------------
+# samplesheet columns (carried into .obs)
+# --------------------------------------------------------------------------------------
+SHEET_SAMPLE = "sample_id"
+SHEET_PATH = "path"
+SHEET_PATIENT = "patient"
+SHEET_CONDITION = "condition"
+SHEET_TISSUE = "tissue"
+SHEET_SPECIES = "species"
+SHEET_REQUIRED = (
+    SHEET_SAMPLE,
+    SHEET_PATH,
+    SHEET_PATIENT,
+    SHEET_CONDITION,
+    SHEET_TISSUE,
+    SHEET_SPECIES,
+)
+SPECIES = ("human", "mouse")
+
+# --------------------------------------------------------------------------------------
+# .obs
+# --------------------------------------------------------------------------------------
+OBS_SAMPLE = SHEET_SAMPLE
+OBS_PATIENT = SHEET_PATIENT
+OBS_CONDITION = SHEET_CONDITION
+OBS_TISSUE = SHEET_TISSUE
+OBS_SPECIES = SHEET_SPECIES
+OBS_BARCODE = "barcode"  # original barcode; obs_names are "<sample_id>:<barcode>"
+
+# QC (stage "qc")
+OBS_TOTAL_COUNTS = "total_counts"
+OBS_N_GENES = "n_genes_by_counts"
+OBS_PCT_MITO = "pct_counts_mt"
+OBS_QC_OUTLIER = "qc_outlier"  # bool: failed MAD / floor filters
+OBS_QC_REASON = "qc_reason"  # "" or ";"-joined reasons (low_counts, low_genes, high_mito, ...)
+OBS_DOUBLET_SCORE = "doublet_score"
+OBS_PREDICTED_DOUBLET = "predicted_doublet"
+OBS_QC_PASS = "qc_pass"  # bool: kept by QC (all False rows removed unless --keep-all)
+
+# clustering (stage "cluster")
+OBS_LEIDEN = "leiden"  # the default resolution
+OBS_LEIDEN_PREFIX = "leiden_r"  # + resolution, e.g. "leiden_r0.5"
+
+# annotation (stage "annotate")
+OBS_CELL_TYPE = "cell_type"
+OBS_CELL_TYPE_CONFIDENCE = "cell_type_confidence"  # float in [0, 1]
+OBS_LINEAGE = "lineage"  # coarse: B/CLL, T/NK, Myeloid, ...
+OBS_DOUBLET_CLUSTER = "doublet_like_cluster"  # bool
+OBS_MARKER_SCORE_PREFIX = "marker_"  # per-cell marker scores, "marker_<cell type>"
+UNASSIGNED = "Unassigned"
+
+# gene programmes (stage "programs")
+OBS_SCORE_PREFIX = "score_"  # "score_<programme>"
+
+# --------------------------------------------------------------------------------------
+# .obsm / .layers / .var
+# --------------------------------------------------------------------------------------
+OBSM_SCVI = "X_scVI"
+OBSM_PCA = "X_pca"  # uncorrected
+OBSM_UMAP = "X_umap"
+LAYER_COUNTS = "counts"
+VAR_GENE_ID = "gene_ids"  # Ensembl ids (or the symbol where none)
+VAR_FEATURE_TYPE = "feature_types"
+VAR_HVG = "highly_variable"
+VAR_EXCLUDED_HVG = "hvg_excluded"  # bool: IG/TCR/mito/ribo/haemoglobin, never an HVG
+
+# --------------------------------------------------------------------------------------
+# .uns
+# --------------------------------------------------------------------------------------
+UNS_PROVENANCE = "tme_provenance"  # dict: versions, config (JSON string), timings
+UNS_PARAMS_PREFIX = "tme_params_"  # + stage name, parameters used by that stage
+UNS_TABLES = "tme_tables"  # dict: table name -> DataFrame (h5ad-safe columns)
+UNS_REFERENCE_CONDITION = "tme_reference_condition"
+UNS_CONDITION_ORDER = "tme_condition_order"  # list of conditions in sheet order
+UNS_SPECIES = "tme_species"
+UNS_PROGRAMS = "tme_programs"  # dict: programme name -> list of genes used
+UNS_LEIDEN_RESOLUTIONS = "tme_leiden_resolutions"
+
+# table names (in .uns[UNS_TABLES] and as DIR/tables/<name>.csv)
+TABLE_QC_SUMMARY = "qc_summary"
+TABLE_INTEGRATION_METRICS = "integration_metrics"
+TABLE_COMPOSITION = "composition"  # test results: cell_type, condition, reference, ...
+TABLE_PROPORTIONS = "proportions"  # per-sample proportions: sample_id, cell_type, n, prop
+TABLE_DE = "de"
+TABLE_PROGRAMS = "programs"
+TABLE_INTERACTIONS = "interactions"
+TABLE_INTERACTIONS_BY_SAMPLE = "interactions_by_sample"
+TABLE_INTERACTIONS_DIFF = "interactions_diff"
+TABLE_LIGREC_AGREEMENT = "ligrec_agreement"
+TABLE_MARKERS = "cluster_markers"
+TABLES = (
+    TABLE_QC_SUMMARY,
+    TABLE_INTEGRATION_METRICS,
+    TABLE_COMPOSITION,
+    TABLE_PROPORTIONS,
+    TABLE_DE,
+    TABLE_PROGRAMS,
+    TABLE_INTERACTIONS,
+    TABLE_INTERACTIONS_BY_SAMPLE,
+    TABLE_INTERACTIONS_DIFF,
+    TABLE_LIGREC_AGREEMENT,
+    TABLE_MARKERS,
+)
+
+# columns of result tables that several modules share
+COL_CELL_TYPE = "cell_type"
+COL_CONDITION = "condition"
+COL_REFERENCE = "reference"
+COL_GENE = "gene"
+COL_SOURCE = "source"
+COL_TARGET = "target"
+COL_LIGAND = "ligand"
+COL_RECEPTOR = "receptor"
+COL_LOG2FC = "log2fc"
+COL_PVALUE = "pvalue"
+COL_PADJ = "padj"
+COL_CURATED = "curated"
+
+# --------------------------------------------------------------------------------------
+# build stages, in order; which stage writes what (for "run X first" messages)
+# --------------------------------------------------------------------------------------
+STAGES = (
+    "ingest",
+    "qc",
+    "normalize",
+    "hvg",
+    "integrate",
+    "cluster",
+    "annotate",
+    "programs",
+    "analyses",
+    "crosstalk",
+    "write",
+)
+
+_WRITER: dict[str, str] = {
+    LAYER_COUNTS: "ingest",
+    OBS_SAMPLE: "ingest",
+    OBS_PATIENT: "ingest",
+    OBS_CONDITION: "ingest",
+    OBS_TOTAL_COUNTS: "qc",
+    OBS_N_GENES: "qc",
+    OBS_PCT_MITO: "qc",
+    OBS_QC_OUTLIER: "qc",
+    OBS_QC_PASS: "qc",
+    OBS_DOUBLET_SCORE: "qc",
+    OBS_PREDICTED_DOUBLET: "qc",
+    VAR_HVG: "hvg",
+    OBSM_SCVI: "integrate",
+    OBSM_PCA: "integrate",
+    OBSM_UMAP: "cluster",
+    OBS_LEIDEN: "cluster",
+    OBS_CELL_TYPE: "annotate",
+    OBS_CELL_TYPE_CONFIDENCE: "annotate",
+    OBS_LINEAGE: "annotate",
+    UNS_PROGRAMS: "programs",
+    TABLE_COMPOSITION: "analyses",
+    TABLE_PROPORTIONS: "analyses",
+    TABLE_DE: "analyses",
+    TABLE_PROGRAMS: "analyses",
+    TABLE_INTERACTIONS: "crosstalk",
+    TABLE_INTERACTIONS_BY_SAMPLE: "crosstalk",
+    TABLE_INTERACTIONS_DIFF: "crosstalk",
+    TABLE_LIGREC_AGREEMENT: "crosstalk",
+}
+
+_COMMAND: dict[str, str] = {
+    "analyses": "tme-atlas analyse DIR",
+    "crosstalk": "tme-atlas crosstalk DIR",
+}
+
+
+def stage_of(key: str) -> str:
+    """The build stage that writes ``key`` (``"build"`` when unknown)."""
+    if key.startswith(OBS_SCORE_PREFIX):
+        return "programs"
+    if key.startswith(OBS_LEIDEN_PREFIX):
+        return "cluster"
+    return _WRITER.get(key, "build")
+
+
+def run_hint(key: str) -> str:
+    """The command that produces ``key``."""
+    stage = stage_of(key)
+    return _COMMAND.get(stage, f"tme-atlas build (stage '{stage}')")
+
+
+class MissingKeyError(KeyError):
+    """An atlas lacks a key; the message names the stage / command to run."""
+
+    def __init__(self, where: str, key: str):
+        self.where = where
+        self.key = key
+        self.stage = stage_of(key)
+        super().__init__(f"atlas has no {where}[{key!r}]: run {run_hint(key)} first")
+
+    def __str__(self) -> str:  # KeyError quotes its message otherwise
+        return str(self.args[0])
+
+
+def _require(container: Iterable[str], where: str, keys: Iterable[str]) -> None:
+    have = set(container)
+    for key in keys:
+        if key not in have:
+            raise MissingKeyError(where, key)
+
+
+def require_obs(adata, *keys: str) -> None:
+    """Raise :class:`MissingKeyError` unless every key is an ``.obs`` column."""
+    _require(adata.obs.columns, "obs", keys)
+
+
+def require_obsm(adata, *keys: str) -> None:
+    _require(adata.obsm.keys(), "obsm", keys)
+
+
+def require_layer(adata, *keys: str) -> None:
+    _require(adata.layers.keys(), "layers", keys)
+
+
+def require_uns(adata, *keys: str) -> None:
+    _require(adata.uns.keys(), "uns", keys)
+
+
+def require_table(adata, *names: str) -> None:
+    tables = adata.uns.get(UNS_TABLES, {})
+    for name in names:
+        if name not in tables:
+            raise MissingKeyError(f"uns[{UNS_TABLES!r}]", name)
+
+
+def leiden_key(resolution: float) -> str:
+    """``.obs`` key of a Leiden clustering at ``resolution``."""
+    return f"{OBS_LEIDEN_PREFIX}{resolution:g}"
+
+
+def score_key(programme: str) -> str:
+    """``.obs`` key of a gene-programme score."""
+    return f"{OBS_SCORE_PREFIX}{programme}"
+
+
+def score_columns(columns: Iterable[str]) -> list[str]:
+    """The programme-score columns among ``columns``."""
+    return [c for c in columns if c.startswith(OBS_SCORE_PREFIX)]

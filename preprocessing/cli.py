@@ -1,0 +1,187 @@
+"""``tme-atlas``: the command-line interface.
+
+Subcommands: ``simulate``, ``build``, ``analyse``, ``crosstalk``, ``export``, ``serve``.
+Bad input (``InputError``, ``ConfigError``, a missing atlas key) ends with one line per
+problem on stderr and exit code 2; nothing half-written is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+EXIT_INPUT = 2
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="YAML/JSON/TOML config file")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tme-atlas",
+        description="CLL TME Atlas: build, analyse and explore single-cell atlases of the "
+        "CLL tumour microenvironment across resistance states.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("simulate", help="simulate a CLL TME cohort with planted truth")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cells-per-sample", type=int, default=None, metavar="N")
+    p.add_argument("--patients", type=int, default=None, metavar="N")
+    p.add_argument("--species", choices=["human", "mouse"], default="human")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+    p = sub.add_parser("build", help="raw counts of many samples -> integrated, annotated atlas")
+    p.add_argument("samplesheet", nargs="?", metavar="SAMPLESHEET.csv")
+    p.add_argument("--h5ad", metavar="MERGED.h5ad", help="one pre-merged AnnData instead")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--resume", action="store_true", help="skip stages done with same config")
+    p.add_argument("--keep-all", action="store_true", help="flag failing cells, keep them")
+    p.add_argument(
+        "--allow-outside-paths",
+        action="store_true",
+        help="allow sheet paths outside the sheet's folder",
+    )
+    p.add_argument("--skip", nargs="*", default=[], choices=["analyses", "crosstalk"])
+    _add_config(p)
+
+    p = sub.add_parser("analyse", help="composition, pseudobulk DE and programmes")
+    p.add_argument("atlas_dir", metavar="DIR")
+    p.add_argument("--reference", metavar="COND")
+    p.add_argument("--contrast", nargs="+", metavar="COND")
+    _add_config(p)
+
+    p = sub.add_parser("crosstalk", help="ligand-receptor crosstalk per resistance state")
+    p.add_argument("atlas_dir", metavar="DIR")
+    p.add_argument("--n-perms", type=int, metavar="N")
+    _add_config(p)
+
+    p = sub.add_parser("export", help="self-contained h5ad (and tables) for collaborators")
+    p.add_argument("atlas_dir", metavar="DIR")
+    p.add_argument("--out", required=True, metavar="FILE.h5ad")
+    for opt in ("cell-types", "conditions", "samples", "patients", "genes"):
+        p.add_argument(f"--{opt}", nargs="+", metavar="X")
+    p.add_argument("--tables", metavar="DIR", help="also write the tables as CSV here")
+    p.add_argument("--with-model", action="store_true", help="copy the scVI model alongside")
+    _add_config(p)
+
+    p = sub.add_parser("serve", help="serve the explorer")
+    p.add_argument("atlas_dir", nargs="?", metavar="DIR")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    _add_config(p)
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    o: dict = {}
+    if args.command == "analyse":
+        o["analyses"] = {"reference": args.reference, "contrasts": args.contrast}
+    elif args.command == "crosstalk":
+        o["crosstalk"] = {"n_perms": args.n_perms}
+    elif args.command == "serve":
+        o["serve"] = {"host": args.host, "port": args.port}
+    return o
+
+
+def _run(args: argparse.Namespace) -> int:
+    from atlas.config import load_config
+    from preprocessing.log import setup_logging
+
+    if args.command == "simulate":
+        setup_logging(verbose=args.verbose)
+        from preprocessing.simulate import write_dataset
+
+        write_dataset(
+            args.out,
+            seed=args.seed,
+            cells_per_sample=args.cells_per_sample,
+            n_patients=args.patients,
+            species=args.species,
+        )
+        return 0
+
+    config = load_config(args.config, overrides=_overrides(args))
+
+    if args.command == "build":
+        from preprocessing.pipeline import run_build
+
+        if bool(args.samplesheet) == bool(args.h5ad):
+            from atlas.errors import InputError
+
+            raise InputError("build: give either SAMPLESHEET.csv or --h5ad MERGED.h5ad")
+        run_build(
+            samplesheet=args.samplesheet,
+            h5ad=args.h5ad,
+            out=args.out,
+            config=config,
+            resume=args.resume,
+            keep_all=args.keep_all,
+            allow_outside_paths=args.allow_outside_paths,
+            skip=tuple(args.skip),
+            verbose=args.verbose,
+        )
+        return 0
+
+    setup_logging(verbose=args.verbose)
+    if args.command == "analyse":
+        from preprocessing.analyses import run_analyse_dir
+
+        run_analyse_dir(args.atlas_dir, config=config)
+    elif args.command == "crosstalk":
+        from preprocessing.crosstalk import run_crosstalk_dir
+
+        run_crosstalk_dir(args.atlas_dir, config=config)
+    elif args.command == "export":
+        from atlas.export import export_atlas
+
+        export_atlas(
+            args.atlas_dir,
+            args.out,
+            cell_types=args.cell_types,
+            conditions=args.conditions,
+            samples=args.samples,
+            patients=args.patients,
+            genes=args.genes,
+            tables_dir=args.tables,
+            with_model=args.with_model,
+        )
+    elif args.command == "serve":
+        from app.server import serve
+
+        serve(args.atlas_dir, config=config)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from atlas.config import ConfigError
+    from atlas.errors import InputError
+    from atlas.schema import MissingKeyError
+
+    try:
+        return _run(args)
+    except InputError as e:
+        for line in e.problems:
+            print(f"error: {line}", file=sys.stderr)
+        return EXIT_INPUT
+    except (ConfigError, MissingKeyError) as e:
+        for line in str(e).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        return EXIT_INPUT
+    except FileNotFoundError as e:
+        name = e.filename or e
+        print(f"error: file not found: {name}", file=sys.stderr)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
