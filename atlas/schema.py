@@ -36,6 +36,23 @@ PROVENANCE_FILE = "provenance.json"
 LOG_FILE = "build.log"
 WORK_DIR = ".work"  # stage checkpoints for --resume (removed after a finished build)
 
+# files inside DIR/store/ (see atlas.store for the layout)
+STORE_FORMAT_VERSION = 1
+STORE_META_FILE = "meta.json"
+STORE_EXPR_FILE = "expr_csc.h5"
+STORE_OBS_FILE = "obs.parquet"
+STORE_VAR_FILE = "var.parquet"
+STORE_EMBEDDINGS_DIR = "embeddings"
+STORE_SUMMARY_FILE = "summary.parquet"
+STORE_TABLES_DIR = "tables"
+STORE_OBS_NAMES_COL = "_obs_names"  # obs_names as a column of obs.parquet
+STORE_VAR_NAMES_COL = "_var_names"  # var_names as a column of var.parquet
+# columns of the precomputed summary (long format; one row per gene x group)
+SUMMARY_N_CELLS = "n_cells"
+SUMMARY_MEAN = "mean"  # mean log-normalised expression over all cells of the group
+SUMMARY_FRAC = "frac"  # fraction of cells of the group with expression > 0
+SUMMARY_MEAN_EXPRESSING = "mean_expressing"  # mean over expressing cells only (NaN if none)
+
 # --------------------------------------------------------------------------------------
 # samplesheet columns (carried into .obs)
 # --------------------------------------------------------------------------------------
