@@ -365,25 +365,43 @@ def make_synthetic_adata(
         for g, f in CONDITION_EFFECTS.get(cond, {}).items():
             if g in gpos:
                 effects[c, gpos[g]] = f
-    depth = rng.lognormal(0.0, 0.25, n_cells).astype(np.float32)
+    # threshold table (uint16) per (cell type, condition, depth bin) x gene: one gather
+    # and one comparison with random uint16 per chunk, no float work per matrix element
+    n_cond, n_bins = len(conditions), 8
+    levels = np.exp(np.linspace(-0.4, 0.4, n_bins))
+    thr = q[:, None, None, :] * levels[None, None, :, None]
+    thr = np.repeat(thr, n_cond, axis=1)
+    thr[cll] = thr[cll] * effects[:, None, :]
+    thr = np.clip(thr, 0.0, 0.97) * 65536.0
+    table = thr.reshape(n_types * n_cond * n_bins, n_genes).astype(np.uint16)
+    del thr
+    combo = (
+        (type_code.astype(np.int64) * n_cond + cond_of_sample[sample_code]) * n_bins
+        + rng.integers(0, n_bins, n_cells)
+    ).astype(np.int32)
+    log1m_p = np.log1p(-p_geom).astype(np.float32)
+    fast = np.random.Generator(np.random.SFC64(seed + 1))  # bulk uniform bits
 
     indptr = np.zeros(n_cells + 1, dtype=np.int64)
     idx_parts: list[np.ndarray] = []
     cnt_parts: list[np.ndarray] = []
     for a in range(0, n_cells, chunk_size):
         b = min(a + chunk_size, n_cells)
-        thr = q[type_code[a:b]]
-        is_cll = type_code[a:b] == cll
-        if is_cll.any():
-            eff = effects[cond_of_sample[sample_code[a:b][is_cll]]]
-            thr[is_cll] = np.clip(thr[is_cll] * eff, 0, 0.97)
-        thr *= depth[a:b, None]
-        u = rng.random(thr.shape, dtype=np.float32)
-        rows, cols = np.nonzero(u < thr)
-        del u, thr
-        indptr[a + 1 : b + 1] = np.bincount(rows, minlength=b - a)
-        idx_parts.append(cols.astype(np.int32))
-        cnt_parts.append(rng.geometric(p_geom[cols]).astype(np.float32))
+        m = b - a
+        k = m * n_genes
+        u = fast.integers(0, 2**64 - 1, (k + 3) // 4, dtype=np.uint64, endpoint=True)
+        u = u.view(np.uint16)[:k]
+        flat = np.flatnonzero(u < table[combo[a:b]].ravel())
+        del u
+        rows = flat // n_genes
+        cols = (flat - rows * n_genes).astype(np.int32)
+        indptr[a + 1 : b + 1] = np.bincount(rows, minlength=m)
+        idx_parts.append(cols)
+        # geometric counts (>= 1) by inversion: 1 + floor(log(U) / log(1 - p))
+        uu = fast.random(len(cols), dtype=np.float32)
+        np.maximum(uu, np.float32(1e-7), out=uu)
+        cnt = np.floor(np.log(uu) / log1m_p[cols]) + 1
+        cnt_parts.append(cnt.astype(np.float32))
     np.cumsum(indptr, out=indptr)
     indices = np.concatenate(idx_parts)
     counts_data = np.concatenate(cnt_parts)
@@ -538,8 +556,151 @@ def _versions() -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------- tables
+# Column lists of the result tables, as the builders write them (preprocessing.analyses,
+# preprocessing.crosstalk, preprocessing.qc, preprocessing.integrate);
+# tests/test_store.py checks that they agree.
+KEY_COLS = [schema.COL_SOURCE, schema.COL_TARGET, schema.COL_LIGAND, schema.COL_RECEPTOR]
+LIANA_SCORES = (
+    "lr_means",
+    "cellphone_pvals",
+    "expr_prod",
+    "scaled_weight",
+    "lr_logfc",
+    "spec_weight",
+    "lrscore",
+)
+TABLE_COLUMNS: dict[str, list[str]] = {
+    schema.TABLE_COMPOSITION: [
+        schema.COL_CELL_TYPE,
+        schema.COL_CONDITION,
+        schema.COL_REFERENCE,
+        "mean_prop",
+        "mean_prop_ref",
+        schema.COL_LOG2FC,
+        schema.COL_PVALUE,
+        schema.COL_PADJ,
+        "n_samples",
+        "n_samples_cond",
+        "n_samples_ref",
+        "t",
+        "paired",
+    ],
+    schema.TABLE_PROPORTIONS: [
+        schema.OBS_SAMPLE,
+        schema.OBS_PATIENT,
+        schema.OBS_CONDITION,
+        schema.COL_CELL_TYPE,
+        "n",
+        "n_total",
+        "prop",
+    ],
+    schema.TABLE_DE: [
+        schema.COL_CELL_TYPE,
+        schema.COL_GENE,
+        schema.COL_CONDITION,
+        schema.COL_REFERENCE,
+        schema.COL_LOG2FC,
+        "lfcse",
+        schema.COL_PVALUE,
+        schema.COL_PADJ,
+        "base_mean",
+        "n_samples_cond",
+        "n_samples_ref",
+        "paired",
+    ],
+    schema.TABLE_PROGRAMS: [
+        schema.COL_CELL_TYPE,
+        "program",
+        schema.COL_CONDITION,
+        schema.COL_REFERENCE,
+        "mean",
+        "mean_ref",
+        "diff",
+        schema.COL_PVALUE,
+        schema.COL_PADJ,
+        "n_samples_cond",
+        "n_samples_ref",
+        "paired",
+    ],
+    schema.TABLE_INTERACTIONS: [
+        schema.COL_CONDITION,
+        *KEY_COLS,
+        "magnitude_rank",
+        "specificity_rank",
+        *LIANA_SCORES,
+        schema.COL_CURATED,
+        "curated_source",
+    ],
+    schema.TABLE_INTERACTIONS_BY_SAMPLE: [
+        schema.OBS_SAMPLE,
+        schema.OBS_PATIENT,
+        schema.COL_CONDITION,
+        *KEY_COLS,
+        "magnitude_rank",
+        "specificity_rank",
+        "lr_means",
+        "lrscore",
+        schema.COL_CURATED,
+    ],
+    schema.TABLE_INTERACTIONS_DIFF: [
+        schema.COL_CONDITION,
+        schema.COL_REFERENCE,
+        *KEY_COLS,
+        "ligand_log2fc",
+        "receptor_log2fc",
+        "score",
+        "z",
+        schema.COL_PVALUE,
+        schema.COL_PADJ,
+        "direction",
+        "ligand_pvalue",
+        "receptor_pvalue",
+        "ligand_gene",
+        "receptor_gene",
+        "ligand_prop",
+        "receptor_prop",
+        schema.COL_CURATED,
+        "curated_source",
+    ],
+    schema.TABLE_QC_SUMMARY: [
+        schema.OBS_SAMPLE,
+        schema.OBS_PATIENT,
+        schema.OBS_CONDITION,
+        "n_cells_in",
+        "n_cells_out",
+        "n_removed",
+        "n_low_counts",
+        "n_high_counts",
+        "n_low_genes",
+        "n_high_genes",
+        "n_high_mito",
+        "n_doublet",
+        "median_counts_before",
+        "median_counts_after",
+        "median_genes_before",
+        "median_genes_after",
+        "median_pct_mito_before",
+        "median_pct_mito_after",
+        "doublet_threshold",
+    ],
+    schema.TABLE_INTEGRATION_METRICS: ["embedding", "metric", "value"],
+}
+CURATED_PAIRS = {
+    ("CXCL12", "CXCR4"): "Burger et al. 2000, nurse-like cells (PMID 10720094)",
+    ("CD40LG", "CD40"): "Granziero et al. 2001 (PMID 11157488)",
+    ("TNFSF13B", "TNFRSF13C"): "Nishio et al. 2005, BAFF from NLC (PMID 15827137)",
+    ("MIF", "CD74"): "Binsky et al. 2007 (PMID 17709442)",
+    ("CD274", "PDCD1"): "Brusa et al. 2013 (PMID 22960575)",
+    ("CCL3", "CCR1"): "Burger et al. 2009 (PMID 19168783)",
+}
+
+
+def _frame(name: str, data: dict) -> pd.DataFrame:
+    return pd.DataFrame(data)[TABLE_COLUMNS[name]]
+
+
 def add_synthetic_tables(adata, *, rng=None) -> None:
-    """Every result table of :data:`atlas.schema.TABLES`, with plausible values."""
+    """Every result table the build writes, with the builders' columns and plausible values."""
     from .tables import put_table
 
     rng = np.random.default_rng(0) if rng is None else rng
@@ -548,12 +709,18 @@ def add_synthetic_tables(adata, *, rng=None) -> None:
     reference = str(adata.uns[schema.UNS_REFERENCE_CONDITION])
     contrasts = [c for c in conditions if c != reference]
     genes = adata.var_names.tolist()
-    types = [t for t in obs[schema.OBS_CELL_TYPE].cat.categories if t != schema.UNASSIGNED]
+    types = [str(t) for t in obs[schema.OBS_CELL_TYPE].cat.categories]
     samples = (
         obs[[schema.OBS_SAMPLE, schema.OBS_PATIENT, schema.OBS_CONDITION]]
         .drop_duplicates(schema.OBS_SAMPLE)
+        .astype(str)
         .reset_index(drop=True)
     )
+    n_samples_of = samples[schema.OBS_CONDITION].value_counts()
+    n_ref = int(n_samples_of.get(reference, 0))
+
+    def n_cond(c):
+        return int(n_samples_of.get(c, 0))
 
     # proportions (observed counts)
     counts = (
@@ -562,203 +729,243 @@ def add_synthetic_tables(adata, *, rng=None) -> None:
         .rename("n")
         .reset_index()
     )
-    totals = counts.groupby(schema.OBS_SAMPLE, observed=False)["n"].transform("sum")
-    counts["prop"] = counts["n"] / totals.clip(lower=1)
-    counts = counts.merge(samples, on=schema.OBS_SAMPLE, how="left")
-    proportions = counts[
-        [
-            schema.OBS_SAMPLE,
-            schema.OBS_PATIENT,
-            schema.OBS_CONDITION,
-            schema.OBS_CELL_TYPE,
-            "n",
-            "prop",
-        ]
-    ].copy()
-    proportions["n"] = proportions["n"].astype(np.int64)
+    counts[schema.OBS_SAMPLE] = counts[schema.OBS_SAMPLE].astype(str)
+    counts[schema.OBS_CELL_TYPE] = counts[schema.OBS_CELL_TYPE].astype(str)
+    counts["n_total"] = counts.groupby(schema.OBS_SAMPLE)["n"].transform("sum").astype(np.int64)
+    counts["prop"] = counts["n"] / counts["n_total"].clip(lower=1)
+    counts = counts.merge(samples, on=schema.OBS_SAMPLE, how="inner")
+    counts["n"] = counts["n"].astype(np.int64)
+    proportions = counts[TABLE_COLUMNS[schema.TABLE_PROPORTIONS]]
     put_table(adata, schema.TABLE_PROPORTIONS, proportions)
 
-    # composition (condition vs reference; log2 fold change of mean proportions)
-    mean_prop = proportions.groupby([schema.OBS_CONDITION, schema.OBS_CELL_TYPE], observed=True)[
-        "prop"
-    ].mean()
-    rows = []
-    for c in contrasts:
-        for t in types + [schema.UNASSIGNED]:
-            pc = float(mean_prop.get((c, t), 0.0))
-            pr = float(mean_prop.get((reference, t), 0.0))
-            lfc = float(np.log2((pc + 1e-4) / (pr + 1e-4)))
-            pval = float(np.clip(np.exp(-abs(lfc) * 3) * rng.uniform(0.5, 1), 1e-12, 1))
-            rows.append(
-                {
-                    schema.COL_CELL_TYPE: t,
-                    schema.COL_CONDITION: c,
-                    schema.COL_REFERENCE: reference,
-                    "prop_condition": pc,
-                    "prop_reference": pr,
-                    schema.COL_LOG2FC: lfc,
-                    schema.COL_PVALUE: pval,
-                    "method": "sccoda_like",
-                }
-            )
-    comp = pd.DataFrame(rows)
-    comp[schema.COL_PADJ] = _bh(comp[schema.COL_PVALUE].to_numpy())
-    comp["significant"] = comp[schema.COL_PADJ] < 0.05
+    # composition: condition vs reference on mean proportions
+    mean_prop = proportions.groupby([schema.OBS_CONDITION, schema.OBS_CELL_TYPE])["prop"].mean()
+    ct, cc = np.meshgrid(np.arange(len(types)), np.arange(len(contrasts)), indexing="ij")
+    ct, cc = ct.ravel(), cc.ravel()
+    mp = np.array([mean_prop.get((contrasts[c], types[t]), 0.0) for t, c in zip(ct, cc)])
+    mr = np.array([mean_prop.get((reference, types[t]), 0.0) for t in ct])
+    lfc = np.log2((mp + 1e-3) / (mr + 1e-3))
+    pval = np.clip(np.exp(-np.abs(lfc) * 3) * rng.uniform(0.5, 1, len(lfc)), 1e-12, 1)
+    comp = _frame(
+        schema.TABLE_COMPOSITION,
+        {
+            schema.COL_CELL_TYPE: [types[t] for t in ct],
+            schema.COL_CONDITION: [contrasts[c] for c in cc],
+            schema.COL_REFERENCE: reference,
+            "mean_prop": mp,
+            "mean_prop_ref": mr,
+            schema.COL_LOG2FC: lfc,
+            schema.COL_PVALUE: pval,
+            schema.COL_PADJ: _bh(pval),
+            "n_samples": [n_cond(contrasts[c]) + n_ref for c in cc],
+            "n_samples_cond": [n_cond(contrasts[c]) for c in cc],
+            "n_samples_ref": n_ref,
+            "t": lfc * 2.0,
+            "paired": True,
+        },
+    )
     put_table(adata, schema.TABLE_COMPOSITION, comp)
 
-    # DE (pseudobulk-like): 200 genes per cell type x contrast
-    de_rows = []
+    # DE (pseudobulk-like): 200 genes per cell type x contrast for 8 cell types
+    frames = []
     n_de = min(200, len(genes))
-    for t in types[:8]:
+    for t in [t for t in types if t != schema.UNASSIGNED][:8]:
         for c in contrasts:
             pick = rng.choice(len(genes), n_de, replace=False)
             lfc = rng.normal(0, 0.8, n_de)
             pval = np.clip(np.exp(-np.abs(lfc) * 4) * rng.uniform(0.2, 1, n_de), 1e-30, 1)
-            de_rows.append(
-                pd.DataFrame(
+            frames.append(
+                _frame(
+                    schema.TABLE_DE,
                     {
                         schema.COL_CELL_TYPE: t,
+                        schema.COL_GENE: [genes[i] for i in pick],
                         schema.COL_CONDITION: c,
                         schema.COL_REFERENCE: reference,
-                        schema.COL_GENE: [genes[i] for i in pick],
-                        "base_mean": rng.lognormal(3, 1, n_de),
                         schema.COL_LOG2FC: lfc,
-                        "lfc_se": rng.uniform(0.1, 0.5, n_de),
-                        "stat": lfc / 0.3,
+                        "lfcse": rng.uniform(0.1, 0.5, n_de),
                         schema.COL_PVALUE: pval,
                         schema.COL_PADJ: _bh(pval),
-                        "n_samples_condition": int((samples[schema.OBS_CONDITION] == c).sum()),
-                        "n_samples_reference": int(
-                            (samples[schema.OBS_CONDITION] == reference).sum()
-                        ),
-                    }
+                        "base_mean": rng.lognormal(3, 1, n_de),
+                        "n_samples_cond": n_cond(c),
+                        "n_samples_ref": n_ref,
+                        "paired": True,
+                    },
                 )
             )
-    put_table(adata, schema.TABLE_DE, pd.concat(de_rows, ignore_index=True))
+    put_table(adata, schema.TABLE_DE, pd.concat(frames, ignore_index=True))
 
-    # programmes
-    prog_rows = []
+    # programmes: mean score per cell type x condition vs reference
+    frames = []
     for p in adata.uns.get(schema.UNS_PROGRAMS, {}):
         col = schema.score_key(p)
         if col not in obs.columns:
             continue
         means = obs.groupby([schema.OBS_CELL_TYPE, schema.OBS_CONDITION], observed=True)[col].mean()
-        for t in types:
-            for c in contrasts:
-                mc, mr = means.get((t, c), np.nan), means.get((t, reference), np.nan)
-                delta = float(mc - mr)
-                prog_rows.append(
-                    {
-                        "program": p,
-                        schema.COL_CELL_TYPE: t,
-                        schema.COL_CONDITION: c,
-                        schema.COL_REFERENCE: reference,
-                        "mean_condition": float(mc),
-                        "mean_reference": float(mr),
-                        "delta": delta,
-                        schema.COL_PVALUE: float(np.clip(np.exp(-abs(delta) * 20), 1e-12, 1)),
-                    }
-                )
-    prog = pd.DataFrame(prog_rows)
+        m = np.array([means.get((types[t], contrasts[c]), np.nan) for t, c in zip(ct, cc)])
+        r = np.array([means.get((types[t], reference), np.nan) for t in ct])
+        diff = m - r
+        pval = np.clip(np.nan_to_num(np.exp(-np.abs(diff) * 20), nan=1.0), 1e-12, 1)
+        frames.append(
+            _frame(
+                schema.TABLE_PROGRAMS,
+                {
+                    schema.COL_CELL_TYPE: [types[t] for t in ct],
+                    "program": p,
+                    schema.COL_CONDITION: [contrasts[c] for c in cc],
+                    schema.COL_REFERENCE: reference,
+                    "mean": m,
+                    "mean_ref": r,
+                    "diff": diff,
+                    schema.COL_PVALUE: pval,
+                    schema.COL_PADJ: pval,
+                    "n_samples_cond": [n_cond(contrasts[c]) for c in cc],
+                    "n_samples_ref": n_ref,
+                    "paired": True,
+                },
+            )
+        )
+    prog = (
+        pd.concat(frames, ignore_index=True)
+        if frames
+        else pd.DataFrame(columns=TABLE_COLUMNS[schema.TABLE_PROGRAMS])
+    )
     if len(prog):
         prog[schema.COL_PADJ] = _bh(prog[schema.COL_PVALUE].to_numpy())
     put_table(adata, schema.TABLE_PROGRAMS, prog)
 
-    # interactions (consensus per condition), by sample, differential
+    # interactions: 60 LR pairs x senders x receivers x conditions
+    species = str(adata.uns.get(schema.UNS_SPECIES, "human"))
+    conv = (lambda g: g) if species == "human" else mouse_symbol
     gene_set = set(genes)
-    pairs = [(a, b) for a, b in _lr_pairs() if set(a.split("_")) | set(b.split("_")) <= gene_set]
-    pairs = pairs[:150]
-    inter_rows, by_sample_rows, diff_rows = [], [], []
-    crosstalk_types = types[: min(6, len(types))] + [
-        t for t in ("Nurse-like cell", "Stromal") if t in types and t not in types[:6]
+    pairs = []
+    for a, b in _lr_pairs():
+        la, lb = "_".join(conv(x) for x in a.split("_")), "_".join(conv(x) for x in b.split("_"))
+        if set(la.split("_")) | set(lb.split("_")) <= gene_set:
+            pairs.append((la, lb, CURATED_PAIRS.get((a, b), "")))
+        if len(pairs) >= 60:
+            break
+    senders = [t for t in types if t != schema.UNASSIGNED][:6]
+    for t in ("Nurse-like cell", "Stromal"):
+        if t in types and t not in senders:
+            senders.append(t)
+    receivers = senders[:4]
+    grid = [
+        (c, s, r, lig, rec, src)
+        for c in conditions
+        for s in senders
+        for r in receivers
+        for lig, rec, src in pairs
     ]
-    curated = {
-        ("CXCL12", "CXCR4"),
-        ("CD40LG", "CD40"),
-        ("TNFSF13B", "TNFRSF13C"),
-        ("MIF", "CD74"),
-        ("CCL3", "CCR1"),
-        ("CD274", "PDCD1"),
-    }
-    for lig, rec in pairs[:60]:
-        for src in crosstalk_types:
-            for tgt in crosstalk_types[:4]:
-                base = rng.lognormal(-1, 0.6)
-                for c in conditions:
-                    mag = base * rng.uniform(0.6, 1.6)
-                    inter_rows.append(
-                        {
-                            schema.COL_CONDITION: c,
-                            schema.COL_SOURCE: src,
-                            schema.COL_TARGET: tgt,
-                            schema.COL_LIGAND: lig,
-                            schema.COL_RECEPTOR: rec,
-                            "magnitude": mag,
-                            "specificity": float(rng.uniform(0, 1)),
-                            "magnitude_rank": float(rng.uniform(0, 1)),
-                            "specificity_rank": float(rng.uniform(0, 1)),
-                            schema.COL_CURATED: (lig, rec) in curated,
-                        }
-                    )
-    inter = pd.DataFrame(inter_rows)
+    n = len(grid)
+    cur_src = [g[5] for g in grid]
+    lr_means = rng.lognormal(-1, 0.6, n)
+    inter = _frame(
+        schema.TABLE_INTERACTIONS,
+        {
+            schema.COL_CONDITION: [g[0] for g in grid],
+            schema.COL_SOURCE: [g[1] for g in grid],
+            schema.COL_TARGET: [g[2] for g in grid],
+            schema.COL_LIGAND: [g[3] for g in grid],
+            schema.COL_RECEPTOR: [g[4] for g in grid],
+            "magnitude_rank": rng.uniform(0, 1, n),
+            "specificity_rank": rng.uniform(0, 1, n),
+            "lr_means": lr_means,
+            "cellphone_pvals": rng.uniform(0, 1, n),
+            "expr_prod": lr_means**2,
+            "scaled_weight": rng.normal(0, 1, n),
+            "lr_logfc": rng.normal(0, 1, n),
+            "spec_weight": rng.uniform(0, 1, n),
+            "lrscore": rng.uniform(0.3, 0.9, n),
+            schema.COL_CURATED: [bool(x) for x in cur_src],
+            "curated_source": cur_src,
+        },
+    )
     put_table(adata, schema.TABLE_INTERACTIONS, inter)
-    if len(inter):
-        top = inter[inter[schema.COL_CONDITION] == conditions[0]].head(200)
-        for _, s in samples.iterrows():
-            for _, r in top.iterrows():
-                by_sample_rows.append(
-                    {
-                        schema.OBS_SAMPLE: s[schema.OBS_SAMPLE],
-                        schema.OBS_PATIENT: s[schema.OBS_PATIENT],
-                        schema.COL_CONDITION: s[schema.OBS_CONDITION],
-                        schema.COL_SOURCE: r[schema.COL_SOURCE],
-                        schema.COL_TARGET: r[schema.COL_TARGET],
-                        schema.COL_LIGAND: r[schema.COL_LIGAND],
-                        schema.COL_RECEPTOR: r[schema.COL_RECEPTOR],
-                        "magnitude": float(r["magnitude"] * rng.uniform(0.5, 1.5)),
-                        "specificity": float(rng.uniform(0, 1)),
-                    }
-                )
-        key = [schema.COL_SOURCE, schema.COL_TARGET, schema.COL_LIGAND, schema.COL_RECEPTOR]
-        ref = inter[inter[schema.COL_CONDITION] == reference].set_index(key)["magnitude"]
-        for c in contrasts:
-            cur = inter[inter[schema.COL_CONDITION] == c].set_index(key)
-            for k, r in cur.iterrows():
-                lfc = float(np.log2((r["magnitude"] + 1e-3) / (ref.get(k, 0) + 1e-3)))
-                diff_rows.append(
-                    {
-                        schema.COL_CONDITION: c,
-                        schema.COL_REFERENCE: reference,
-                        schema.COL_SOURCE: k[0],
-                        schema.COL_TARGET: k[1],
-                        schema.COL_LIGAND: k[2],
-                        schema.COL_RECEPTOR: k[3],
-                        schema.COL_LOG2FC: lfc,
-                        schema.COL_PVALUE: float(np.clip(np.exp(-abs(lfc) * 2), 1e-12, 1)),
-                        schema.COL_CURATED: bool(r[schema.COL_CURATED]),
-                    }
-                )
-    put_table(adata, schema.TABLE_INTERACTIONS_BY_SAMPLE, pd.DataFrame(by_sample_rows))
-    diff = pd.DataFrame(diff_rows)
-    if len(diff):
-        diff[schema.COL_PADJ] = _bh(diff[schema.COL_PVALUE].to_numpy())
+
+    top = inter[inter[schema.COL_CONDITION] == reference].nsmallest(100, "magnitude_rank")
+    frames = []
+    for _, srow in samples.iterrows():
+        k = len(top)
+        frames.append(
+            _frame(
+                schema.TABLE_INTERACTIONS_BY_SAMPLE,
+                {
+                    schema.OBS_SAMPLE: srow[schema.OBS_SAMPLE],
+                    schema.OBS_PATIENT: srow[schema.OBS_PATIENT],
+                    schema.COL_CONDITION: srow[schema.OBS_CONDITION],
+                    **{c: top[c].to_numpy() for c in KEY_COLS},
+                    "magnitude_rank": np.clip(
+                        top["magnitude_rank"].to_numpy() * rng.uniform(0.5, 1.5, k), 0, 1
+                    ),
+                    "specificity_rank": rng.uniform(0, 1, k),
+                    "lr_means": top["lr_means"].to_numpy() * rng.uniform(0.5, 1.5, k),
+                    "lrscore": rng.uniform(0.3, 0.9, k),
+                    schema.COL_CURATED: top[schema.COL_CURATED].to_numpy(),
+                },
+            )
+        )
+    put_table(adata, schema.TABLE_INTERACTIONS_BY_SAMPLE, pd.concat(frames, ignore_index=True))
+
+    diff_src = inter[inter[schema.COL_CONDITION] != reference].reset_index(drop=True)
+    k = len(diff_src)
+    score = rng.normal(0, 1, k)
+    pval = np.clip(2 * np.exp(-np.abs(score) * 1.5), 1e-12, 1)
+    lig_lfc, rec_lfc = rng.normal(0, 0.7, k), rng.normal(0, 0.7, k)
+    diff = _frame(
+        schema.TABLE_INTERACTIONS_DIFF,
+        {
+            schema.COL_CONDITION: diff_src[schema.COL_CONDITION].to_numpy(),
+            schema.COL_REFERENCE: reference,
+            **{c: diff_src[c].to_numpy() for c in KEY_COLS},
+            "ligand_log2fc": lig_lfc,
+            "receptor_log2fc": rec_lfc,
+            "score": score,
+            "z": score,
+            schema.COL_PVALUE: pval,
+            schema.COL_PADJ: _bh(pval),
+            "direction": np.where(score > 0, "up", np.where(score < 0, "down", "none")),
+            "ligand_pvalue": rng.uniform(0, 1, k),
+            "receptor_pvalue": rng.uniform(0, 1, k),
+            "ligand_gene": [g.split("_")[0] for g in diff_src[schema.COL_LIGAND]],
+            "receptor_gene": [g.split("_")[0] for g in diff_src[schema.COL_RECEPTOR]],
+            "ligand_prop": rng.uniform(0, 1, k),
+            "receptor_prop": rng.uniform(0, 1, k),
+            schema.COL_CURATED: diff_src[schema.COL_CURATED].to_numpy(),
+            "curated_source": diff_src["curated_source"].to_numpy(),
+        },
+    )
     put_table(adata, schema.TABLE_INTERACTIONS_DIFF, diff)
 
     # QC summary per sample
-    g = obs.groupby(schema.OBS_SAMPLE, observed=True)
-    qc = (
-        pd.DataFrame(
-            {
-                "n_cells_raw": g.size() + rng.integers(0, 50, g.ngroups),
-                "n_cells_pass": g[schema.OBS_QC_PASS].sum().astype(np.int64),
-                "median_counts": g[schema.OBS_TOTAL_COUNTS].median(),
-                "median_genes": g[schema.OBS_N_GENES].median(),
-                "median_pct_mt": g[schema.OBS_PCT_MITO].median(),
-                "doublet_rate": g[schema.OBS_PREDICTED_DOUBLET].mean(),
-            }
-        )
-        .reset_index()
-        .merge(samples, on=schema.OBS_SAMPLE, how="left")
+    g = obs.groupby(obs[schema.OBS_SAMPLE].astype(str))
+    med = g[[schema.OBS_TOTAL_COUNTS, schema.OBS_N_GENES, schema.OBS_PCT_MITO]].median()
+    size = g.size()
+    sid = samples[schema.OBS_SAMPLE]
+    n_out = size.reindex(sid).to_numpy().astype(np.int64)
+    removed = {
+        r: rng.integers(0, 30, len(sid))
+        for r in ("low_counts", "high_counts", "low_genes", "high_genes", "high_mito", "doublet")
+    }
+    n_removed = sum(removed.values())
+    qc = _frame(
+        schema.TABLE_QC_SUMMARY,
+        {
+            schema.OBS_SAMPLE: sid,
+            schema.OBS_PATIENT: samples[schema.OBS_PATIENT],
+            schema.OBS_CONDITION: samples[schema.OBS_CONDITION],
+            "n_cells_in": n_out + n_removed,
+            "n_cells_out": n_out,
+            "n_removed": n_removed,
+            **{f"n_{r}": v for r, v in removed.items()},
+            "median_counts_before": med[schema.OBS_TOTAL_COUNTS].reindex(sid).to_numpy() * 0.97,
+            "median_counts_after": med[schema.OBS_TOTAL_COUNTS].reindex(sid).to_numpy(),
+            "median_genes_before": med[schema.OBS_N_GENES].reindex(sid).to_numpy() * 0.97,
+            "median_genes_after": med[schema.OBS_N_GENES].reindex(sid).to_numpy(),
+            "median_pct_mito_before": med[schema.OBS_PCT_MITO].reindex(sid).to_numpy() * 1.1,
+            "median_pct_mito_after": med[schema.OBS_PCT_MITO].reindex(sid).to_numpy(),
+            "doublet_threshold": 0.35,
+        },
     )
     put_table(adata, schema.TABLE_QC_SUMMARY, qc)
 
