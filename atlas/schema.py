@@ -130,6 +130,7 @@ UNS_CONDITION_ORDER = "tme_condition_order"  # list of conditions in sheet order
 UNS_SPECIES = "tme_species"
 UNS_PROGRAMS = "tme_programs"  # dict: programme name -> list of genes used
 UNS_LEIDEN_RESOLUTIONS = "tme_leiden_resolutions"
+UNS_EXPORT = "tme_export"  # dict in an exported h5ad: source, filters (JSON), sizes, time
 
 # table names (in .uns[UNS_TABLES] and as DIR/tables/<name>.csv)
 TABLE_QC_SUMMARY = "qc_summary"
