@@ -1,0 +1,161 @@
+"""Benchmark harness: ``python -m benchmarks [--quick | --smoke] [--sizes N ...]``.
+
+Runs, on one machine in one run:
+
+* ``build``: ``tme-atlas build`` on simulated cohorts of the given sizes (per-stage wall time
+  and peak memory from the build's provenance, whole-process peak RSS sampled here), and the
+  textbook baseline (:mod:`benchmarks.baseline_textbook`) on the same data beside it, with the
+  integration quality of both (same metrics, simulator's true labels);
+* ``store`` / ``load``: the store and load benchmarks when their modules are present.
+
+Results go to ``benchmarks/results/*.json``; ``benchmarks/RESULTS.md`` quotes them with the
+command that produced them. ``--quick`` keeps everything under ~10 minutes; ``--smoke`` is the
+seconds-long variant the test suite runs so the harness cannot rot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from benchmarks._util import WORK, run_measured, save
+
+TRUE_LABEL = "true_cell_type"
+
+
+def _simulate(n_cells: int, out: Path, *, seed: int = 0) -> Path:
+    """Simulate a cohort of about ``n_cells`` cells (4 patients x 4 states) into ``out``."""
+    from preprocessing.simulate import write_dataset
+
+    sheet = out / "samplesheet.csv"
+    if sheet.is_file():
+        return sheet
+    n_patients = 4 if n_cells >= 4000 else 2
+    per_sample = max(50, math.ceil(n_cells / (n_patients * 4)))
+    write_dataset(out, seed=seed, n_patients=n_patients, cells_per_sample=per_sample)
+    return sheet
+
+
+def _stage_table(provenance: dict) -> dict:
+    """Per-stage timings from a build's provenance (``{stage: {seconds, peak_mb}}``)."""
+    raw = provenance.get("timings") or provenance.get("stages") or {}
+    out = {}
+    for stage, val in raw.items():
+        if isinstance(val, dict):
+            out[stage] = {k: val[k] for k in ("seconds", "peak_mb") if k in val}
+        else:
+            out[stage] = {"seconds": float(val)}
+    return out
+
+
+def _quality(atlas_dir: Path, truth_dir: Path) -> dict:
+    import anndata as ad
+    import pandas as pd
+
+    from atlas import schema
+    from preprocessing.integrate import integration_metrics
+
+    adata = ad.read_h5ad(atlas_dir / schema.ATLAS_FILE)
+    truth = pd.read_csv(truth_dir / "cells.csv", index_col=0)
+    adata.obs[TRUE_LABEL] = truth["cell_type"].reindex(adata.obs_names).astype(str).values
+    keep = adata.obs[TRUE_LABEL] != "Doublet"
+    metrics = integration_metrics(
+        adata[keep].copy(), batch_key=schema.OBS_SAMPLE, label_key=TRUE_LABEL
+    )
+    return {f"{r.embedding}:{r.metric}": float(r.value) for r in metrics.itertuples()}
+
+
+def bench_build(sizes: list[int], *, baseline_max_cells: int, smoke: bool = False) -> dict:
+    threads = os.environ.get("TME_BENCH_THREADS", "2")
+    env = {
+        "TME_ATLAS__SCVI__TORCH_THREADS": threads,
+        "OMP_NUM_THREADS": threads,
+        "TME_ATLAS_NO_PROGRESS": "1",
+    }
+    if smoke:
+        env.update({"TME_ATLAS__SCVI__MAX_STEPS": "50", "TME_ATLAS__CROSSTALK__N_PERMS": "10"})
+    results = {}
+    for n in sizes:
+        data = WORK / f"sim_{n}"
+        sheet = _simulate(n, data)
+        atlas_dir = WORK / f"atlas_{n}"
+        shutil.rmtree(atlas_dir, ignore_errors=True)
+        ours = run_measured(
+            [
+                sys.executable,
+                "-m",
+                "preprocessing.cli",
+                "build",
+                str(sheet),
+                "--out",
+                str(atlas_dir),
+            ],
+            env=env,
+        )
+        entry: dict = {"ours": ours}
+        if ours["rc"] == 0:
+            prov = json.loads((atlas_dir / "provenance.json").read_text())
+            entry["ours"]["stages"] = _stage_table(prov)
+            entry["ours"]["quality"] = _quality(atlas_dir, data / "truth")
+        if n <= baseline_max_cells:
+            out_json = WORK / f"baseline_{n}.json"
+            cmd = [
+                sys.executable,
+                "-m",
+                "benchmarks.baseline_textbook",
+                str(sheet),
+                "--truth",
+                str(data / "truth"),
+                "--out",
+                str(out_json),
+                "--threads",
+                threads,
+            ]
+            if smoke:
+                cmd += ["--max-epochs", "2", "--n-perms", "10"]
+            base = run_measured(cmd, env=env)
+            if base["rc"] == 0:
+                base.update(json.loads(out_json.read_text()))
+            entry["baseline"] = base
+            if base["rc"] == 0 and ours["rc"] == 0:
+                entry["ratio_total"] = round(ours["seconds"] / base["seconds"], 3)
+        results[str(n)] = entry
+        print(
+            json.dumps({n: {k: v.get("seconds") for k, v in entry.items() if isinstance(v, dict)}})
+        )
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="small sizes, under ~10 minutes")
+    mode.add_argument("--smoke", action="store_true", help="seconds; for the test suite")
+    p.add_argument("--sizes", type=int, nargs="+", help="cohort sizes (cells) to build")
+    p.add_argument("--baseline-max-cells", type=int, default=25_000)
+    p.add_argument("--only", nargs="+", choices=["build", "store", "load"])
+    args = p.parse_args(argv)
+
+    if args.smoke:
+        sizes = args.sizes or [800]
+    elif args.quick:
+        sizes = args.sizes or [3000]
+    else:
+        sizes = args.sizes or [20_000, 100_000]
+    only = set(args.only or ["build", "store", "load"])
+    tag = "smoke" if args.smoke else "quick" if args.quick else "full"
+    WORK.mkdir(parents=True, exist_ok=True)
+
+    if "build" in only:
+        res = bench_build(sizes, baseline_max_cells=args.baseline_max_cells, smoke=args.smoke)
+        print(f"wrote {save(f'build_{tag}', {'command': ' '.join(sys.argv), 'sizes': res})}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
