@@ -1,0 +1,350 @@
+"""The explorer's read layer: one :class:`AtlasView` per served atlas, on top of the store.
+
+Everything the pages read goes through here, and everything here reads through
+``atlas.open()`` (the column-oriented store), never AnnData. What is computed once per
+process and kept: the cell metadata, the UMAP coordinates, the fixed display subset of
+cells (at most ``limits.max_display_points``), the condition order and colours. Gene
+vectors are read on demand from the store (a small LRU cache keeps the last few).
+
+User-supplied values (URL parameters, dropdown values) are validated against the atlas's
+known values here; an unknown value raises :class:`UnknownValue`, whose message the pages
+show instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from atlas import schema
+
+log = logging.getLogger("tme_atlas.app")
+
+DISPLAY_SEED = 0
+GENE_CACHE = 8
+# categorical obs columns offered for colouring, in this order when present
+PREFERRED_CATEGORICAL = (
+    schema.OBS_CELL_TYPE,
+    schema.OBS_CONDITION,
+    schema.OBS_LINEAGE,
+    schema.OBS_LEIDEN,
+    schema.OBS_PATIENT,
+    schema.OBS_SAMPLE,
+    schema.OBS_TISSUE,
+    schema.OBS_QC_PASS,
+    schema.OBS_PREDICTED_DOUBLET,
+)
+PREFERRED_NUMERIC = (
+    schema.OBS_TOTAL_COUNTS,
+    schema.OBS_N_GENES,
+    schema.OBS_PCT_MITO,
+    schema.OBS_DOUBLET_SCORE,
+    schema.OBS_CELL_TYPE_CONFIDENCE,
+)
+MAX_CATEGORIES = 120  # more distinct values than this: not offered as a colour
+
+
+class UnknownValue(ValueError):
+    """A user-supplied value that the atlas does not know (the message is safe to show)."""
+
+
+def _clip(value: Any, n: int = 40) -> str:
+    s = "".join(ch if ch.isprintable() else "?" for ch in str(value))
+    return s if len(s) <= n else s[: n - 1] + "…"
+
+
+class AtlasView:
+    """Read access and cached derived data for one atlas store."""
+
+    def __init__(self, store: Any, limits: Any, name: str | None = None):
+        self.store = store
+        self.limits = limits
+        self.name = name or "atlas"
+        self._lock = threading.Lock()
+        self._genes: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    # ------------------------------------------------------------------ basics
+    @cached_property
+    def obs(self) -> pd.DataFrame:
+        """All cell metadata (categoricals kept), positional index 0..n-1."""
+        df = self.store.obs()
+        return df.reset_index(drop=True) if not isinstance(df.index, pd.RangeIndex) else df
+
+    @cached_property
+    def cell_ids(self) -> np.ndarray:
+        return np.asarray(self.store.obs_names, dtype=object)
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.store.n_cells)
+
+    @cached_property
+    def species(self) -> str:
+        return str(getattr(self.store, "species", "human") or "human")
+
+    @cached_property
+    def conditions(self) -> list[str]:
+        """Conditions in sheet order (reference first when known)."""
+        order = [str(c) for c in (getattr(self.store, "conditions", None) or [])]
+        present = self._categories(schema.OBS_CONDITION)
+        order = [c for c in order if c in present] + [c for c in present if c not in order]
+        ref = self.reference
+        if ref in order:
+            order.remove(ref)
+            order.insert(0, ref)
+        return order
+
+    @cached_property
+    def reference(self) -> str | None:
+        ref = getattr(self.store, "reference", None)
+        return str(ref) if ref else None
+
+    @cached_property
+    def cell_types(self) -> list[str]:
+        return self._categories(schema.OBS_CELL_TYPE)
+
+    @cached_property
+    def samples(self) -> list[str]:
+        return self._categories(schema.OBS_SAMPLE)
+
+    @cached_property
+    def patients(self) -> list[str]:
+        return self._categories(schema.OBS_PATIENT)
+
+    def _categories(self, col: str) -> list[str]:
+        if col not in self.obs.columns:
+            return []
+        s = self.obs[col]
+        if isinstance(s.dtype, pd.CategoricalDtype):
+            cats = [str(c) for c in s.cat.categories if (s == c).any()]
+            return cats
+        return sorted(map(str, pd.unique(s.dropna())))
+
+    def codes(self, col: str) -> np.ndarray:
+        """The column as strings (numpy object array), cached."""
+        return self._str_column(col)
+
+    def _str_column(self, col: str) -> np.ndarray:
+        cache = self.__dict__.setdefault("_str_cols", {})
+        if col not in cache:
+            cache[col] = self.obs[col].astype(str).to_numpy()
+        return cache[col]
+
+    # ------------------------------------------------------------------ colouring options
+    @cached_property
+    def categorical_columns(self) -> list[str]:
+        out = []
+        cols = list(self.obs.columns)
+        for c in list(PREFERRED_CATEGORICAL) + sorted(cols):
+            if c not in cols or c in out or c.startswith(schema.OBS_SCORE_PREFIX):
+                continue
+            s = self.obs[c]
+            if isinstance(s.dtype, pd.CategoricalDtype) or s.dtype == object or s.dtype == bool:
+                if s.nunique() <= MAX_CATEGORIES:
+                    out.append(c)
+        return out
+
+    @cached_property
+    def numeric_columns(self) -> list[str]:
+        out = []
+        cols = list(self.obs.columns)
+        for c in list(PREFERRED_NUMERIC) + sorted(cols):
+            if c not in cols or c in out or c.startswith(schema.OBS_SCORE_PREFIX):
+                continue
+            s = self.obs[c]
+            if pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s):
+                out.append(c)
+        return out
+
+    @cached_property
+    def score_columns(self) -> list[str]:
+        return schema.score_columns(self.obs.columns)
+
+    @cached_property
+    def colour_columns(self) -> list[str]:
+        return self.categorical_columns + self.score_columns + self.numeric_columns
+
+    def is_categorical(self, col: str) -> bool:
+        return col in self.categorical_columns
+
+    # ------------------------------------------------------------------ embedding
+    @cached_property
+    def umap(self) -> np.ndarray | None:
+        """UMAP coordinates (n x 2 float32) or None when the atlas has none."""
+        try:
+            xy = self.store.embedding(schema.OBSM_UMAP)
+        except (KeyError, FileNotFoundError):
+            return None
+        return np.ascontiguousarray(np.asarray(xy)[:, :2], dtype=np.float32)
+
+    @cached_property
+    def display_idx(self) -> np.ndarray:
+        """A fixed random subset of cells drawn for display (sorted positions).
+
+        All cells when the atlas has at most ``limits.max_display_points``; statistics are
+        always computed on all cells.
+        """
+        n, cap = self.n_cells, int(self.limits.max_display_points)
+        if n <= cap:
+            return np.arange(n)
+        rng = np.random.default_rng(DISPLAY_SEED)
+        return np.sort(rng.choice(n, size=cap, replace=False))
+
+    @property
+    def downsampled(self) -> bool:
+        return len(self.display_idx) < self.n_cells
+
+    # ------------------------------------------------------------------ genes
+    @cached_property
+    def gene_names(self) -> list[str]:
+        return [str(g) for g in self.store.genes]
+
+    @cached_property
+    def _gene_set(self) -> dict[str, str]:
+        return {g.upper(): g for g in self.gene_names}
+
+    def resolve_gene(self, gene: Any) -> str:
+        """The atlas's symbol for ``gene`` (case-insensitive); else :class:`UnknownValue`."""
+        if isinstance(gene, str):
+            hit = self._gene_set.get(gene.strip().upper())
+            if hit:
+                return hit
+        raise UnknownValue(f"unknown gene {_clip(gene)!r} (not in this {self.species} atlas)")
+
+    def resolve_genes(self, genes: Iterable[Any], *, limit: int | None = None) -> list[str]:
+        out, bad = [], []
+        for g in genes:
+            try:
+                s = self.resolve_gene(g)
+            except UnknownValue:
+                bad.append(_clip(g))
+                continue
+            if s not in out:
+                out.append(s)
+        if bad:
+            raise UnknownValue(f"unknown gene(s): {', '.join(bad[:5])}")
+        limit = limit or int(self.limits.max_genes_per_request)
+        if len(out) > limit:
+            raise UnknownValue(f"too many genes: {len(out)} (at most {limit} per request)")
+        return out
+
+    def search_genes(self, query: str | None, limit: int = 30) -> list[str]:
+        q = (query or "").strip()
+        if not q:
+            return []
+        qu = q.upper()
+        hits = [str(g) for g in self.store.search_genes(q, limit=max(200, limit))]
+        # exact match first, then the shortest prefix matches (CD5 before CD58)
+        hits = sorted(hits, key=lambda g: (g.upper() != qu, len(g), g))[:limit]
+        if len(hits) < limit and len(q) >= 2:  # then substring matches
+            more = [g for g in self.gene_names if qu in g.upper() and g not in hits]
+            hits += sorted(more, key=len)[: limit - len(hits)]
+        return hits
+
+    def gene(self, gene: str) -> np.ndarray:
+        """Log-normalised expression of one gene over all cells (float32, cached)."""
+        with self._lock:
+            hit = self._genes.get(gene)
+            if hit is not None:
+                self._genes.move_to_end(gene)
+                return hit
+        v = np.asarray(self.store.expression(gene), dtype=np.float32).ravel()
+        with self._lock:
+            self._genes[gene] = v
+            while len(self._genes) > GENE_CACHE:
+                self._genes.popitem(last=False)
+        return v
+
+    def genes_matrix(self, genes: Sequence[str], cells: np.ndarray | None = None) -> np.ndarray:
+        """Dense cells x genes float32 matrix (rows: ``cells`` positions or all cells)."""
+        m = self.store.expression_matrix(list(genes), cells=cells)
+        return np.asarray(m.to_numpy(), dtype=np.float32)
+
+    @cached_property
+    def variable_genes(self) -> list[str]:
+        """Genes for the quick DE: the atlas's highly variable genes (at most 500)."""
+        var = self.var
+        if var is not None and schema.VAR_HVG in var.columns:
+            hv = var[var[schema.VAR_HVG].astype(bool)]
+            for col in ("variances_norm", "dispersions_norm", "variances"):
+                if col in hv.columns:
+                    hv = hv.sort_values(col, ascending=False)
+                    break
+            genes = [str(g) for g in hv.index][:500]
+            if genes:
+                return genes
+        return self.gene_names[:500]
+
+    @cached_property
+    def var(self) -> pd.DataFrame | None:
+        try:
+            return self.store.var()
+        except (AttributeError, TypeError, KeyError, FileNotFoundError):
+            return None
+
+    # ------------------------------------------------------------------ programmes
+    @cached_property
+    def programs(self) -> dict[str, list[str]]:
+        try:
+            progs = self.store.programs or {}
+        except (KeyError, FileNotFoundError, schema.MissingKeyError):
+            return {}
+        known = self._gene_set
+        out = {}
+        for name, genes in progs.items():
+            present = [known[g.upper()] for g in genes if str(g).upper() in known]
+            if present:
+                out[str(name)] = present
+        return out
+
+    # ------------------------------------------------------------------ tables / summary
+    def has_table(self, name: str) -> bool:
+        try:
+            return bool(self.store.has_table(name))
+        except Exception:  # noqa: BLE001 - a broken table is a missing table here
+            return False
+
+    def table(self, name: str) -> pd.DataFrame:
+        """A result table; :class:`~atlas.schema.MissingKeyError` when absent."""
+        cache = self.__dict__.setdefault("_tables", {})
+        if name not in cache:
+            cache[name] = self.store.table(name)
+        return cache[name]
+
+    def summary(self, genes: Sequence[str], by: Sequence[str] = ("cell_type", "condition")):
+        """Mean expression and fraction expressing per gene x group (long frame).
+
+        Columns: ``gene``, the ``by`` columns, ``n_cells``, ``mean``, ``frac``.
+        """
+        return self.store.summary(list(genes), groupby=list(by))
+
+    # ------------------------------------------------------------------ masks
+    def mask(self, **filters: Sequence[str] | None) -> np.ndarray:
+        """Boolean mask of cells whose obs columns take one of the given values."""
+        m = np.ones(self.n_cells, dtype=bool)
+        for col, values in filters.items():
+            if values:
+                m &= np.isin(self._str_column(col), list(values))
+        return m
+
+    # ------------------------------------------------------------------ validation
+    def check_choice(self, value: Any, allowed: Sequence[str], what: str) -> str:
+        if isinstance(value, str) and value in allowed:
+            return value
+        raise UnknownValue(f"unknown {what} {_clip(value)!r}")
+
+    def check_choices(self, values: Iterable[Any], allowed: Sequence[str], what: str) -> list[str]:
+        out, bad = [], []
+        allowed_set = set(allowed)
+        for v in values:
+            (out if isinstance(v, str) and v in allowed_set else bad).append(v)
+        if bad:
+            raise UnknownValue(f"unknown {what}: {', '.join(repr(_clip(b)) for b in bad[:5])}")
+        return list(dict.fromkeys(out))

@@ -1,0 +1,193 @@
+"""``create_app(atlas_path, config)``: the Dash explorer of one atlas.
+
+Structure (kept simple so hosting concerns can be layered on):
+
+* ``app.server`` is the Flask server (gunicorn serves ``app.wsgi:server``);
+  ``/healthz`` answers ``{"status": "ok", "cells": n}``.
+* One :class:`AppContext` per app holds the config and the :class:`~app.data.AtlasView`
+  (``app.tme``); every callback reads through ``ctx.view``.
+* Pages live in ``app/pages/*.py``; each has ``PATH``, ``TITLE``, ``layout(ctx, params)``
+  and ``register(app, ctx)``. A single router callback renders the page for the URL path;
+  the query string carries each page's selections (``app/urls.py``), so a copied URL
+  restores the view. Callbacks are registered on this app instance (never globally), so
+  several apps can live in one process (tests, several atlases).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import dash
+from dash import Input, Output, State, dcc, html
+
+import atlas
+from atlas.config import Config
+
+from . import components as C
+from .data import AtlasView
+from .pages import cells, downloads, genes, interactions, overview
+from .urls import parse_query
+
+log = logging.getLogger("tme_atlas.app")
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+PAGES = (overview, cells, genes, interactions, downloads)
+APP_TITLE = "CLL TME Atlas"
+
+
+class AppContext:
+    """What the callbacks of one app share: config, limits and the atlas view."""
+
+    def __init__(self, atlas_path: str | Path, config: Config, view: AtlasView):
+        self.atlas_path = Path(atlas_path)
+        self.config = config
+        self.limits = config.limits
+        self._view = view
+        self.app: dash.Dash | None = None
+
+    @property
+    def view(self) -> AtlasView:
+        # hosting (app.registry): re-validates the atlas dir on each access, reopens a
+        # replaced atlas, raises AtlasUnavailableError (-> 503 page) for a vanished one
+        provider = getattr(self, "view_provider", None)
+        return provider() if provider is not None else self._view
+
+    def href(self, path: str, search: str = "") -> str:
+        assert self.app is not None
+        return self.app.get_relative_path(path) + (search or "")
+
+
+def _shell(ctx: AppContext) -> html.Div:
+    v = ctx.view
+    nav = [
+        dcc.Link(p.TITLE, href=ctx.href(p.PATH), id=f"nav-{p.NAME}", className="nav-link")
+        for p in PAGES
+    ]
+    return html.Div(
+        [
+            dcc.Location(id="url", refresh=False),
+            html.Header(
+                [
+                    html.Div(
+                        [
+                            html.Span("CLL", className="brand-mark"),
+                            html.Div(
+                                [
+                                    html.Div(APP_TITLE, className="brand-title"),
+                                    html.Div(
+                                        f"{v.name} · {v.species} · {v.n_cells:,} cells",
+                                        className="brand-sub",
+                                        id="atlas-label",
+                                    ),
+                                ]
+                            ),
+                        ],
+                        className="brand",
+                    ),
+                    html.Nav(nav, className="nav"),
+                ],
+                className="topbar",
+            ),
+            html.Main(html.Div(id="page"), className="content"),
+            html.Footer(
+                [
+                    "CLL TME Atlas explorer · the URL keeps your selections: copy it to share "
+                    "this view.",
+                ],
+                className="footer",
+            ),
+        ],
+        className="shell",
+    )
+
+
+def create_app(
+    atlas_path: str | Path, config: Config | None = None, *, name: str | None = None
+) -> dash.Dash:
+    """The explorer for the atlas in ``atlas_path`` (opened with ``atlas.open``)."""
+    config = config or Config()
+    atlas_path = Path(atlas_path)
+    store = atlas.open(atlas_path)
+    view = AtlasView(store, config.limits, name=name or atlas_path.resolve().name)
+    ctx = AppContext(atlas_path, config, view)
+    app = dash.Dash(
+        __name__,
+        title=APP_TITLE,
+        assets_folder=str(ASSETS),
+        url_base_pathname=config.serve.url_base_pathname or "/",
+        suppress_callback_exceptions=True,
+        serve_locally=True,
+        update_title=None,
+        meta_tags=[{"name": "viewport", "content": "width=device-width, initial-scale=1"}],
+    )
+    ctx.app = app
+    app.tme = ctx  # type: ignore[attr-defined]
+    app.layout = _shell(ctx)
+    _register_router(app, ctx)
+    for page in PAGES:
+        page.register(app, ctx)
+    app.clientside_callback(
+        dash.ClientsideFunction(namespace="tme", function_name="downloadSvg"),
+        Output({"type": "svg-btn", "index": dash.MATCH}, "title"),
+        Input({"type": "svg-btn", "index": dash.MATCH}, "n_clicks"),
+        State({"type": "svg-btn", "index": dash.MATCH}, "id"),
+        prevent_initial_call=True,
+    )
+    _add_health(app, ctx)
+    from .security import install_security  # headers, CSP, plain error pages, auth
+
+    install_security(app.server, config, app=app)
+    return app
+
+
+def _register_router(app: dash.Dash, ctx: AppContext) -> None:
+    by_path = {p.PATH: p for p in PAGES}
+
+    @app.callback(
+        Output("page", "children"),
+        *[Output(f"nav-{p.NAME}", "className") for p in PAGES],
+        Input("url", "pathname"),
+        State("url", "search"),
+    )
+    def _route(pathname: str | None, search: str | None):
+        path = "/" + (app.strip_relative_path(pathname or "/") or "").strip("/")
+        page = by_path.get(path, overview if path in ("/", "/overview") else None)
+        classes = ["nav-link active" if p is page else "nav-link" for p in PAGES]
+        if page is None:
+            body = html.Div(
+                [
+                    html.H2("Page not found"),
+                    C.message(f"There is no page {path[:60]!r}. Use the menu above.", "warn"),
+                ],
+                className="page",
+            )
+            return (body, *classes)
+        params = parse_query(search)
+        try:
+            body = page.layout(ctx, params)
+        except Exception:  # noqa: BLE001 - never a traceback in the browser
+            log.exception("page %s failed to render", page.PATH)
+            body = html.Div(
+                C.message("This page could not be shown; the error was logged.", "error"),
+                className="page",
+            )
+        return (body, *classes)
+
+
+def _add_health(app: dash.Dash, ctx: AppContext) -> None:
+    import flask
+
+    server = app.server
+    if "tme_healthz" in server.view_functions:
+        return
+
+    def healthz():
+        return flask.jsonify({"status": "ok", "cells": ctx.view.n_cells})
+
+    server.add_url_rule("/healthz", "tme_healthz", healthz, methods=["GET"])
+
+
+def app_context(app: Any) -> AppContext:
+    return app.tme

@@ -1,0 +1,1 @@
+"""One module per page: ``NAME``, ``PATH``, ``TITLE``, ``layout(ctx, params)``, ``register(app, ctx)``."""

@@ -1,0 +1,400 @@
+"""Cells: the UMAP coloured by metadata, a gene or a programme score, optionally split by
+condition; a lasso/box selection shows its size and composition, runs a quick DE of the
+selection against the rest and exports the cell ids.
+
+Display: at most ``limits.max_display_points`` cells are drawn (a fixed random subset);
+selections are resolved on *all* cells from the lasso/box geometry. A gene switch sends a
+``Patch`` that replaces only ``marker.color`` of each trace (base64 float32).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+from dash import Input, Output, Patch, State, dcc, html, no_update
+from dash import ctx as dash_ctx
+
+from atlas import schema
+
+from .. import components as C
+from .. import figures as F
+from ..data import UnknownValue
+from ..stats import quick_de
+from ..urls import as_bool, build_query
+
+log = logging.getLogger("tme_atlas.app")
+
+NAME = "cells"
+PATH = "/cells"
+TITLE = "Cells"
+
+
+# ----------------------------------------------------------------------------- data
+def colour_options(view) -> list[dict]:
+    opts = []
+    for c in view.categorical_columns:
+        opts.append({"label": c.replace("_", " "), "value": c})
+    for c in view.score_columns:
+        opts.append({"label": f"score: {c[len(schema.OBS_SCORE_PREFIX) :]}", "value": c})
+    for c in view.numeric_columns:
+        opts.append({"label": c.replace("_", " "), "value": c})
+    return opts
+
+
+def default_colour(view) -> str | None:
+    cols = view.colour_columns
+    return schema.OBS_CELL_TYPE if schema.OBS_CELL_TYPE in cols else (cols[0] if cols else None)
+
+
+def umap_frame(view, values, split: bool) -> pd.DataFrame:
+    """x, y, value (and panel = condition when split) for the displayed cells."""
+    idx = view.display_idx
+    xy = view.umap
+    df = pd.DataFrame({"x": xy[idx, 0], "y": xy[idx, 1], "value": values})
+    if split and schema.OBS_CONDITION in view.obs.columns:
+        df["panel"] = view.codes(schema.OBS_CONDITION)[idx]
+    return df
+
+
+def colour_values(view, gene: str | None, colour: str | None):
+    """(values on displayed cells, categorical?, label, category order)."""
+    idx = view.display_idx
+    if gene:
+        return view.gene(gene)[idx], False, gene, None
+    if colour in view.categorical_columns:
+        cats = view.conditions if colour == schema.OBS_CONDITION else view._categories(colour)
+        return view.codes(colour)[idx], True, colour, cats
+    vals = view.obs[colour].to_numpy(dtype=np.float32)[idx]
+    label = (
+        colour[len(schema.OBS_SCORE_PREFIX) :]
+        if colour.startswith(schema.OBS_SCORE_PREFIX)
+        else colour
+    )
+    return vals, False, label, None
+
+
+def selected_cells(view, selected: dict | None, split: bool) -> np.ndarray:
+    """Positions of all cells (not only displayed ones) inside the lasso/box selection."""
+    if not selected or view.umap is None:
+        return np.zeros(0, dtype=np.int64)
+    shapes = F.selection_geometry(selected)
+    xy = view.umap
+    if shapes:
+        mask = np.zeros(view.n_cells, dtype=bool)
+        panels = None
+        if split and schema.OBS_CONDITION in view.obs.columns:
+            cond = view.codes(schema.OBS_CONDITION)
+            present = set(cond[view.display_idx])
+            panels = [c for c in view.conditions if c in present]
+        for i, kind, vertices in shapes:
+            inside = F.points_in_shape(xy[:, 0], xy[:, 1], kind, vertices)
+            if panels is not None:
+                if i >= len(panels):
+                    continue
+                inside &= cond == panels[i]
+            mask |= inside
+        return np.flatnonzero(mask)
+    # a click selection without geometry: the displayed points themselves
+    pts = selected.get("points") or []
+    return (
+        np.unique(view.display_idx[[p["pointIndex"] for p in pts if "pointIndex" in p]])
+        if pts
+        else np.zeros(0, dtype=np.int64)
+    )
+
+
+# ----------------------------------------------------------------------------- layout
+def layout(ctx, params: dict) -> html.Div:
+    view = ctx.view
+    msgs: list[str] = []
+    if view.umap is None:
+        return html.Div(
+            [
+                html.H1("Cells"),
+                C.message(
+                    "This atlas has no UMAP embedding: run `tme-atlas build` (stage 'cluster').",
+                    "warn",
+                ),
+            ],
+            className="page",
+        )
+    colour = params.get("color") or default_colour(view)
+    if colour not in view.colour_columns:
+        msgs.append(f"Unknown colour {colour[:40]!r}; showing cell type instead.")
+        colour = default_colour(view)
+    gene = params.get("gene")
+    if gene:
+        try:
+            gene = view.resolve_gene(gene)
+        except UnknownValue as e:
+            msgs.append(str(e))
+            gene = None
+    split = as_bool(params.get("split"))
+    gene_opts = [{"label": gene, "value": gene}] if gene else []
+    n_show = len(view.display_idx)
+    note = (
+        f"Showing a fixed random subset of {n_show:,} of {view.n_cells:,} cells for display; "
+        "selections, composition and statistics use all cells."
+        if view.downsampled
+        else f"{view.n_cells:,} cells."
+    )
+    controls = html.Div(
+        [
+            C.control(
+                "Colour by",
+                C.dropdown("cells-colour", colour_options(view), colour, clearable=False),
+            ),
+            C.control(
+                "…or a gene",
+                C.dropdown(
+                    "cells-gene",
+                    gene_opts,
+                    gene,
+                    placeholder="Type a gene symbol, e.g. CD5",
+                    debounce=False,
+                ),
+                className="control-wide",
+            ),
+            C.control(
+                "Layout",
+                dcc.Checklist(
+                    id="cells-split",
+                    options=[{"label": " split by condition", "value": "split"}],
+                    value=["split"] if split else [],
+                    className="checklist",
+                ),
+            ),
+        ],
+        className="controls",
+    )
+    side = C.card(
+        html.Div(
+            id="cells-sel-summary",
+            className="sel-summary",
+            children="Draw a lasso or box on the UMAP to select cells.",
+        ),
+        C.graph("cells-sel-comp", F.empty_figure("No cells selected", height=240), svg=False),
+        html.Div(
+            [
+                html.Button(
+                    "Compare with the rest",
+                    id="cells-de-btn",
+                    n_clicks=0,
+                    className="btn",
+                    disabled=True,
+                ),
+                html.Button(
+                    "Export cell ids (CSV)",
+                    id="cells-export-btn",
+                    n_clicks=0,
+                    className="btn btn-ghost",
+                    disabled=True,
+                ),
+            ],
+            className="btn-row",
+        ),
+        html.Div(id="cells-de-msg"),
+        title="Selection",
+    )
+    return html.Div(
+        [
+            html.Div(
+                [html.H1("Cells"), html.P(note, className="lead", id="cells-note")],
+                className="page-head",
+            ),
+            html.Div(C.messages(msgs), id="cells-messages"),
+            controls,
+            C.row(
+                C.col(C.card(C.graph("cells-umap")), width=8),
+                C.col(side, width=4),
+            ),
+            html.Div(
+                C.card(
+                    C.row(
+                        C.col(C.graph("cells-de-bar", F.quick_de_bar(pd.DataFrame()))),
+                        C.col(C.table("cells-de-table", pd.DataFrame(), page_size=12)),
+                    ),
+                    title="Quick DE: selection vs rest",
+                    subtitle=f"Wilcoxon rank-sum on the atlas's variable genes; at most "
+                    f"{ctx.limits.max_cells_quick_de:,} cells (random subsets beyond). "
+                    "Exploratory only: use the pseudobulk DE (Genes page) for inference.",
+                ),
+                id="cells-de-section",
+            ),
+            dcc.Store(id="cells-umap-meta"),
+            dcc.Download(id="cells-download"),
+        ],
+        className="page",
+    )
+
+
+# ----------------------------------------------------------------------------- callbacks
+def register(app, ctx) -> None:
+    @app.callback(
+        Output("cells-gene", "options"),
+        Input("cells-gene", "search_value"),
+        State("cells-gene", "value"),
+        prevent_initial_call=True,
+    )
+    def _gene_options(search, value):
+        hits = ctx.view.search_genes(search, limit=30)
+        if value and value not in hits:
+            hits = [value, *hits]
+        return [{"label": g, "value": g} for g in hits]
+
+    @app.callback(
+        Output("cells-umap", "figure"),
+        Output("cells-umap-meta", "data"),
+        Output("cells-messages", "children"),
+        Input("cells-colour", "value"),
+        Input("cells-gene", "value"),
+        Input("cells-split", "value"),
+        State("cells-umap-meta", "data"),
+    )
+    def _render(colour, gene, split_val, meta):
+        view = ctx.view
+        split = "split" in (split_val or [])
+        try:
+            if gene:
+                gene = view.resolve_gene(gene)
+            if not gene and colour not in view.colour_columns:
+                raise UnknownValue(f"unknown colour {str(colour)[:40]!r}")
+            values, categorical, label, cats = colour_values(view, gene, colour)
+        except UnknownValue as e:
+            return no_update, no_update, C.messages([str(e)])
+        mode = "categorical" if categorical else "continuous"
+        new_meta = {"mode": mode, "split": split, "label": label}
+        df = umap_frame(view, values, split)
+        panels = view.conditions if split else None
+        if (
+            meta
+            and meta.get("mode") == "continuous"
+            and mode == "continuous"
+            and meta.get("split") == split
+            and dash_ctx.triggered_id in ("cells-gene", "cells-colour")
+        ):
+            # only the colour changes: send the new colour arrays, not a new figure
+            arrays, cmin, cmax = F.umap_colour_patch_arrays(df, panel_order=panels)
+            patch = Patch()
+            for i, arr in enumerate(arrays):
+                patch["data"][i]["marker"]["color"] = F.b64_array(arr)
+            patch["layout"]["coloraxis"]["cmin"] = cmin
+            patch["layout"]["coloraxis"]["cmax"] = cmax
+            patch["layout"]["coloraxis"]["colorbar"]["title"]["text"] = label
+            return patch, new_meta, []
+        colours = F.colour_map(cats) if cats else None
+        fig = F.umap_figure(
+            df,
+            categorical=categorical,
+            colour_label=label,
+            panel_order=panels,
+            category_order=cats,
+            colours=colours,
+        )
+        return fig, new_meta, []
+
+    @app.callback(
+        Output("url", "search", allow_duplicate=True),
+        Input("cells-colour", "value"),
+        Input("cells-gene", "value"),
+        Input("cells-split", "value"),
+        prevent_initial_call=True,
+    )
+    def _sync_url(colour, gene, split_val):
+        return build_query({"color": colour, "gene": gene, "split": "split" in (split_val or [])})
+
+    @app.callback(
+        Output("cells-sel-summary", "children"),
+        Output("cells-sel-comp", "figure"),
+        Output("cells-de-btn", "disabled"),
+        Output("cells-export-btn", "disabled"),
+        Input("cells-umap", "selectedData"),
+        State("cells-umap-meta", "data"),
+        prevent_initial_call=True,
+    )
+    def _selection(selected, meta):
+        view = ctx.view
+        cells_ = selected_cells(view, selected, bool((meta or {}).get("split")))
+        n = len(cells_)
+        if n == 0:
+            return (
+                "No cells selected. Draw a lasso or box on the UMAP.",
+                F.empty_figure("No cells selected", height=240),
+                True,
+                True,
+            )
+        comp = (
+            pd.Series(view.codes(schema.OBS_CELL_TYPE)[cells_]).value_counts()
+            if schema.OBS_CELL_TYPE in view.obs.columns
+            else pd.Series(dtype=float)
+        )
+        summary = [
+            html.Div(f"{n:,}", className="stat-value"),
+            html.Div(
+                f"cells selected ({n / view.n_cells:.1%} of the atlas)", className="stat-label"
+            ),
+        ]
+        if schema.OBS_CONDITION in view.obs.columns:
+            conds = pd.Series(view.codes(schema.OBS_CONDITION)[cells_]).value_counts()
+            summary.append(
+                html.Div(
+                    " · ".join(f"{c}: {conds.get(c, 0):,}" for c in view.conditions),
+                    className="muted small",
+                )
+            )
+        return summary, F.selection_composition_bar(comp), False, False
+
+    @app.callback(
+        Output("cells-de-bar", "figure"),
+        Output("cells-de-table", "data"),
+        Output("cells-de-table", "columns"),
+        Output("cells-de-msg", "children"),
+        Input("cells-de-btn", "n_clicks"),
+        State("cells-umap", "selectedData"),
+        State("cells-umap-meta", "data"),
+        prevent_initial_call=True,
+        running=[(Output("cells-de-btn", "disabled"), True, False)],
+    )
+    def _quick_de(n_clicks, selected, meta):
+        view = ctx.view
+        cells_ = selected_cells(view, selected, bool((meta or {}).get("split")))
+        if len(cells_) == 0:
+            return no_update, no_update, no_update, C.message("Select cells first.", "warn")
+        if len(cells_) == view.n_cells:
+            return (
+                no_update,
+                no_update,
+                no_update,
+                C.message("The selection holds every cell: nothing to compare with.", "warn"),
+            )
+        res, note = quick_de(view, cells_, max_cells=int(ctx.limits.max_cells_quick_de))
+        return (
+            F.quick_de_bar(res, title=None),
+            C.table_records(res),
+            C.table_columns(res),
+            C.message(note, "info"),
+        )
+
+    @app.callback(
+        Output("cells-download", "data"),
+        Input("cells-export-btn", "n_clicks"),
+        State("cells-umap", "selectedData"),
+        State("cells-umap-meta", "data"),
+        prevent_initial_call=True,
+    )
+    def _export(n_clicks, selected, meta):
+        view = ctx.view
+        cells_ = selected_cells(view, selected, bool((meta or {}).get("split")))
+        if len(cells_) == 0:
+            return no_update
+        ids = pd.DataFrame({"cell_id": view.cell_ids[cells_]})
+        for col in (schema.OBS_SAMPLE, schema.OBS_CONDITION, schema.OBS_CELL_TYPE):
+            if col in view.obs.columns:
+                ids[col] = view.codes(col)[cells_]
+        return {
+            "content": ids.to_csv(index=False),
+            "filename": "selected_cells.csv",
+            "type": "text/csv",
+        }

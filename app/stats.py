@@ -1,0 +1,104 @@
+"""Quick, capped statistics for interactive use (exploratory; not the atlas's inference)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+QUICK_DE_SEED = 0
+
+
+def bh_adjust(p: np.ndarray) -> np.ndarray:
+    """Benjamini–Hochberg adjusted p-values."""
+    p = np.asarray(p, dtype=float)
+    n = p.size
+    if n == 0:
+        return p
+    order = np.argsort(p)
+    ranked = p[order] * n / np.arange(1, n + 1)
+    ranked = np.minimum.accumulate(ranked[::-1])[::-1]
+    out = np.empty(n)
+    out[order] = np.clip(ranked, 0, 1)
+    return out
+
+
+def rank_sum_test(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Two-sided Wilcoxon rank-sum (Mann–Whitney U, normal approximation with tie
+    correction) for every column of ``a`` (n1 x g) against ``b`` (n2 x g).
+
+    Returns (z, p). Vectorised over genes with ``scipy.stats.rankdata``.
+    """
+    from scipy import special, stats
+
+    n1, n2 = a.shape[0], b.shape[0]
+    x = np.vstack([a, b])
+    ranks = stats.rankdata(x, axis=0)
+    r1 = ranks[:n1].sum(axis=0)
+    u = r1 - n1 * (n1 + 1) / 2.0
+    mu = n1 * n2 / 2.0
+    n = n1 + n2
+    # tie correction per gene: sum(t^3 - t) over tie groups
+    tie = np.empty(x.shape[1])
+    for j in range(x.shape[1]):
+        _, counts = np.unique(x[:, j], return_counts=True)
+        tie[j] = (counts.astype(float) ** 3 - counts).sum()
+    sigma = np.sqrt(n1 * n2 / 12.0 * ((n + 1) - tie / (n * (n - 1))))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.where(sigma > 0, (u - mu - np.sign(u - mu) * 0.5) / sigma, 0.0)
+    p = 2 * special.ndtr(-np.abs(z))
+    return z, p
+
+
+def quick_de(
+    view,
+    selected: np.ndarray,
+    *,
+    max_cells: int,
+    genes: list[str] | None = None,
+    seed: int = QUICK_DE_SEED,
+) -> tuple[pd.DataFrame, str]:
+    """Selection vs rest on the atlas's variable genes, at most ``max_cells`` cells in all.
+
+    Beyond the cap each group is a fixed random subset (half the cap each, or all of the
+    smaller group). Returns (table sorted by p, a one-line note of what was compared).
+    """
+    rng = np.random.default_rng(seed)
+    n = view.n_cells
+    sel = np.unique(np.asarray(selected, dtype=np.int64))
+    rest_mask = np.ones(n, dtype=bool)
+    rest_mask[sel] = False
+    rest = np.flatnonzero(rest_mask)
+    half = max(1, max_cells // 2)
+    n_sel = min(len(sel), max(half, max_cells - len(rest)))
+    n_rest = min(len(rest), max_cells - n_sel)
+    capped = n_sel < len(sel) or n_rest < len(rest)
+    s_idx = np.sort(rng.choice(sel, n_sel, replace=False)) if n_sel < len(sel) else sel
+    r_idx = np.sort(rng.choice(rest, n_rest, replace=False)) if n_rest < len(rest) else rest
+    genes = genes or view.variable_genes
+    m = view.genes_matrix(genes, cells=np.concatenate([s_idx, r_idx]))
+    a, b = m[: len(s_idx)], m[len(s_idx) :]
+    z, p = rank_sum_test(a, b)
+    mean_a = np.expm1(a).mean(axis=0)
+    mean_b = np.expm1(b).mean(axis=0)
+    lfc = np.log2((mean_a + 1e-2) / (mean_b + 1e-2))
+    res = (
+        pd.DataFrame(
+            {
+                "gene": genes,
+                "log2fc": lfc,
+                "pct_sel": (a > 0).mean(axis=0),
+                "pct_rest": (b > 0).mean(axis=0),
+                "z": z,
+                "pvalue": p,
+                "padj": bh_adjust(p),
+            }
+        )
+        .sort_values(["padj", "pvalue"], kind="stable")
+        .reset_index(drop=True)
+    )
+    note = (
+        f"Compared {len(s_idx):,} selected vs {len(r_idx):,} other cells on {len(genes)} "
+        "variable genes"
+        + (f" (random subsets: capped at {max_cells:,} cells in all)." if capped else ".")
+    )
+    return res, note

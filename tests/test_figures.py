@@ -1,0 +1,263 @@
+"""The explorer's figures are pure functions: tested on hand-made frames, without Dash."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import pytest
+
+from app import figures as F
+
+
+@pytest.fixture
+def umap_df():
+    rng = np.random.default_rng(0)
+    n = 600
+    return pd.DataFrame(
+        {
+            "x": rng.normal(size=n).astype(np.float32),
+            "y": rng.normal(size=n).astype(np.float32),
+            "value": rng.choice(["B", "T", "Mono"], size=n),
+            "panel": rng.choice(["REF", "IBR_RES", "VEN_RES"], size=n),
+        }
+    )
+
+
+def test_umap_categorical_split(umap_df):
+    fig = F.umap_figure(
+        umap_df, categorical=True, panel_order=["REF", "IBR_RES", "VEN_RES"], colour_label="type"
+    )
+    assert all(t.type == "scattergl" for t in fig.data)
+    # one trace per (panel, category); legend shown once per category
+    assert len(fig.data) == 9
+    assert sum(bool(t.showlegend) for t in fig.data) == 3
+    assert sum(len(t.x) for t in fig.data) == len(umap_df)
+    # subplot titles carry the panel names in the given order
+    titles = [a.text for a in fig.layout.annotations]
+    assert titles[0].startswith("REF") and titles[1].startswith("IBR_RES")
+    # trace rows map plotly points back to the frame's rows
+    rows = F.umap_trace_rows(umap_df, categorical=True, panel_order=["REF", "IBR_RES", "VEN_RES"])
+    for (p, c, r), t in zip(rows, fig.data):
+        assert (umap_df["panel"].to_numpy()[r] == p).all()
+        assert (umap_df["value"].to_numpy()[r] == c).all()
+        np.testing.assert_array_equal(np.asarray(t.x), umap_df["x"].to_numpy()[r])
+
+
+def test_umap_continuous_is_binary_encoded(umap_df):
+    df = umap_df.drop(columns="panel").assign(value=np.linspace(0, 3, len(umap_df)))
+    fig = F.umap_figure(df, categorical=False, colour_label="CD5")
+    assert len(fig.data) == 1
+    assert fig.layout.coloraxis.cmin == 0 and fig.layout.coloraxis.cmax == pytest.approx(3)
+    payload = json.loads(fig.to_json())
+    marker = payload["data"][0]["marker"]
+    # numpy float32 arrays travel as base64 typed arrays, not JSON lists
+    assert marker["color"]["dtype"] == "f4" and "bdata" in marker["color"]
+    assert payload["data"][0]["x"]["dtype"] == "f4"
+
+
+def test_umap_patch_arrays_match_traces(umap_df):
+    df = umap_df.assign(value=np.arange(len(umap_df), dtype=float))
+    fig = F.umap_figure(df, categorical=False, panel_order=["VEN_RES", "REF", "IBR_RES"])
+    arrays, cmin, cmax = F.umap_colour_patch_arrays(df, panel_order=["VEN_RES", "REF", "IBR_RES"])
+    assert len(arrays) == len(fig.data) == 3
+    for a, t in zip(arrays, fig.data):
+        np.testing.assert_array_equal(a, np.asarray(t.marker.color))
+    assert (cmin, cmax) == (0, len(df) - 1)
+    spec = F.b64_array(arrays[0])
+    assert spec["dtype"] == "f4"
+    import base64
+
+    back = np.frombuffer(base64.b64decode(spec["bdata"]), dtype=np.float32)
+    np.testing.assert_array_equal(back, arrays[0])
+
+
+def test_umap_empty_and_constant():
+    fig = F.umap_figure(pd.DataFrame(columns=["x", "y", "value"]), categorical=True)
+    assert fig.layout.annotations[0].text == "No cells to show"
+    df = pd.DataFrame({"x": [0.0, 1.0], "y": [0.0, 1.0], "value": [2.0, 2.0]})
+    fig = F.umap_figure(df, categorical=False)
+    assert fig.layout.coloraxis.cmax > fig.layout.coloraxis.cmin
+
+
+def test_selection_geometry_and_points():
+    sel = {
+        "range": {"x2": [0, 1], "y2": [0, 1]},
+        "lassoPoints": {"x": [0, 2, 2, 0], "y": [0, 0, 2, 2]},
+    }
+    shapes = F.selection_geometry(sel)
+    kinds = {(i, k) for i, k, _ in shapes}
+    assert kinds == {(1, "box"), (0, "lasso")}
+    x = np.array([0.5, 1.5, 3.0])
+    y = np.array([0.5, 1.5, 0.5])
+    for _i, kind, v in shapes:
+        mask = F.points_in_shape(x, y, kind, v)
+        if kind == "box":
+            assert mask.tolist() == [True, False, False]
+        else:
+            assert mask.tolist() == [True, True, False]
+    # the pure-numpy fallback agrees
+    v = np.array([[0, 0], [2, 0], [2, 2], [0, 2]], float)
+    assert F._ray_cast(x, y, v[:, 0], v[:, 1]).tolist() == [True, True, False]
+    assert F.selection_geometry(None) == []
+
+
+def test_composition_bar_normalises_per_group():
+    df = pd.DataFrame(
+        {
+            "condition": ["A", "A", "B", "B"],
+            "cell_type": ["T", "B", "T", "B"],
+            "n": [10, 30, 5, 5],
+        }
+    )
+    fig = F.composition_bar(df, group="condition", group_order=["B", "A"])
+    assert fig.layout.barmode == "stack"
+    by_name = {t.name: list(t.y) for t in fig.data}
+    assert by_name["T"] == pytest.approx([0.5, 0.25])
+    assert by_name["B"] == pytest.approx([0.5, 0.75])
+    assert list(fig.data[0].x) == ["B", "A"]
+
+
+def test_composition_effects_stars_significant():
+    df = pd.DataFrame(
+        {
+            "cell_type": ["T", "B", "T", "B"],
+            "condition": ["X", "X", "Y", "Y"],
+            "log2fc": [1.0, -0.5, 0.2, 0.0],
+            "padj": [0.01, 0.5, 0.2, 0.9],
+        }
+    )
+    fig = F.composition_effects(df, effect="log2fc", significance="padj")
+    hm = fig.data[0]
+    assert isinstance(hm, go.Heatmap)
+    assert "★" in np.asarray(hm.text).ravel().tolist()
+    assert F.composition_effects(df, effect="nope").layout.annotations
+
+
+def test_violin_one_trace_per_condition():
+    rng = np.random.default_rng(1)
+    df = pd.DataFrame(
+        {
+            "group": rng.choice(["T", "B"], 200),
+            "condition": rng.choice(["REF", "RES"], 200),
+            "value": rng.random(200),
+        }
+    )
+    fig = F.violin_figure(df, gene="CD5", condition_order=["RES", "REF"])
+    assert [t.name for t in fig.data] == ["RES", "REF"]
+    assert fig.layout.violinmode == "group"
+    assert "CD5" in fig.layout.yaxis.title.text
+    assert F.violin_figure(df.iloc[:0], gene="CD5").layout.annotations
+
+
+def test_dotplot_sizes_and_orders():
+    df = pd.DataFrame(
+        {
+            "gene": ["A", "A", "B", "B"],
+            "group": ["T", "B", "T", "B"],
+            "mean": [1.0, 0.0, 0.5, 2.0],
+            "frac": [1.0, 0.0, 0.25, 0.5],
+        }
+    )
+    fig = F.dotplot_figure(df, y_order=["B", "A"])
+    sizes = np.asarray(fig.data[0].marker.size)
+    assert sizes[0] > sizes[3] > sizes[2] > sizes[1]
+    assert list(fig.layout.yaxis.categoryarray) == ["A", "B"]  # first gene on top
+
+
+def test_volcano_classifies_and_labels():
+    df = pd.DataFrame(
+        {
+            "gene": ["UP1", "DN1", "NS1", "NS2"],
+            "log2fc": [2.0, -3.0, 0.1, 2.5],
+            "padj": [1e-5, 1e-3, 1e-8, 0.5],
+        }
+    )
+    fig = F.volcano_figure(df, highlight="NS2")
+    names = [t.name for t in fig.data]
+    assert names == ["n.s. (2)", "down (1)", "up (1)"]
+    labels = {a.text for a in fig.layout.annotations}
+    assert {"UP1", "DN1", "NS2"} <= labels
+    assert F.volcano_figure(df.iloc[:0]).layout.annotations[0].text.startswith("No DE")
+
+
+@pytest.fixture
+def lr_df():
+    return pd.DataFrame(
+        {
+            "source": ["T", "T", "Mono", "CLL"],
+            "target": ["CLL", "CLL", "CLL", "T"],
+            "ligand": ["CD40LG", "IL4", "CXCL12", "CD70"],
+            "receptor": ["CD40", "IL4R", "CXCR4", "CD27"],
+            "magnitude": [0.9, 0.5, 0.7, 0.3],
+            "specificity": [3.0, 1.0, 2.0, 0.5],
+        }
+    )
+
+
+def test_interaction_dotplot(lr_df):
+    fig = F.interaction_dotplot(lr_df, score="magnitude", size="specificity", max_pairs=3)
+    assert len(fig.data[0].x) == 3  # the weakest pair is dropped
+    assert "T → CLL" in set(fig.data[0].x)
+    assert "CD40LG → CD40" in set(fig.data[0].y)
+    assert F.interaction_dotplot(lr_df.iloc[:0], score="magnitude").layout.annotations
+
+
+def test_interaction_matrix_heatmap_network(lr_df):
+    m = F.interaction_matrix(lr_df, score="magnitude")
+    assert list(m.index) == list(m.columns) == ["CLL", "Mono", "T"]
+    assert m.loc["T", "CLL"] == pytest.approx(1.4)
+    assert F.interaction_matrix(lr_df, score="magnitude", how="count").loc["T", "CLL"] == 2
+    hm = F.interaction_heatmap(m, label="sum")
+    assert isinstance(hm.data[0], go.Heatmap)
+    net = F.interaction_network(m, label="sum")
+    arrows = [a for a in net.layout.annotations if a.showarrow]
+    assert len(arrows) == 3  # T->CLL, Mono->CLL, CLL->T
+    nodes = net.data[-1]
+    assert list(nodes.text) == ["CLL", "Mono", "T"]
+    assert F.interaction_network(pd.DataFrame(), label="x").layout.annotations
+
+
+def test_interaction_diff_and_lr_expression(lr_df):
+    d = lr_df.assign(delta=[0.5, -0.2, 0.0, 0.1])
+    fig = F.interaction_diff_figure(d, delta="delta")
+    xs = list(fig.data[0].x)
+    assert xs == sorted(xs) and 0.0 not in xs and len(xs) == 3
+    expr = pd.DataFrame(
+        {
+            "gene": ["CD40LG"] * 4 + ["CD40"] * 4,
+            "group": ["T", "CLL"] * 4,
+            "condition": ["REF", "REF", "RES", "RES"] * 2,
+            "mean": np.arange(8, dtype=float),
+        }
+    )
+    fig = F.lr_expression_figure(
+        expr,
+        ligand="CD40LG",
+        receptor="CD40",
+        sender="T",
+        receiver="CLL",
+        condition_order=["REF", "RES"],
+    )
+    assert len(fig.data) == 4
+    assert sum(bool(t.showlegend) for t in fig.data) == 2
+    widths = fig.data[0].marker.line.width
+    assert list(widths) == [0, 2.5]  # groups sorted: CLL, T; T is the sender
+
+
+def test_quick_de_and_selection_bars():
+    df = pd.DataFrame({"gene": list("ABCD"), "log2fc": [2, -1, 0.5, -3], "padj": [0.01] * 4})
+    fig = F.quick_de_bar(df, n=1)
+    assert set(fig.data[0].y) == {"A", "D"}
+    comp = F.selection_composition_bar(pd.Series({"T": 3, "B": 1, "NK": 0}))
+    assert list(comp.data[0].y) == ["B", "T"]
+    assert F.selection_composition_bar(pd.Series(dtype=float)).layout.annotations
+
+
+def test_qc_bars_and_empty():
+    df = pd.DataFrame({"sample_id": ["s1", "s2"], "n_cells": [10, 20], "condition": ["A", "B"]})
+    fig = F.qc_bars(df, value="n_cells", colour="condition")
+    assert [t.name for t in fig.data] == ["A", "B"]
+    assert F.empty_figure("hello").layout.annotations[0].text == "hello"
