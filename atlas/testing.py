@@ -590,7 +590,7 @@ TABLE_COLUMNS: dict[str, list[str]] = {
         schema.OBS_PATIENT,
         schema.OBS_CONDITION,
         schema.COL_CELL_TYPE,
-        "n",
+        "n_cells",
         "n_total",
         "prop",
     ],
@@ -618,6 +618,7 @@ TABLE_COLUMNS: dict[str, list[str]] = {
         "diff",
         schema.COL_PVALUE,
         schema.COL_PADJ,
+        "n_samples",
         "n_samples_cond",
         "n_samples_ref",
         "paired",
@@ -735,6 +736,7 @@ def add_synthetic_tables(adata, *, rng=None) -> None:
     counts["prop"] = counts["n"] / counts["n_total"].clip(lower=1)
     counts = counts.merge(samples, on=schema.OBS_SAMPLE, how="inner")
     counts["n"] = counts["n"].astype(np.int64)
+    counts = counts.rename(columns={"n": "n_cells"})
     proportions = counts[TABLE_COLUMNS[schema.TABLE_PROPORTIONS]]
     put_table(adata, schema.TABLE_PROPORTIONS, proportions)
 
@@ -819,6 +821,7 @@ def add_synthetic_tables(adata, *, rng=None) -> None:
                     "diff": diff,
                     schema.COL_PVALUE: pval,
                     schema.COL_PADJ: pval,
+                    "n_samples": [n_cond(contrasts[c]) + n_ref for c in cc],
                     "n_samples_cond": [n_cond(contrasts[c]) for c in cc],
                     "n_samples_ref": n_ref,
                     "paired": True,
