@@ -1,0 +1,945 @@
+"""Stage ``analyses``: composition, pseudobulk differential expression and programmes.
+
+What the labs ask first: which cell types expand or shrink when resistance appears, and
+which genes move in which cell type. Every condition is compared with a *reference*
+condition (default: the sample sheet's first condition, ``uns[UNS_REFERENCE_CONDITION]``
+or ``uns[UNS_CONDITION_ORDER][0]``).
+
+Methods
+-------
+Composition (table ``composition``; per-sample table ``proportions``)
+    propeller-style test (Phipson et al. 2022, *Bioinformatics* 38:4720): per-sample
+    cell-type proportions with a pseudocount of 0.5 cells, logit transform, one linear
+    model per cell type over all samples, ``~ patient + condition`` when patients are
+    sampled in more than one condition (paired / repeated-measures design; the patient
+    is a fixed block), else ``~ condition``; the residual variances are moderated across
+    cell types with limma's empirical-Bayes prior (``squeezeVar``), giving moderated
+    t-statistics. Benjamini-Hochberg across cell types per contrast. ``log2fc`` is the
+    log2 ratio of the mean proportions. Why not scCODA: it needs a tensorflow/numpyro
+    stack that is not installed offline, takes minutes per model and reports credible
+    effects, not p-values; propeller is the established frequentist method, fast and
+    exact for paired designs.
+
+Pseudobulk differential expression (table ``de``)
+    raw counts (``layers["counts"]``) summed per sample x cell type; groups with fewer
+    than ``min_cells`` cells are skipped (logged and recorded in ``uns`` params); a cell
+    type is tested in a contrast only with at least ``min_samples`` samples in both
+    conditions. DESeq2 (``pydeseq2``): one ``DeseqDataSet`` per cell type over all the
+    samples of that type with the design ``~ patient + condition`` when paired (a patient
+    seen in more than one condition) else ``~ condition``; then one Wald test
+    (``DeseqStats``) per condition vs reference. Genes with fewer than
+    ``min_gene_counts`` (10) total counts over the cell type's samples are not tested.
+    ``log2fc`` is DESeq2's unshrunken MLE; ``padj`` BH with DESeq2's independent
+    filtering (NaN for filtered-out genes / Cooks outliers, as in DESeq2). The GLM and
+    dispersion fits run through :class:`preprocessing.deseq_fast.FastInference`, a
+    vectorised drop-in for pydeseq2's per-gene ``DefaultInference`` (same model; ~20x
+    faster; it finds the global dispersion optimum where L-BFGS-B stops on the flat
+    boundary at ``min_disp``); ``engine="pydeseq2"`` uses the stock backend.
+
+Programmes (table ``programs``)
+    the per-cell programme scores (``obs["score_*"]``) averaged per sample x cell type
+    (groups with at least ``min_cells`` cells), then per cell type and contrast an OLS
+    ``score ~ patient + condition`` (paired) or ``~ condition`` (Welch-free pooled t);
+    BH across cell types x programmes per contrast.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from scipy import special, stats
+
+from atlas import schema
+from atlas.errors import InputError
+
+from .log import get_logger
+
+log = get_logger("analyses")
+
+STAGE = "analyses"
+PARAMS_KEY = f"{schema.UNS_PARAMS_PREFIX}{STAGE}"
+PSEUDOCOUNT = 0.5  # cells added per sample x cell type before the logit (propeller)
+MIN_GENE_COUNTS = 10  # pseudobulk: genes with fewer total counts are not tested
+
+COMPOSITION_COLUMNS = [
+    schema.COL_CELL_TYPE,
+    schema.COL_CONDITION,
+    schema.COL_REFERENCE,
+    "mean_prop",
+    "mean_prop_ref",
+    schema.COL_LOG2FC,
+    schema.COL_PVALUE,
+    schema.COL_PADJ,
+    "n_samples",
+    "n_samples_cond",
+    "n_samples_ref",
+    "t",
+    "paired",
+]
+PROPORTIONS_COLUMNS = [
+    schema.OBS_SAMPLE,
+    schema.OBS_PATIENT,
+    schema.OBS_CONDITION,
+    schema.COL_CELL_TYPE,
+    "n_cells",
+    "n_total",
+    "prop",
+]
+DE_COLUMNS = [
+    schema.COL_CELL_TYPE,
+    schema.COL_GENE,
+    schema.COL_CONDITION,
+    schema.COL_REFERENCE,
+    schema.COL_LOG2FC,
+    "lfcse",
+    schema.COL_PVALUE,
+    schema.COL_PADJ,
+    "base_mean",
+    "n_samples_cond",
+    "n_samples_ref",
+    "paired",
+]
+PROGRAMS_COLUMNS = [
+    schema.COL_CELL_TYPE,
+    "program",
+    schema.COL_CONDITION,
+    schema.COL_REFERENCE,
+    "mean",
+    "mean_ref",
+    "diff",
+    schema.COL_PVALUE,
+    schema.COL_PADJ,
+    "n_samples",
+    "n_samples_cond",
+    "n_samples_ref",
+    "paired",
+]
+
+
+# ======================================================================================
+# helpers
+# ======================================================================================
+def bh_adjust(p: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values; NaN stays NaN."""
+    p = np.asarray(p, dtype=float)
+    out = np.full(p.shape, np.nan)
+    ok = np.isfinite(p)
+    n = int(ok.sum())
+    if n == 0:
+        return out
+    pv = p[ok]
+    order = np.argsort(pv)
+    ranked = pv[order] * n / np.arange(1, n + 1)
+    ranked = np.minimum.accumulate(ranked[::-1])[::-1]
+    adj = np.empty(n)
+    adj[order] = np.clip(ranked, 0, 1)
+    out[ok] = adj
+    return out
+
+
+def _trigamma_inverse(x: float) -> float:
+    """Inverse of the trigamma function (limma's Newton iteration)."""
+    if x > 1e7:
+        return 1.0 / np.sqrt(x)
+    if x < 1e-6:
+        return 1.0 / x
+    y = 0.5 + 1.0 / x
+    for _ in range(50):
+        tri = special.polygamma(1, y)
+        dif = tri * (1 - tri / x) / special.polygamma(2, y)
+        y += dif
+        if -dif / y < 1e-8:
+            break
+    return float(y)
+
+
+def squeeze_var(s2: np.ndarray, df: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """limma's empirical-Bayes variance moderation (``fitFDist`` + ``squeezeVar``).
+
+    Returns ``(posterior variances, prior df d0, prior variance s0^2)``; ``d0`` may be
+    ``inf`` (all variances equal to the prior).
+    """
+    s2 = np.asarray(s2, float)
+    df = np.asarray(df, float)
+    ok = np.isfinite(s2) & (df > 0)
+    if ok.sum() < 3:
+        return s2.copy(), 0.0, float(np.nanmean(s2)) if ok.any() else np.nan
+    s2o = np.maximum(s2[ok], 1e-5 * np.median(s2[ok][s2[ok] > 0]) if (s2[ok] > 0).any() else 1e-12)
+    d = df[ok]
+    z = np.log(s2o)
+    e = z - special.digamma(d / 2) + np.log(d / 2)
+    emean = float(e.mean())
+    evar = float(((e - emean) ** 2).sum() / (len(e) - 1) - np.mean(special.polygamma(1, d / 2)))
+    if evar > 0:
+        d0 = 2 * _trigamma_inverse(evar)
+        s0 = float(np.exp(emean + special.digamma(d0 / 2) - np.log(d0 / 2)))
+    else:
+        d0 = np.inf
+        s0 = float(np.exp(emean))
+    post = s2.copy()
+    if np.isinf(d0):
+        post[ok] = s0
+    else:
+        post[ok] = (d0 * s0 + df[ok] * s2[ok]) / (d0 + df[ok])
+    return post, float(d0), s0
+
+
+def _obs_str(adata, key: str) -> pd.Series:
+    return adata.obs[key].astype(str)
+
+
+def reference_condition(adata, reference: str | None = None) -> str:
+    """The reference condition: ``reference`` if given, else the sheet's first condition."""
+    available = available_conditions(adata)
+    if reference is not None:
+        if reference not in available:
+            raise InputError(
+                f"analyses: unknown reference condition {reference!r}; "
+                f"available conditions: {', '.join(available)}"
+            )
+        return reference
+    ref = adata.uns.get(schema.UNS_REFERENCE_CONDITION)
+    if isinstance(ref, str) and ref in available:
+        return ref
+    return available[0]
+
+
+def available_conditions(adata) -> list[str]:
+    """Conditions present in ``adata``, in sample-sheet order where recorded."""
+    schema.require_obs(adata, schema.OBS_CONDITION)
+    cond = adata.obs[schema.OBS_CONDITION]
+    present = list(pd.unique(cond.astype(str)))
+    order = adata.uns.get(schema.UNS_CONDITION_ORDER)
+    if order is not None:
+        order = [str(c) for c in np.atleast_1d(order)]
+        head = [c for c in order if c in present]
+        return head + sorted(c for c in present if c not in head)
+    if isinstance(cond.dtype, pd.CategoricalDtype):
+        return [str(c) for c in cond.cat.categories if str(c) in present]
+    return sorted(present)
+
+
+def contrast_conditions(adata, reference: str, contrasts: Sequence[str] | None) -> list[str]:
+    """Conditions to compare with ``reference`` (default: every other condition)."""
+    available = available_conditions(adata)
+    if contrasts is None or len(contrasts) == 0:
+        return [c for c in available if c != reference]
+    bad = [c for c in contrasts if c not in available]
+    if bad:
+        raise InputError(
+            [
+                f"analyses: unknown contrast condition {c!r}; "
+                f"available conditions: {', '.join(available)}"
+                for c in bad
+            ]
+        )
+    out = []
+    for c in contrasts:
+        if c == reference:
+            raise InputError(
+                f"analyses: contrast condition {c!r} is the reference; "
+                f"choose among: {', '.join(a for a in available if a != reference)}"
+            )
+        if c not in out:
+            out.append(c)
+    return out
+
+
+def _sample_table(adata) -> pd.DataFrame:
+    """One row per sample: sample_id, patient, condition."""
+    schema.require_obs(adata, schema.OBS_SAMPLE, schema.OBS_CONDITION)
+    cols = {
+        schema.OBS_SAMPLE: _obs_str(adata, schema.OBS_SAMPLE).to_numpy(),
+        schema.OBS_CONDITION: _obs_str(adata, schema.OBS_CONDITION).to_numpy(),
+    }
+    if schema.OBS_PATIENT in adata.obs:
+        cols[schema.OBS_PATIENT] = _obs_str(adata, schema.OBS_PATIENT).to_numpy()
+    else:  # every sample its own patient: unpaired
+        cols[schema.OBS_PATIENT] = cols[schema.OBS_SAMPLE]
+    df = pd.DataFrame(cols).drop_duplicates(schema.OBS_SAMPLE).set_index(schema.OBS_SAMPLE)
+    return df[[schema.OBS_PATIENT, schema.OBS_CONDITION]]
+
+
+def _design(
+    meta: pd.DataFrame, reference: str, conditions: Sequence[str], *, block: bool | None = None
+) -> tuple[pd.DataFrame, bool]:
+    """Design matrix: intercept, one column per non-reference condition, patient block.
+
+    The patient block is used when some patient is sampled in more than one of the
+    conditions and the design stays full rank with >= 1 residual df (``block=None``),
+    or as forced by ``block``.
+    """
+    cond = meta[schema.OBS_CONDITION].astype(str)
+    cols = {"Intercept": np.ones(len(meta))}
+    for c in conditions:
+        if c != reference:
+            cols[f"cond_{c}"] = (cond == c).to_numpy(float)
+    base = pd.DataFrame(cols, index=meta.index)
+    pat = meta[schema.OBS_PATIENT].astype(str)
+    if block is None:
+        block = bool((meta.groupby(pat)[schema.OBS_CONDITION].nunique() > 1).any())
+    if not block:
+        return base, False
+    patients = sorted(pd.unique(pat))
+    blk = pd.DataFrame(
+        {f"patient_{p}": (pat == p).to_numpy(float) for p in patients[1:]}, index=meta.index
+    )
+    X = pd.concat([base, blk], axis=1)
+    rank = np.linalg.matrix_rank(X.to_numpy())
+    if rank < X.shape[1] or X.shape[0] - X.shape[1] < 1:
+        return base, False
+    return X, True
+
+
+def is_paired(meta: pd.DataFrame, reference: str, conditions: Sequence[str]) -> bool:
+    """Whether the design over ``meta``'s samples uses the patient block."""
+    return _design(meta, reference, conditions)[1]
+
+
+# ======================================================================================
+# composition
+# ======================================================================================
+def sample_proportions(adata, groupby: str = schema.OBS_CELL_TYPE) -> pd.DataFrame:
+    """Per-sample counts and proportions of each cell type (table ``proportions``).
+
+    Every sample x cell-type pair appears (``n = 0`` where absent).
+    """
+    schema.require_obs(adata, groupby)
+    samples = _sample_table(adata)
+    ct = _obs_str(adata, groupby)
+    tab = pd.crosstab(_obs_str(adata, schema.OBS_SAMPLE), ct)
+    tab = tab.reindex(index=samples.index, fill_value=0)
+    long = tab.stack().rename("n_cells").reset_index()
+    long.columns = [schema.OBS_SAMPLE, schema.COL_CELL_TYPE, "n_cells"]
+    totals = tab.sum(axis=1)
+    long["n_total"] = long[schema.OBS_SAMPLE].map(totals).astype(np.int64)
+    long["n_cells"] = long["n_cells"].astype(np.int64)
+    long["prop"] = long["n_cells"] / long["n_total"].clip(lower=1)
+    long[schema.OBS_PATIENT] = long[schema.OBS_SAMPLE].map(samples[schema.OBS_PATIENT])
+    long[schema.OBS_CONDITION] = long[schema.OBS_SAMPLE].map(samples[schema.OBS_CONDITION])
+    return long[PROPORTIONS_COLUMNS]
+
+
+def compare_composition(
+    props: pd.DataFrame,
+    reference: str,
+    contrasts: Sequence[str],
+    *,
+    exclude: Sequence[str] = (schema.UNASSIGNED,),
+    moderate: bool = True,
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """propeller-style composition test on a ``proportions`` table.
+
+    Returns ``(composition table, info)``; ``info`` says whether the patient block was used.
+    """
+    conds = [reference, *contrasts]
+    sub = props[props[schema.OBS_CONDITION].isin(conds)]
+    counts = sub.pivot_table(
+        index=schema.OBS_SAMPLE, columns=schema.COL_CELL_TYPE, values="n_cells", aggfunc="sum"
+    ).fillna(0)
+    meta = (
+        sub.drop_duplicates(schema.OBS_SAMPLE)
+        .set_index(schema.OBS_SAMPLE)[[schema.OBS_PATIENT, schema.OBS_CONDITION]]
+        .loc[counts.index]
+    )
+    info: dict[str, Any] = {"paired": False, "prior_df": np.nan, "n_samples": int(len(meta))}
+    cell_types = [c for c in counts.columns if c not in set(exclude)]
+    empty = pd.DataFrame(columns=COMPOSITION_COLUMNS)
+    if counts.empty or not cell_types:
+        return empty, info
+    total = counts.sum(axis=1).to_numpy(float)
+    raw = counts.to_numpy(float) / np.maximum(total, 1)[:, None]
+    pseudo = (counts.to_numpy(float) + PSEUDOCOUNT) / (total + PSEUDOCOUNT * counts.shape[1])[
+        :, None
+    ]
+    y_all = np.log(pseudo / (1 - pseudo))
+    X, paired = _design(meta, reference, conds)
+    info["paired"] = paired
+    Xv = X.to_numpy()
+    n, k = Xv.shape
+    dfres = n - k
+    present = [c for c in contrasts if (meta[schema.OBS_CONDITION] == c).any()]
+    if dfres < 1 or not (meta[schema.OBS_CONDITION] == reference).any() or not present:
+        log.warning("composition: too few samples for a test (%d samples, %d parameters)", n, k)
+        return empty, info
+    idx = [list(counts.columns).index(c) for c in cell_types]
+    Y = y_all[:, idx]
+    XtX_inv = np.linalg.pinv(Xv.T @ Xv)
+    beta = XtX_inv @ Xv.T @ Y  # k x G
+    resid = Y - Xv @ beta
+    s2 = (resid**2).sum(axis=0) / dfres
+    if moderate:
+        s2_post, d0, _ = squeeze_var(s2, np.full(len(s2), float(dfres)))
+        df_total = min(dfres + d0, dfres * len(s2)) if np.isfinite(d0) else dfres * len(s2)
+    else:
+        s2_post, d0, df_total = s2, 0.0, float(dfres)
+    info["prior_df"] = float(d0)
+    info["df_total"] = float(df_total)
+    cond = meta[schema.OBS_CONDITION].to_numpy()
+    rows = []
+    for c in present:
+        j = list(X.columns).index(f"cond_{c}")
+        se = np.sqrt(s2_post * XtX_inv[j, j])
+        t = beta[j] / se
+        p = 2 * stats.t.sf(np.abs(t), df_total)
+        padj = bh_adjust(p)
+        in_c, in_r = cond == c, cond == reference
+        for g, ctype in enumerate(cell_types):
+            col = idx[g]
+            m, mr = raw[in_c, col].mean(), raw[in_r, col].mean()
+            eps = 1e-6
+            rows.append(
+                {
+                    schema.COL_CELL_TYPE: ctype,
+                    schema.COL_CONDITION: c,
+                    schema.COL_REFERENCE: reference,
+                    "mean_prop": m,
+                    "mean_prop_ref": mr,
+                    schema.COL_LOG2FC: float(np.log2((m + eps) / (mr + eps))),
+                    schema.COL_PVALUE: float(p[g]),
+                    schema.COL_PADJ: float(padj[g]),
+                    "n_samples": int(in_c.sum() + in_r.sum()),
+                    "n_samples_cond": int(in_c.sum()),
+                    "n_samples_ref": int(in_r.sum()),
+                    "t": float(t[g]),
+                    "paired": bool(paired),
+                }
+            )
+    return pd.DataFrame(rows, columns=COMPOSITION_COLUMNS), info
+
+
+# ======================================================================================
+# pseudobulk
+# ======================================================================================
+@dataclass
+class Pseudobulk:
+    """Summed raw counts per sample x cell type (groups with >= ``min_cells`` cells)."""
+
+    counts: pd.DataFrame  # rows: "<cell_type>|<sample>", columns: genes (int64)
+    meta: pd.DataFrame  # same rows: cell_type, sample_id, patient, condition, n_cells
+    skipped: pd.DataFrame = field(default_factory=pd.DataFrame)  # groups under min_cells
+
+
+def _counts_matrix(adata):
+    if schema.LAYER_COUNTS in adata.layers:
+        return adata.layers[schema.LAYER_COUNTS]
+    raise schema.MissingKeyError("layers", schema.LAYER_COUNTS)
+
+
+def pseudobulk(
+    adata,
+    groupby: str = schema.OBS_CELL_TYPE,
+    *,
+    min_cells: int = 10,
+    exclude: Sequence[str] = (schema.UNASSIGNED,),
+) -> Pseudobulk:
+    """Sum ``layers["counts"]`` per sample x ``groupby`` group."""
+    schema.require_obs(adata, groupby)
+    X = _counts_matrix(adata)
+    samples = _sample_table(adata)
+    ct = _obs_str(adata, groupby).to_numpy()
+    sm = _obs_str(adata, schema.OBS_SAMPLE).to_numpy()
+    keep = ~np.isin(ct, list(exclude))
+    key = pd.Series(ct, dtype=object) + "|" + pd.Series(sm, dtype=object)
+    codes, uniq = pd.factorize(key)
+    codes = np.where(keep, codes, -1)
+    rows = np.flatnonzero(codes >= 0)
+    ind = sp.csr_matrix((np.ones(len(rows)), (codes[rows], rows)), shape=(len(uniq), adata.n_obs))
+    summed = ind @ (X if sp.issparse(X) else np.asarray(X))
+    summed = summed.toarray() if sp.issparse(summed) else np.asarray(summed)
+    n_cells = np.asarray(ind.sum(axis=1)).ravel().astype(np.int64)
+    parts = [u.split("|", 1) if isinstance(u, str) else ["", ""] for u in uniq]
+    meta = pd.DataFrame(
+        {
+            schema.COL_CELL_TYPE: [p[0] for p in parts],
+            schema.OBS_SAMPLE: [p[1] for p in parts],
+            "n_cells": n_cells,
+        },
+        index=pd.Index([str(u) for u in uniq], name="group"),
+    )
+    meta[schema.OBS_PATIENT] = meta[schema.OBS_SAMPLE].map(samples[schema.OBS_PATIENT])
+    meta[schema.OBS_CONDITION] = meta[schema.OBS_SAMPLE].map(samples[schema.OBS_CONDITION])
+    used = meta["n_cells"] > 0
+    ok = used & (meta["n_cells"] >= min_cells)
+    skipped = meta[used & ~ok].reset_index(drop=True)
+    if len(skipped):
+        log.info(
+            "pseudobulk: %d sample x cell-type groups under %d cells skipped: %s",
+            len(skipped),
+            min_cells,
+            "; ".join(f"{r.cell_type}/{r.sample_id} ({r.n_cells})" for r in skipped.itertuples())[
+                :2000
+            ],
+        )
+    counts = pd.DataFrame(
+        np.rint(summed[ok.to_numpy()]).astype(np.int64),
+        index=meta.index[ok.to_numpy()],
+        columns=adata.var_names.astype(str),
+    )
+    return Pseudobulk(counts=counts, meta=meta[ok], skipped=skipped)
+
+
+def _run_deseq(
+    counts: pd.DataFrame,
+    design: pd.DataFrame,
+    contrast_cols: dict[str, str],
+    n_cpus: int = 1,
+    engine: str = "fast",
+) -> dict[str, pd.DataFrame]:
+    """One DESeq2 fit, one Wald test per contrast column; results per contrast key.
+
+    ``engine``: ``"fast"`` (:class:`preprocessing.deseq_fast.FastInference`, vectorised,
+    ~20x faster) or ``"pydeseq2"`` (``DefaultInference``, one scipy fit per gene).
+    """
+    from pydeseq2.dds import DeseqDataSet
+    from pydeseq2.default_inference import DefaultInference
+    from pydeseq2.ds import DeseqStats
+
+    if engine == "fast":
+        from .deseq_fast import FastInference
+
+        inference = FastInference(n_cpus=n_cpus)
+    elif engine == "pydeseq2":
+        inference = DefaultInference(n_cpus=n_cpus)
+    else:
+        raise ValueError(f"unknown DESeq2 engine {engine!r}; use 'fast' or 'pydeseq2'")
+    meta = pd.DataFrame(index=counts.index)
+    meta["_"] = "x"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dds = DeseqDataSet(
+            counts=counts,
+            metadata=meta,
+            design=design,
+            refit_cooks=True,
+            inference=inference,
+            quiet=True,
+        )
+        dds.deseq2()
+        out = {}
+        for name, col in contrast_cols.items():
+            vec = np.zeros(design.shape[1])
+            vec[list(design.columns).index(col)] = 1.0
+            ds = DeseqStats(dds, contrast=vec, inference=inference, quiet=True)
+            ds.summary()
+            out[name] = ds.results_df.copy()
+    return out
+
+
+def pseudobulk_de(
+    adata,
+    reference: str,
+    contrasts: Sequence[str],
+    *,
+    groupby: str = schema.OBS_CELL_TYPE,
+    min_cells: int = 10,
+    min_samples: int = 2,
+    min_gene_counts: int = MIN_GENE_COUNTS,
+    n_cpus: int = 1,
+    engine: str = "fast",
+    cell_types: Sequence[str] | None = None,
+    pb: Pseudobulk | None = None,
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """DESeq2 on pseudobulks: every contrast condition vs ``reference``, per cell type.
+
+    Returns ``(de table, info)``; ``info`` records skipped groups / contrasts and the
+    design used per cell type.
+    """
+    if pb is None:
+        pb = pseudobulk(adata, groupby, min_cells=min_cells)
+    conds = [reference, *contrasts]
+    info: dict[str, Any] = {
+        "skipped_groups": [
+            f"{r.cell_type}|{r.sample_id}|{r.n_cells}" for r in pb.skipped.itertuples()
+        ],
+        "skipped_contrasts": [],
+        "designs": {},
+        "n_genes_tested": {},
+    }
+    frames = []
+    types = list(pd.unique(pb.meta[schema.COL_CELL_TYPE]))
+    if cell_types is not None:
+        types = [t for t in types if t in set(cell_types)]
+    for ctype in sorted(types):
+        m = pb.meta[
+            (pb.meta[schema.COL_CELL_TYPE] == ctype) & pb.meta[schema.OBS_CONDITION].isin(conds)
+        ]
+        n_per = m[schema.OBS_CONDITION].value_counts()
+        n_ref = int(n_per.get(reference, 0))
+        testable = [c for c in contrasts if int(n_per.get(c, 0)) >= min_samples]
+        for c in contrasts:
+            if c not in testable or n_ref < min_samples:
+                why = (
+                    f"{ctype}: {c} vs {reference} not tested ({int(n_per.get(c, 0))} vs "
+                    f"{n_ref} samples with >= {min_cells} cells; need {min_samples} each)"
+                )
+                info["skipped_contrasts"].append(why)
+                log.info("pseudobulk DE: %s", why)
+        if n_ref < min_samples or not testable:
+            continue
+        used = [reference, *testable]
+        m = m[m[schema.OBS_CONDITION].isin(used)]
+        design, paired = _design(m, reference, used)
+        if design.shape[0] - design.shape[1] < 1:
+            for c in testable:
+                info["skipped_contrasts"].append(f"{ctype}: {c} vs {reference}: no residual df")
+            continue
+        cnt = pb.counts.loc[m.index]
+        genes = cnt.columns[cnt.sum(axis=0).to_numpy() >= min_gene_counts]
+        if len(genes) == 0:
+            continue
+        cnt = cnt[genes]
+        info["designs"][ctype] = "~patient + condition" if paired else "~condition"
+        info["n_genes_tested"][ctype] = int(len(genes))
+        t0 = time.perf_counter()
+        try:
+            res = _run_deseq(
+                cnt, design, {c: f"cond_{c}" for c in testable}, n_cpus=n_cpus, engine=engine
+            )
+        except Exception as e:  # one failing cell type must not sink the stage
+            log.warning("pseudobulk DE: %s failed (%s: %s); skipped", ctype, type(e).__name__, e)
+            info["skipped_contrasts"].append(f"{ctype}: DESeq2 failed ({type(e).__name__})")
+            continue
+        log.debug(
+            "pseudobulk DE: %s, %d samples, %d genes, %s: %.1fs",
+            ctype,
+            len(m),
+            len(genes),
+            info["designs"][ctype],
+            time.perf_counter() - t0,
+        )
+        for c, r in res.items():
+            frames.append(
+                pd.DataFrame(
+                    {
+                        schema.COL_CELL_TYPE: ctype,
+                        schema.COL_GENE: r.index.astype(str),
+                        schema.COL_CONDITION: c,
+                        schema.COL_REFERENCE: reference,
+                        schema.COL_LOG2FC: r["log2FoldChange"].to_numpy(float),
+                        "lfcse": r["lfcSE"].to_numpy(float),
+                        schema.COL_PVALUE: r["pvalue"].to_numpy(float),
+                        schema.COL_PADJ: r["padj"].to_numpy(float),
+                        "base_mean": r["baseMean"].to_numpy(float),
+                        "n_samples_cond": int(n_per.get(c, 0)),
+                        "n_samples_ref": n_ref,
+                        "paired": bool(paired),
+                    }
+                )
+            )
+    de = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=DE_COLUMNS)
+    return de[DE_COLUMNS], info
+
+
+# ======================================================================================
+# programmes
+# ======================================================================================
+def compare_programs(
+    adata,
+    reference: str,
+    contrasts: Sequence[str],
+    *,
+    groupby: str = schema.OBS_CELL_TYPE,
+    min_cells: int = 10,
+    min_samples: int = 2,
+    exclude: Sequence[str] = (schema.UNASSIGNED,),
+) -> pd.DataFrame | None:
+    """Programme scores compared per cell type on sample means; ``None`` without scores."""
+    scores = schema.score_columns(adata.obs.columns)
+    if not scores:
+        log.info(
+            "programmes: no %s* columns in the atlas; comparison skipped", schema.OBS_SCORE_PREFIX
+        )
+        return None
+    samples = _sample_table(adata)
+    df = adata.obs[scores].astype(float).copy()
+    df["_ct"] = _obs_str(adata, groupby).to_numpy()
+    df["_s"] = _obs_str(adata, schema.OBS_SAMPLE).to_numpy()
+    df = df[~df["_ct"].isin(list(exclude))]
+    g = df.groupby(["_ct", "_s"], observed=True)
+    means = g[scores].mean()
+    sizes = g.size()
+    means = means[sizes >= min_cells].reset_index()
+    means[schema.OBS_PATIENT] = means["_s"].map(samples[schema.OBS_PATIENT])
+    means[schema.OBS_CONDITION] = means["_s"].map(samples[schema.OBS_CONDITION])
+    rows = []
+    for ctype, sub in means.groupby("_ct", observed=True):
+        for c in contrasts:
+            m = sub[sub[schema.OBS_CONDITION].isin([reference, c])].set_index("_s")
+            n_c = int((m[schema.OBS_CONDITION] == c).sum())
+            n_r = int((m[schema.OBS_CONDITION] == reference).sum())
+            if n_c < min_samples or n_r < min_samples:
+                continue
+            X, paired = _design(m, reference, [reference, c])
+            Xv = X.to_numpy()
+            dfres = Xv.shape[0] - Xv.shape[1]
+            if dfres < 1:
+                continue
+            XtX_inv = np.linalg.pinv(Xv.T @ Xv)
+            j = list(X.columns).index(f"cond_{c}")
+            for sc in scores:
+                y = m[sc].to_numpy(float)
+                beta = XtX_inv @ Xv.T @ y
+                s2 = float(((y - Xv @ beta) ** 2).sum() / dfres)
+                se = np.sqrt(s2 * XtX_inv[j, j])
+                t = beta[j] / se if se > 0 else (0.0 if beta[j] == 0 else np.inf)
+                p = float(2 * stats.t.sf(abs(t), dfres)) if np.isfinite(t) else 0.0
+                in_c = (m[schema.OBS_CONDITION] == c).to_numpy()
+                rows.append(
+                    {
+                        schema.COL_CELL_TYPE: ctype,
+                        "program": sc[len(schema.OBS_SCORE_PREFIX) :],
+                        schema.COL_CONDITION: c,
+                        schema.COL_REFERENCE: reference,
+                        "mean": float(y[in_c].mean()),
+                        "mean_ref": float(y[~in_c].mean()),
+                        "diff": float(beta[j]),
+                        schema.COL_PVALUE: p,
+                        schema.COL_PADJ: np.nan,
+                        "n_samples": n_c + n_r,
+                        "n_samples_cond": n_c,
+                        "n_samples_ref": n_r,
+                        "paired": bool(paired),
+                    }
+                )
+    out = pd.DataFrame(rows, columns=PROGRAMS_COLUMNS)
+    for c in contrasts:
+        sel = out[schema.COL_CONDITION] == c
+        out.loc[sel, schema.COL_PADJ] = bh_adjust(out.loc[sel, schema.COL_PVALUE].to_numpy())
+    return out
+
+
+# ======================================================================================
+# the stage
+# ======================================================================================
+def _as_config(config):
+    from atlas.config import AnalysesConfig, Config
+
+    if config is None:
+        return AnalysesConfig()
+    if isinstance(config, Config):
+        return config.analyses
+    if isinstance(config, AnalysesConfig):
+        return config
+    raise TypeError(f"config must be Config or AnalysesConfig, not {type(config).__name__}")
+
+
+def run_analyses(
+    adata,
+    *,
+    config=None,
+    reference: str | None = None,
+    contrasts: Sequence[str] | None = None,
+    groupby: str = schema.OBS_CELL_TYPE,
+    de_engine: str = "fast",
+    store: bool = True,
+) -> dict[str, pd.DataFrame]:
+    """Run composition, pseudobulk DE and programme comparisons on an annotated atlas.
+
+    ``config``: :class:`~atlas.config.Config` or its ``analyses`` section; ``reference``
+    / ``contrasts`` override it. With ``store`` the tables go to ``adata.uns`` (via
+    :func:`atlas.tables.put_table`) with the parameters in ``uns["tme_params_analyses"]``.
+    Returns ``{table name: DataFrame}``.
+    """
+    from atlas.tables import put_table
+
+    cfg = _as_config(config)
+    if groupby == schema.OBS_CELL_TYPE:
+        schema.require_obs(adata, groupby)
+    elif groupby not in adata.obs:
+        raise InputError(f"analyses: no obs column {groupby!r} to group cells by")
+    schema.require_obs(adata, schema.OBS_SAMPLE, schema.OBS_CONDITION)
+    ref = reference_condition(adata, reference if reference is not None else cfg.reference)
+    full = adata
+    if schema.OBS_DOUBLET_CLUSTER in adata.obs:
+        flagged = adata.obs[schema.OBS_DOUBLET_CLUSTER].fillna(False).astype(bool).to_numpy()
+        if flagged.any():
+            log.info("analyses: %d cells of doublet-like clusters left out", int(flagged.sum()))
+            adata = adata[~flagged]
+    cons = contrast_conditions(adata, ref, contrasts if contrasts is not None else cfg.contrasts)
+    if not cons:
+        raise InputError(
+            f"analyses: only one condition ({ref!r}); nothing to compare with the reference"
+        )
+    log.info("analyses: reference %s; contrasts %s", ref, ", ".join(cons))
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    props = sample_proportions(adata, groupby)
+    comp, comp_info = compare_composition(props, ref, cons)
+    timings["composition"] = time.perf_counter() - t0
+    n_sig = int((comp[schema.COL_PADJ] < 0.1).sum()) if len(comp) else 0
+    log.info(
+        "composition: %d cell types x %d contrasts, %s design, %d at FDR 10%%",
+        comp[schema.COL_CELL_TYPE].nunique() if len(comp) else 0,
+        len(cons),
+        "paired" if comp_info["paired"] else "unpaired",
+        n_sig,
+    )
+
+    t0 = time.perf_counter()
+    de, de_info = pseudobulk_de(
+        adata,
+        ref,
+        cons,
+        groupby=groupby,
+        min_cells=cfg.min_cells,
+        min_samples=cfg.min_samples,
+        n_cpus=cfg.n_cpus,
+        engine=de_engine,
+    )
+    timings["de"] = time.perf_counter() - t0
+    log.info(
+        "pseudobulk DE: %d cell types, %d tests, %d at padj < 0.05 (%.1fs)",
+        len(de_info["designs"]),
+        len(de),
+        int((de[schema.COL_PADJ] < 0.05).sum()) if len(de) else 0,
+        timings["de"],
+    )
+
+    t0 = time.perf_counter()
+    progs = compare_programs(
+        adata, ref, cons, groupby=groupby, min_cells=cfg.min_cells, min_samples=cfg.min_samples
+    )
+    timings["programs"] = time.perf_counter() - t0
+
+    tables = {schema.TABLE_PROPORTIONS: props, schema.TABLE_COMPOSITION: comp, schema.TABLE_DE: de}
+    if progs is not None:
+        tables[schema.TABLE_PROGRAMS] = progs
+    if store:
+        for name, df in tables.items():
+            put_table(full, name, df)
+        full.uns[PARAMS_KEY] = {
+            "reference": ref,
+            "contrasts": list(cons),
+            "groupby": groupby,
+            "min_cells": int(cfg.min_cells),
+            "min_samples": int(cfg.min_samples),
+            "min_gene_counts": int(MIN_GENE_COUNTS),
+            "composition_method": (
+                "propeller-style: logit(proportion, pseudocount 0.5 cells), linear model "
+                + ("~ patient + condition" if comp_info["paired"] else "~ condition")
+                + ", limma empirical-Bayes moderated t across cell types, BH per contrast"
+            ),
+            "composition_paired": bool(comp_info["paired"]),
+            "composition_prior_df": float(comp_info.get("prior_df", np.nan)),
+            "de_method": (
+                "pseudobulk (sum of raw counts per sample x cell type), pydeseq2 Wald test, "
+                "one fit per cell type, BH with independent filtering per contrast"
+            ),
+            "de_engine": de_engine,
+            "de_designs": [f"{k}: {v}" for k, v in de_info["designs"].items()],
+            "de_skipped_groups": list(de_info["skipped_groups"]),
+            "de_skipped_contrasts": list(de_info["skipped_contrasts"]),
+            "programs_method": (
+                "sample-mean score per cell type, OLS ~ patient + condition (paired) or "
+                "~ condition, BH per contrast"
+            ),
+            "programs_skipped": progs is None,
+            "timings_s": {k: float(v) for k, v in timings.items()},
+        }
+    return tables
+
+
+def run_analyse_dir(atlas_dir: str | Path, *, config=None) -> dict[str, pd.DataFrame]:
+    """``tme-atlas analyse DIR``: read the atlas, run, write tables and the atlas back."""
+    from atlas.store import read_atlas_adata, write_atlas
+
+    atlas_dir = Path(atlas_dir)
+    adata = read_atlas_adata(atlas_dir)
+    schema.require_obs(adata, schema.OBS_CELL_TYPE)
+    tables = run_analyses(adata, config=config)
+    write_atlas(adata, atlas_dir)
+    log.info("analyses: wrote %s", atlas_dir / schema.TABLES_DIR)
+    return tables
+
+
+# ======================================================================================
+# scoring against planted truth (simulator; tests and benchmarks)
+# ======================================================================================
+def score_against_truth(
+    tables: dict[str, pd.DataFrame],
+    truth: dict[str, pd.DataFrame],
+    *,
+    alpha_de: float = 0.05,
+    alpha_comp: float = 0.1,
+    min_abs_log2fc: float = 1.0,
+    min_fraction: float = 0.5,
+    min_samples: int = 3,
+) -> dict[str, Any]:
+    """Recovery of the simulator's planted truth (``preprocessing.simulate``).
+
+    DE: planted rows with ``|log2fc| >= min_abs_log2fc`` in ``>= min_fraction`` of the
+    type's cells whose cell type has ``>= min_samples`` samples per condition in the ``de``
+    table (``n_samples_cond``/``n_samples_ref``) -- ``de_eligible``; ``de_recovered`` of them
+    have the right sign and ``padj < alpha_de``. Nulls: planted null rows with
+    ``padj < alpha_de`` (``de_null_fp`` / ``de_null_n``; untested = not called).
+    Composition: ``comp_sign_ok`` / ``comp_shifted`` planted shifts with the right sign and
+    ``padj < alpha_comp``; ``comp_stable_ok`` / ``comp_stable`` stable types not called.
+    """
+    de = tables[schema.TABLE_DE]
+    tde = truth["de"]
+    key = [schema.COL_CELL_TYPE, schema.COL_GENE, schema.COL_CONDITION]
+    m = tde.merge(de, on=key, how="left", suffixes=("_true", ""))
+    pos = m[
+        (m["kind"] == "planted")
+        & (m["log2fc_true"].abs() >= min_abs_log2fc)
+        & (m["fraction_affected"] >= min_fraction)
+    ]
+    types_ok = de[(de["n_samples_cond"] >= min_samples) & (de["n_samples_ref"] >= min_samples)]
+    ok_pairs = set(zip(types_ok[schema.COL_CELL_TYPE], types_ok[schema.COL_CONDITION]))
+    elig = pos[[(t, c) in ok_pairs for t, c in zip(pos[schema.COL_CELL_TYPE], pos["condition"])]]
+    hit = (elig[schema.COL_PADJ] < alpha_de) & (
+        np.sign(elig[schema.COL_LOG2FC]) == np.sign(elig["log2fc_true"])
+    )
+    nulls = m[m["kind"] == "null"]
+    null_fp = nulls[schema.COL_PADJ] < alpha_de
+    out: dict[str, Any] = {
+        "de_eligible": int(len(elig)),
+        "de_recovered": int(hit.sum()),
+        "de_recovery": float(hit.mean()) if len(elig) else float("nan"),
+        "de_missed": [
+            f"{r.cell_type}|{r.gene}|{r.condition}" for r, h in zip(elig.itertuples(), hit) if not h
+        ],
+        "de_null_n": int(len(nulls)),
+        "de_null_tested": int(nulls[schema.COL_PVALUE].notna().sum()),
+        "de_null_fp": int(null_fp.sum()),
+        "de_null_fp_rate": float(null_fp.mean()) if len(nulls) else float("nan"),
+    }
+    comp = tables.get(schema.TABLE_COMPOSITION)
+    tc = truth.get("composition")
+    if comp is not None and tc is not None and len(comp):
+        tc = tc[tc["condition"] != tc["reference"]]
+        mc = tc.merge(comp, on=[schema.COL_CELL_TYPE, schema.COL_CONDITION], how="inner")
+        shifted = mc[mc["direction"] != "none"]
+        stable = mc[mc["direction"] == "none"]
+        sign = np.where(shifted["direction"] == "up", 1, -1)
+        ok = (np.sign(shifted[schema.COL_LOG2FC]) == sign) & (shifted[schema.COL_PADJ] < alpha_comp)
+        out.update(
+            {
+                "comp_shifted": int(len(shifted)),
+                "comp_sign_ok": int(ok.sum()),
+                "comp_sign_correct": int((np.sign(shifted[schema.COL_LOG2FC]) == sign).sum()),
+                "comp_missed": [
+                    f"{r.cell_type}|{r.condition}"
+                    for r, h in zip(shifted.itertuples(), ok)
+                    if not h
+                ],
+                "comp_stable": int(len(stable)),
+                "comp_stable_ok": int((~(stable[schema.COL_PADJ] < alpha_comp)).sum()),
+                "comp_stable_called": [
+                    f"{r.cell_type}|{r.condition}"
+                    for r in stable.itertuples()
+                    if r.padj < alpha_comp
+                ],
+            }
+        )
+    return out
