@@ -52,9 +52,11 @@ class _Entry:
     name: str
     path: Path
     store: Any = None
+    view: Any = None
     ident: tuple | None = None
     opened_at: float = 0.0
     error: str | None = None
+    generation: int = 0  # +1 each time the directory is (re)opened from disk
 
 
 def _identity(path: Path) -> tuple:
@@ -82,7 +84,9 @@ class AtlasRegistry:
 
     ``atlases``: name -> directory (``config.serve.atlases``); ``default``: the name used
     when none is asked for (the first configured one unless given); ``opener``: opens a
-    directory (default ``atlas.open``).
+    directory (default ``atlas.open``); ``wrap``: optional ``wrap(store, name)`` building
+    the object :meth:`get` returns (e.g. the explorer's per-atlas view with its caches),
+    rebuilt whenever the store is reopened.
     """
 
     def __init__(
@@ -90,6 +94,7 @@ class AtlasRegistry:
         atlases: Mapping[str, str | os.PathLike],
         default: str | None = None,
         opener: Callable[[Path], Any] | None = None,
+        wrap: Callable[[Any, str], Any] | None = None,
     ):
         if not atlases:
             raise ValueError(
@@ -110,6 +115,7 @@ class AtlasRegistry:
             raise ValueError(f"default atlas {default!r} is not configured")
         self.default = default
         self._opener = opener or _default_opener
+        self._wrap = wrap
         self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ construction
@@ -119,6 +125,7 @@ class AtlasRegistry:
         config: Any,
         atlas_path: str | os.PathLike | None = None,
         opener: Callable[[Path], Any] | None = None,
+        wrap: Callable[[Any, str], Any] | None = None,
     ) -> AtlasRegistry:
         """Atlases from ``config.serve.atlases`` plus ``atlas_path`` (or ``$TME_ATLAS_ATLAS``).
 
@@ -138,7 +145,7 @@ class AtlasRegistry:
                 name = _unique_name(p.name or "atlas", atlases)
                 atlases = {name: str(p), **atlases}
                 default = name
-        return cls(atlases, default=default, opener=opener)
+        return cls(atlases, default=default, opener=opener, wrap=wrap)
 
     # ------------------------------------------------------------------ names
     @property
@@ -162,34 +169,42 @@ class AtlasRegistry:
 
     # ------------------------------------------------------------------ stores
     def get(self, name: Any = None) -> Any:
-        """The open store of atlas ``name``; reopened if replaced, error if vanished."""
+        """The open store (or wrapped view) of atlas ``name``.
+
+        Reopened when the directory was replaced; :class:`AtlasUnavailableError` when it
+        vanished or cannot be opened (the next call tries again: no crash loop).
+        """
         entry = self._entries[self.resolve(name)]
         try:
             ident = _identity(entry.path)
         except OSError:
-            with self._lock:
-                entry.store, entry.ident = None, None
+            with self._lock:  # dropped, not closed: requests in flight may still read it
+                entry.store = entry.view = entry.ident = None
+                first = entry.error != "vanished"
                 entry.error = "vanished"
-            log.error("atlas %r: directory %s is missing", entry.name, entry.path)
+            if first:  # logged once per outage, not once per request
+                log.error("atlas %r: directory %s is missing", entry.name, entry.path)
             raise AtlasUnavailableError(
                 f"The atlas {entry.name!r} is not available right now (its files are "
                 "missing). Please contact the site administrator."
             ) from None
-        store = entry.store
-        if store is not None and ident == entry.ident:
-            return store
+        view = entry.view
+        if view is not None and ident == entry.ident:
+            return view
         with self._lock:
-            if entry.store is not None and ident == entry.ident:
-                return entry.store
+            if entry.view is not None and ident == entry.ident:
+                return entry.view
             if entry.store is not None:
+                # dropped, not closed: requests in flight keep their (still mapped) store
                 log.warning("atlas %r changed on disk; reopening %s", entry.name, entry.path)
-                _close(entry.store)
-                entry.store = None
+                entry.store = entry.view = None
             try:
                 store = self._opener(entry.path)
+                view = store if self._wrap is None else self._wrap(store, entry.name)
             except Exception as e:  # noqa: BLE001 - any failure to open is "unavailable"
-                entry.error = f"{e.__class__.__name__}"
-                log.error("atlas %r: cannot open %s: %s", entry.name, entry.path, e)
+                if entry.error != e.__class__.__name__:  # once per outage
+                    log.error("atlas %r: cannot open %s: %s", entry.name, entry.path, e)
+                entry.error = e.__class__.__name__
                 raise AtlasUnavailableError(
                     f"The atlas {entry.name!r} cannot be opened right now. Please contact "
                     "the site administrator."
@@ -199,9 +214,29 @@ class AtlasRegistry:
                 after = _identity(entry.path)
             except OSError:
                 after = None
-            entry.store, entry.ident = store, (after if after == ident else None)
+            entry.store, entry.view = store, view
+            entry.generation += 1
+            entry.ident = after if after == ident else None
             entry.opened_at, entry.error = time.time(), None
-            return store
+            return view
+
+    def generation(self, name: Any = None) -> int:
+        """How many times atlas ``name`` was opened from disk (changes when replaced)."""
+        return self._entries[self.resolve(name)].generation
+
+    def adopt(self, name: str, store: Any, view: Any = None) -> None:
+        """Register an already-open store (and its view) for ``name`` (no second open)."""
+        entry = self._entries[self.resolve(name)]
+        if store is None and view is None:
+            return
+        try:
+            ident = _identity(entry.path)
+        except OSError:
+            return
+        with self._lock:
+            entry.store = store if store is not None else view
+            entry.view = view if view is not None else store
+            entry.ident, entry.opened_at, entry.error = ident, time.time(), None
 
     def health(self) -> tuple[bool, dict]:
         """``(ok, details)`` for /healthz: ok when the default atlas can be opened."""
@@ -226,7 +261,7 @@ class AtlasRegistry:
             for entry in self._entries.values():
                 if entry.store is not None:
                     _close(entry.store)
-                entry.store, entry.ident = None, None
+                entry.store = entry.view = entry.ident = None
 
 
 def _close(store: Any) -> None:
@@ -244,3 +279,184 @@ def _unique_name(name: str, taken: Mapping[str, Any]) -> str:
     while out in taken:
         out, i = f"{name} ({i})", i + 1
     return out
+
+
+# ====================================================================== the WSGI entry point
+ATLAS_PREFIX = "atlas"  # several atlases: /atlas/<slug>/ (slug from the configured name)
+
+
+def slugify(name: str) -> str:
+    s = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return s or "atlas"
+
+
+class AtlasDispatcher:
+    """The WSGI application gunicorn serves (``app.wsgi:server``).
+
+    * ``/healthz`` (always, public): 200 when the default atlas opens, else 503 (JSON).
+    * one atlas: its explorer at ``/`` (the configured ``serve.url_base_pathname``);
+    * several atlases: ``/`` lists them by name (``/?atlas=NAME`` redirects to it) and
+      each explorer lives at ``/atlas/<slug>/``. Names never reach the file system: a
+      request only selects one of the configured entries.
+
+    The Dash app of an atlas is created on its first request in each worker (after the
+    fork) and the registry re-validates the atlas directory on every data access. An atlas
+    that is missing or unreadable gives a 503 page and is tried again on the next request:
+    the worker keeps running (no crash loop), /healthz reports it.
+    """
+
+    def __init__(self, registry: AtlasRegistry, config: Any, create_app: Callable | None = None):
+        import flask
+
+        from .security import _ERROR_TEXT, install_security
+
+        self.registry = registry
+        self.config = config
+        self._create_app = create_app
+        base = (getattr(config.serve, "url_base_pathname", "/") or "/").rstrip("/") + "/"
+        self.base = base
+        self.multi = len(registry.names) > 1
+        self.slugs: dict[str, str] = {}
+        for name in registry.names:
+            slug, i = slugify(name), 2
+            while slug in self.slugs.values():
+                slug, i = f"{slugify(name)}-{i}", i + 1
+            self.slugs[name] = slug
+        self.prefix = {
+            name: (f"{base}{ATLAS_PREFIX}/{slug}/" if self.multi else base)
+            for name, slug in self.slugs.items()
+        }
+        self._prefixes = set(self.prefix.values())
+        self._apps: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+        root = flask.Flask("tme_atlas_root")
+        self.root = root
+        install_security(root, config, app=None, health=registry.health)
+        self._unavailable_text = _ERROR_TEXT[503]
+
+        @root.route(base, methods=["GET"])
+        def _index():
+            choice = flask.request.args.get("atlas")
+            if choice is not None or not self.multi:
+                try:
+                    name = registry.resolve(choice)
+                except UnknownAtlasError as e:
+                    return flask.Response(
+                        f"{e}\n", status=404, mimetype="text/plain; charset=utf-8"
+                    )
+                return flask.redirect(self.prefix[name], code=302)
+            return flask.Response(self._index_html(), mimetype="text/html; charset=utf-8")
+
+    # ------------------------------------------------------------------ pages
+    def _index_html(self) -> str:
+        from html import escape
+
+        items = "\n".join(
+            f'<li><a href="{escape(self.prefix[n])}">{escape(n)}</a>'
+            f"{' (default)' if n == self.registry.default else ''}</li>"
+            for n in self.registry.names
+        )
+        return (
+            "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+            "<title>CLL TME Atlas</title></head><body><h1>CLL TME Atlas</h1>"
+            f"<p>Choose an atlas:</p><ul>\n{items}\n</ul></body></html>"
+        )
+
+    def _atlas_for(self, path: str) -> str | None:
+        if not self.multi:
+            return self.registry.default if path.startswith(self.base) else None
+        for name, prefix in self.prefix.items():
+            if path.startswith(prefix) or path + "/" == prefix:
+                return name
+        return None
+
+    def app_for(self, name: str) -> Any:
+        """The Dash app of atlas ``name``: created on first use, and again when the atlas
+        directory was replaced (its layout shows the new atlas); raises
+        :class:`AtlasUnavailableError` while the atlas cannot be read."""
+        # a few stat() calls: reopens a replaced atlas, raises for a vanished one
+        self.registry.get(name)
+        gen = self.registry.generation(name)
+        app, app_gen = self._apps.get(name, (None, -1))
+        if app is not None and app_gen == gen:
+            return app
+        with self._lock:
+            app, app_gen = self._apps.get(name, (None, -1))
+            gen = self.registry.generation(name)
+            if app is not None and app_gen == gen:
+                return app
+            if app is not None:
+                log.warning("atlas %r was replaced: rebuilding its explorer", name)
+            create = self._create_app
+            if create is None:
+                from .factory import create_app as create
+            config = self.config.model_copy(deep=True)
+            config.serve.url_base_pathname = self.prefix[name]
+            try:
+                app = create(self.registry.path(name), config, name=name)
+            except Exception as e:  # noqa: BLE001 - shown as "unavailable", retried
+                log.error("atlas %r: the explorer could not be created: %s", name, e)
+                raise AtlasUnavailableError(f"atlas {name!r} cannot be shown") from e
+            ctx = getattr(app, "tme", None)
+            if ctx is not None:
+                own = getattr(ctx, "_view", None)
+                self.registry.adopt(name, getattr(own, "store", None), own)
+                ctx.view_provider = lambda: self.registry.get(name)
+            self._apps[name] = (app, self.registry.generation(name))
+            return app
+
+    # ------------------------------------------------------------------ WSGI
+    def __call__(self, environ, start_response):
+        path = environ.get("PATH_INFO", "") or "/"
+        if self.multi and path + "/" in self._prefixes:
+            from werkzeug.utils import redirect
+
+            return redirect(path + "/", code=308)(environ, start_response)
+        if path == "/healthz" or (self.multi and path in (self.base, self.base.rstrip("/"))):
+            return self.root(environ, start_response)
+        name = self._atlas_for(path)
+        if name is None:
+            return self.root(environ, start_response)
+        try:
+            # a vanished atlas gives the 503 page for the page, callbacks and assets alike
+            app = self.app_for(name)
+        except AtlasUnavailableError:
+            return self._unavailable(environ, start_response)
+        return app.server(environ, start_response)
+
+    def _unavailable(self, environ, start_response):
+        # through the root Flask app: security headers (and auth, when on) apply
+        environ = dict(environ)
+        environ["PATH_INFO"] = "/_tme_unavailable"
+        return self.root(environ, start_response)
+
+
+def build_wsgi(
+    config: Any = None,
+    atlas_path: str | os.PathLike | None = None,
+    create_app: Callable | None = None,
+) -> AtlasDispatcher:
+    """The WSGI app for ``config`` (+ ``atlas_path`` or ``$TME_ATLAS_ATLAS``)."""
+    if config is None:
+        from atlas.config import load_config
+
+        config = load_config()
+
+    def wrap(store: Any, name: str) -> Any:
+        from .data import AtlasView
+
+        return AtlasView(store, config.limits, name=name)
+
+    registry = AtlasRegistry.from_config(config, atlas_path, wrap=wrap)
+    disp = AtlasDispatcher(registry, config, create_app=create_app)
+
+    @disp.root.route("/_tme_unavailable", methods=["GET", "POST", "HEAD"])
+    def _unavailable():
+        import flask
+
+        return flask.Response(
+            disp._unavailable_text + "\n", status=503, mimetype="text/plain; charset=utf-8"
+        )
+
+    return disp

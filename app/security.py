@@ -217,6 +217,31 @@ def install_basic_auth(
     return checker
 
 
+def install_flask_basic_auth(
+    server: Any, users: Mapping[str, str], realm: str = "CLL TME Atlas"
+) -> Callable[[str, str], bool]:
+    """The same Basic authentication for a plain Flask ``server`` (no Dash app)."""
+    import flask
+
+    checker = PasswordChecker(users)
+
+    @server.before_request
+    def _require_login():
+        if flask.request.path == HEALTH_PATH:
+            return None
+        creds = _parse_basic(flask.request.headers.get("Authorization"))
+        if creds is not None and checker(*creds):
+            return None
+        return flask.Response(
+            _ERROR_TEXT[401] + "\n",
+            status=401,
+            mimetype="text/plain",
+            headers={"WWW-Authenticate": f'Basic realm="{realm}", charset="UTF-8"'},
+        )
+
+    return checker
+
+
 # ------------------------------------------------------------------------ the hook
 def _plain(status: int, text: str | None = None):
     import flask
@@ -290,13 +315,21 @@ def install_security(
         )
         return _plain(503 if unavailable else 500)
 
-    @server.route(HEALTH_PATH, methods=["GET", "HEAD"])
     def _healthz():
         ok, details = (True, {}) if health is None else _safe_health(health)
         body = {"status": "ok" if ok else "unavailable", **details}
         resp = flask.jsonify(body)
         resp.status_code = 200 if ok else 503
         return resp
+
+    if health is not None or not any(r.rule == HEALTH_PATH for r in server.url_map.iter_rules()):
+        # registered first wins in Flask: with a health function ours replaces the app's
+        for rule in [r for r in server.url_map.iter_rules() if r.rule == HEALTH_PATH]:
+            server.view_functions[rule.endpoint] = _healthz
+        if not any(r.rule == HEALTH_PATH for r in server.url_map.iter_rules()):
+            server.add_url_rule(
+                HEALTH_PATH, "tme_security_healthz", _healthz, methods=["GET", "HEAD"]
+            )
 
     auth = getattr(config, "auth", None)
     if auth is not None and auth.enabled:
@@ -311,9 +344,10 @@ def install_security(
                 f"auth.users: the password of {', '.join(sorted(bad))} is not a werkzeug hash "
                 "(plain passwords are refused; use `python -m app.security hash-password`)"
             )
-        if app is None:
-            raise ValueError("install_security: authentication needs the Dash app")
-        install_basic_auth(app, auth.users)
+        if app is None:  # a plain Flask app (e.g. the atlas index): the same check
+            install_flask_basic_auth(server, auth.users)
+        else:
+            install_basic_auth(app, auth.users)
     else:
         serve = getattr(config, "serve", None)
         host = getattr(serve, "host", "127.0.0.1")
