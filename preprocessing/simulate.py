@@ -165,7 +165,7 @@ LIBRARY_MEDIAN: dict[str, float] = {
     NLC: 8000,
     CDC: 5000,
     PDC: 3000,
-    PLATELET: 600,
+    PLATELET: 800,
 }
 
 DOUBLET_RATE = 0.05
@@ -188,6 +188,12 @@ RIBO = [f"RPL{i}" for i in (3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 17, 18,
     "RPS28", "RPS29",
 ]  # fmt: skip
 HAEMOGLOBIN = ["HBA1", "HBA2", "HBB"]
+# per-cell nuisance programmes (same in every state): dissociation stress, interferon
+STRESS = [
+    "HSPA1A", "HSPA1B", "DNAJB1", "ZFP36", "DUSP1", "JUNB", "JUND", "KLF6", "PPP1R15A",
+    "HSPA8", "HSPE1", "HSPD1", "CEBPD", "SOCS3",
+]  # fmt: skip
+INTERFERON = ["IFI6", "ISG15", "MX1", "IFITM1", "STAT1", "IFI44L"]
 IGHV = [
     "IGHV1-2", "IGHV1-69", "IGHV3-7", "IGHV3-21", "IGHV3-23", "IGHV3-30", "IGHV3-33",
     "IGHV3-48", "IGHV4-34", "IGHV4-39", "IGHV4-59", "IGHV5-51",
@@ -546,7 +552,7 @@ def _programme_genes() -> list[str]:
         for prog in progs:
             genes.extend(prog)
     genes += list(HOUSEKEEPING) + MITO + RIBO + HAEMOGLOBIN + IG_GENES + TCR_GENES
-    genes += PROTEASOME + BCL2_FAMILY + NFKB_BCR + PROLIFERATION + OXPHOS
+    genes += PROTEASOME + BCL2_FAMILY + NFKB_BCR + PROLIFERATION + OXPHOS + STRESS + INTERFERON
     for ax in LR_AXES:
         genes += [ax[0], *ax[1].split("_")]
     genes += [d[1] for d in PLANTED_DE]
@@ -727,14 +733,14 @@ def _base_profiles(genes: list[str], species: str, rng: np.random.Generator) -> 
     gidx = {g: i for i, g in enumerate(genes)}
     lr_genes = set(_resource_genes(_lr_resource("human")))
     # background: most LR-resource genes are tissue-restricted (rare in blood)
-    bg = rng.normal(-1.6, 1.6, G)
+    bg = rng.normal(-0.6, 1.5, G)
     is_lr = np.array([g in lr_genes for g in genes])
-    bg[is_lr] = rng.normal(-3.6, 1.6, is_lr.sum())
+    bg[is_lr] = rng.normal(-2.8, 1.8, is_lr.sum())
     lineages = sorted(set(LINEAGE.values()))
     lin_dev = {lin: rng.normal(0, 0.6, G) for lin in lineages}
     L = np.empty((K, G))
     for k, t in enumerate(CELL_TYPES):
-        L[k] = bg + lin_dev[LINEAGE[t]] + rng.normal(0, 0.3, G)
+        L[k] = bg + lin_dev[LINEAGE[t]] + rng.normal(0, 0.12, G)
     # marker-ish genes start low everywhere, programmes then set them
     prog_genes = set()
     for progs in TYPE_PROGRAMMES.values():
@@ -772,6 +778,12 @@ def _base_profiles(genes: list[str], species: str, rng: np.random.Generator) -> 
             L[:, gidx[g]] = np.maximum(L[:, gidx[g]], rng.normal(1.5, 0.5, K))
     for g in HAEMOGLOBIN:
         L[:, gidx[g]] = rng.normal(-1.0, 0.3, K)
+    for g in STRESS:
+        if g in gidx:
+            L[:, gidx[g]] = rng.normal(3.6, 0.6) + rng.normal(0, 0.3, K)
+    for g in INTERFERON:
+        if g in gidx:
+            L[:, gidx[g]] = rng.normal(2.6, 0.5) + rng.normal(0, 0.3, K)
     # IG / TCR: off unless programmed
     for g in IG_GENES + TCR_GENES:
         if g in gidx:
@@ -860,6 +872,8 @@ def _excluded_gene(g: str) -> bool:
         or g in TCR_GENES
         or g in MITO
         or g in HAEMOGLOBIN
+        or g in STRESS
+        or g in INTERFERON
         or g.startswith(("RPL", "RPS", "HLA-"))
     )
 
@@ -1030,6 +1044,7 @@ def _barcodes(n: int, rng: np.random.Generator) -> list[str]:
 
 
 def simulate(
+    *,
     seed: int = 0,
     n_patients: int | None = None,
     cells_per_sample: int | None = None,
@@ -1141,6 +1156,8 @@ def simulate(
             sample_rows.append((f"{p}_{c}", p, c))
     child = s_samples.spawn(len(sample_rows))
     mt_idx = np.array([gidx[g] for g in MITO])
+    stress_idx = np.array([gidx[g] for g in STRESS if g in gidx])
+    ifn_idx = np.array([gidx[g] for g in INTERFERON if g in gidx])
     non_mt = np.ones(G, bool)
     non_mt[mt_idx] = False
     comp_p = {
@@ -1203,6 +1220,10 @@ def simulate(
                 keep[np.arange(nb.size), chosen] = idx.size
                 sub = mu[np.ix_(nb, idx)]
                 mu[np.ix_(nb, idx)] = sub * np.maximum(keep, 0.002)
+        # per-cell nuisance: dissociation stress (continuous), interferon (a few cells)
+        mu[:, stress_idx] *= np.exp(r.normal(0, 0.5, n))[:, None]
+        ifn = np.flatnonzero(r.random(n) < r.uniform(0.02, 0.1))
+        mu[np.ix_(ifn, ifn_idx)] *= 4.0
         # low-quality cells: 1/4 of the UMIs, 20-60% mito
         if is_lq.any():
             q = np.flatnonzero(is_lq)
@@ -1382,11 +1403,11 @@ def _csv(df: pd.DataFrame) -> str:
 
 def write_dataset(
     out: str | Path,
+    *,
     seed: int = 0,
     cells_per_sample: int | None = None,
     n_patients: int | None = None,
     species: str = "human",
-    *,
     sim: Simulation | None = None,
 ) -> Path:
     """Simulate and write the cohort as a user's input; returns ``out``.
@@ -1479,5 +1500,5 @@ def cell_id(sample_id: str, barcode: str) -> str:
 if __name__ == "__main__":  # pragma: no cover
     import sys
 
-    write_dataset(sys.argv[1] if len(sys.argv) > 1 else "sim_out")
+    write_dataset(sys.argv[1] if len(sys.argv) > 1 else "sim_out", seed=0)
     os._exit(0)
