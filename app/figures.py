@@ -397,6 +397,8 @@ def composition_effects(
     effect: str,
     significance: str | None = None,
     alpha: float = 0.05,
+    condition_order: Sequence[str] | None = None,
+    cell_type_order: Sequence[str] | None = None,
     title: str | None = None,
 ) -> go.Figure:
     """Heatmap of composition-test effects: ``cell_type`` x ``condition`` (vs reference),
@@ -404,6 +406,10 @@ def composition_effects(
     if df.empty or effect not in df.columns:
         return empty_figure("No composition test results")
     m = df.pivot_table(index="cell_type", columns="condition", values=effect, aggfunc="mean")
+    if condition_order is not None:
+        m = m.reindex(columns=[c for c in condition_order if c in m.columns])
+    if cell_type_order is not None:
+        m = m.reindex(index=[t for t in cell_type_order if t in m.index])
     text = None
     if significance and significance in df.columns:
         p = df.pivot_table(index="cell_type", columns="condition", values=significance)
@@ -504,11 +510,11 @@ def violin_figure(
                 points=False,
                 spanmode="hard",
                 meanline={"visible": True},
-                width=0.8,
+                scalemode="width",
                 hoveron="violins",
             )
         )
-    fig.update_layout(violinmode="group", violingap=0.15, violingroupgap=0.05)
+    fig.update_layout(violinmode="group", violingap=0.12, violingroupgap=0.0)
     fig.update_xaxes(type="category", categoryorder="array", categoryarray=groups, tickangle=-30)
     fig.update_yaxes(title=f"{gene} (log-normalised)", rangemode="tozero")
     fig.update_layout(legend={"orientation": "h", "y": 1.02, "yanchor": "bottom", "x": 0})
@@ -610,7 +616,8 @@ def volcano_figure(
     labelled = list(sig.itertuples())
     if highlight is not None:
         labelled += list(d[d[gene].astype(str) == highlight].itertuples())
-    for r in labelled:
+    for k, r in enumerate(labelled):
+        right = getattr(r, lfc) >= 0
         fig.add_annotation(
             x=getattr(r, lfc),
             y=r.nlp,
@@ -618,17 +625,23 @@ def volcano_figure(
             showarrow=True,
             arrowhead=0,
             arrowwidth=0.8,
-            ax=18,
-            ay=-16,
-            font={"size": 10},
+            arrowcolor="#9CA3AF",
+            ax=(22 + 10 * (k % 3)) * (1 if right else -1),
+            ay=-14 - 9 * (k % 4),
+            font={"size": 10, "color": "#111827"},
+            bgcolor="rgba(255,255,255,0.7)",
         )
     fig.add_hline(y=-np.log10(alpha), line={"dash": "dot", "color": "#9CA3AF", "width": 1})
     for v in (-lfc_threshold, lfc_threshold):
         fig.add_vline(x=v, line={"dash": "dot", "color": "#9CA3AF", "width": 1})
     fig.update_xaxes(title="log2 fold change", zeroline=True, zerolinecolor="#E5E7EB")
     fig.update_yaxes(title="-log10 adjusted p", rangemode="tozero")
-    fig.update_layout(legend={"orientation": "h", "y": 1.02, "yanchor": "bottom", "x": 0})
-    return style(fig, title=title, height=440)
+    fig = style(fig, title=title, height=460)
+    fig.update_layout(
+        legend={"orientation": "h", "y": -0.18, "yanchor": "top", "x": 0},
+        margin={"b": 90},
+    )
+    return fig
 
 
 def quick_de_bar(df: pd.DataFrame, *, n: int = 15, title: str | None = None) -> go.Figure:
@@ -866,6 +879,7 @@ def lr_expression_figure(
     sender: str | None = None,
     receiver: str | None = None,
     condition_order: Sequence[str] | None = None,
+    group_order: Sequence[str] | None = None,
     title: str | None = None,
 ) -> go.Figure:
     """Ligand expression per cell type (left) and receptor (right), bars per condition.
@@ -889,7 +903,10 @@ def lr_expression_figure(
     cmap = colour_map(conds, CONDITION_PALETTE)
     for col, (gene, focus) in enumerate(((ligand, sender), (receptor, receiver)), start=1):
         s = df[df["gene"].astype(str) == gene]
-        groups = sorted(s["group"].astype(str).unique())
+        present = set(s["group"].astype(str))
+        groups = (
+            [g for g in group_order if g in present] if group_order is not None else sorted(present)
+        )
         for c in conds:
             sc = s[s["condition"].astype(str) == c].set_index("group").reindex(groups)
             fig.add_trace(

@@ -380,6 +380,7 @@ def register(app, ctx) -> None:
             sender=pick.get("source"),
             receiver=pick.get("target"),
             condition_order=view.conditions,
+            group_order=view.cell_types,
         )
         text = (
             f"{pick.get('source')} → {pick.get('target')}: {ligand} → {receptor} "

@@ -70,7 +70,8 @@ def composition_section(ctx) -> list:
                 comp,
                 effect=effect,
                 significance=sig,
-                title=f"Composition change vs {view.reference or 'reference'}",
+                condition_order=view.conditions,
+                cell_type_order=view.cell_types,
             )
             if effect and {"cell_type", "condition"} <= set(comp.columns)
             else F.empty_figure("Composition table has no effect column")
@@ -78,7 +79,11 @@ def composition_section(ctx) -> list:
         parts.append(
             C.row(
                 C.col(
-                    C.card(C.graph("overview-comp-test", fig), subtitle="★ adjusted p < 0.05"),
+                    C.card(
+                        C.graph("overview-comp-test", fig),
+                        title=f"Composition change vs {view.reference or 'reference'}",
+                        subtitle=f"{effect} of the cell-type proportion; ★ adjusted p < 0.05",
+                    ),
                     width=5,
                 ),
                 C.col(

@@ -1,0 +1,451 @@
+"""The explorer without a browser: pages, callbacks (through Dash's HTTP endpoint), URL
+validation, optional parts missing, mouse atlases, limits, WSGI and ``serve``."""
+
+# ruff: noqa: F811 - pytest fixtures imported from app_fixtures
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+from app_fixtures import (  # noqa: F401 - fixtures
+    app_atlas_dir,
+    app_atlas_dir_bare,
+    app_atlas_dir_mouse,
+    dash_app,
+    small_config,
+)
+
+from app import urls
+from app.factory import create_app
+
+
+# ----------------------------------------------------------------------------- helpers
+def _outputs(key: str):
+    if key.startswith(".."):
+        parts = key.strip(".").split("...")
+        return [_split(p) for p in parts]
+    return _split(key)
+
+
+def _split(spec: str) -> dict:
+    spec = spec.split("@")[0]
+    cid, prop = spec.rsplit(".", 1)
+    return {"id": json.loads(cid) if cid.startswith("{") else cid, "property": prop}
+
+
+def dispatch(app, output: str, values: dict, *, triggered: str | None = None):
+    """POST one callback to /_dash-update-component; ``output`` is a substring of its key;
+    ``values`` maps "id.prop" to the value of each input and state."""
+    key = next(k for k in app.callback_map if output in k)
+    cb = app.callback_map[key]
+
+    def fill(items):
+        return [{**i, "value": values.get(f"{i['id']}.{i['property']}")} for i in items]
+
+    inputs = fill(cb["inputs"])
+    payload = {
+        "output": key,
+        "outputs": _outputs(key),
+        "inputs": inputs,
+        "state": fill(cb["state"]),
+        "changedPropIds": [triggered or f"{inputs[0]['id']}.{inputs[0]['property']}"],
+    }
+    r = app.server.test_client().post("/_dash-update-component", json=payload)
+    assert r.status_code in (200, 204), r.data[:500]
+    return r.get_json() if r.status_code == 200 else None
+
+
+def text_of(component) -> str:
+    """All strings inside a Dash component tree (or its JSON)."""
+    if hasattr(component, "to_plotly_json"):
+        component = json.loads(json.dumps(component, cls=_Enc))
+    out = []
+
+    def walk(x):
+        if isinstance(x, str):
+            out.append(x)
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list | tuple):
+            for v in x:
+                walk(v)
+
+    walk(component)
+    return " ".join(out)
+
+
+from plotly.utils import PlotlyJSONEncoder as _Enc  # noqa: E402
+
+
+def route(app, path: str, search: str = ""):
+    res = dispatch(app, "page.children", {"url.pathname": path, "url.search": search})
+    return res["response"]["page"]["children"]
+
+
+# ----------------------------------------------------------------------------- basics
+def test_healthz_index_and_no_cdn(dash_app):
+    c = dash_app.server.test_client()
+    r = c.get("/healthz")
+    assert r.status_code == 200 and r.get_json() == {"status": "ok", "cells": 3000}
+    html = c.get("/").get_data(as_text=True)
+    assert "CLL TME Atlas" in html
+    assert "https://" not in html.split("<body>")[0]  # no external scripts or styles
+    assert c.get("/assets/style.css").status_code == 200
+
+
+def test_every_page_renders(dash_app):
+    for path, needle in (
+        ("/", "Atlas overview"),
+        ("/cells", "Cells"),
+        ("/genes", "Pseudobulk"),
+        ("/interactions", "Interactions"),
+        ("/downloads", "Downloads"),
+        ("/nowhere", "Page not found"),
+    ):
+        assert needle in text_of(route(dash_app, path)), path
+
+
+def test_url_parameters_are_validated(dash_app):
+    body = text_of(route(dash_app, "/genes", "?gene=<script>&condition=bogus,untreated"))
+    assert "unknown gene" in body and "unknown condition" in body and "Traceback" not in body
+    body = text_of(route(dash_app, "/cells", "?color=nope&gene=XYZ123"))
+    assert "Unknown colour" in body and "unknown gene" in body
+    body = text_of(route(dash_app, "/interactions", "?sender=Martians&condition=mars"))
+    assert "unknown sender" in body and "unknown condition" in body
+    long = "?gene=" + "A" * 5000
+    assert "Traceback" not in text_of(route(dash_app, "/genes", long))
+
+
+def test_url_helpers_round_trip():
+    q = urls.build_query({"gene": "CD5", "condition": ["A", "B"], "split": True, "x": None})
+    assert q == "?gene=CD5&condition=A,B&split=1"
+    p = urls.parse_query(q)
+    assert p == {"gene": "CD5", "condition": "A,B", "split": "1"}
+    assert urls.as_list(p["condition"]) == ["A", "B"] and urls.as_bool(p["split"])
+    assert urls.build_query({}) == "" and urls.parse_query(None) == {}
+
+
+# ----------------------------------------------------------------------------- cells
+def test_cells_gene_switch_sends_only_colours(dash_app):
+    meta = {"mode": "continuous", "split": False, "label": "CD5"}
+    t0 = time.perf_counter()
+    res = dispatch(
+        dash_app,
+        "cells-umap.figure",
+        {
+            "cells-colour.value": "cell_type",
+            "cells-gene.value": "CD19",
+            "cells-split.value": [],
+            "cells-umap-meta.data": meta,
+        },
+        triggered="cells-gene.value",
+    )
+    elapsed = time.perf_counter() - t0
+    fig = res["response"]["cells-umap"]["figure"]
+    assert fig.get("__dash_patch_update") == "__dash_patch_update"
+    ops = fig["operations"]
+    colour_ops = [o for o in ops if o["location"][-1] == "color"]
+    assert len(colour_ops) == 1 and colour_ops[0]["params"]["value"]["dtype"] == "f4"
+    assert elapsed < 2.0
+
+
+def test_cells_full_figure_categorical_and_split(dash_app):
+    res = dispatch(
+        dash_app,
+        "cells-umap.figure",
+        {
+            "cells-colour.value": "cell_type",
+            "cells-gene.value": None,
+            "cells-split.value": ["split"],
+            "cells-umap-meta.data": None,
+        },
+    )
+    fig = res["response"]["cells-umap"]["figure"]
+    assert {t["type"] for t in fig["data"]} == {"scattergl"}
+    assert res["response"]["cells-umap-meta"]["data"] == {
+        "mode": "categorical",
+        "split": True,
+        "label": "cell_type",
+    }
+    # coordinates travel base64-encoded
+    assert fig["data"][0]["x"]["dtype"] == "f4"
+    res = dispatch(
+        dash_app,
+        "cells-umap.figure",
+        {
+            "cells-colour.value": "score_nfkb",
+            "cells-gene.value": None,
+            "cells-split.value": [],
+            "cells-umap-meta.data": None,
+        },
+    )
+    assert len(res["response"]["cells-umap"]["figure"]["data"]) == 1
+
+
+def test_selection_uses_all_cells_and_quick_de(dash_app):
+    from app.pages.cells import selected_cells
+    from app.stats import quick_de
+
+    view = dash_app.tme.view
+    xy = view.umap
+    mid = float(np.median(xy[:, 0]))
+    sel = {"range": {"x": [float(xy[:, 0].min()) - 1, mid], "y": [-1e9, 1e9]}}
+    cells = selected_cells(view, sel, split=False)
+    assert len(cells) == int((xy[:, 0] <= mid).sum())
+    # split: panel 2 (x2/y2) holds the second condition only
+    sel2 = {"range": {"x2": [-1e9, 1e9], "y2": [-1e9, 1e9]}}
+    c2 = selected_cells(view, sel2, split=True)
+    cond = view.codes("condition")
+    assert set(cond[c2]) == {view.conditions[1]}
+    res, note = quick_de(view, cells, max_cells=400)
+    assert {"gene", "log2fc", "pvalue", "padj"} <= set(res.columns)
+    assert "capped at 400" in note
+    assert res["padj"].between(0, 1).all()
+
+    out = dispatch(
+        dash_app,
+        "cells-download.data",
+        {
+            "cells-export-btn.n_clicks": 1,
+            "cells-umap.selectedData": sel,
+            "cells-umap-meta.data": {"split": False},
+        },
+    )
+    csv = out["response"]["cells-download"]["data"]["content"]
+    df = pd.read_csv(__import__("io").StringIO(csv))
+    assert len(df) == len(cells) and df["cell_id"].is_unique
+
+
+def test_rank_sum_matches_scipy():
+    from scipy import stats
+
+    from app.stats import bh_adjust, rank_sum_test
+
+    rng = np.random.default_rng(0)
+    a = rng.poisson(2, size=(60, 3)).astype(float)
+    b = rng.poisson(3, size=(80, 3)).astype(float)
+    _, p = rank_sum_test(a, b)
+    for j in range(3):
+        ref = stats.mannwhitneyu(a[:, j], b[:, j], method="asymptotic").pvalue
+        assert p[j] == pytest.approx(ref, rel=1e-6)
+    assert bh_adjust(np.array([0.01, 0.04, 0.03])).tolist() == pytest.approx([0.03, 0.04, 0.04])
+
+
+def test_display_downsampling_is_fixed_and_capped(app_atlas_dir):
+    a1 = create_app(app_atlas_dir, small_config(max_display_points=1000))
+    a2 = create_app(app_atlas_dir, small_config(max_display_points=1000))
+    v1, v2 = a1.tme.view, a2.tme.view
+    assert len(v1.display_idx) == 1000 and v1.downsampled
+    np.testing.assert_array_equal(v1.display_idx, v2.display_idx)
+    assert "random subset of 1,000 of 3,000" in text_of(route(a1, "/cells"))
+    res = dispatch(
+        a1, "cells-umap.figure", {"cells-colour.value": "cell_type", "cells-split.value": []}
+    )
+    fig = res["response"]["cells-umap"]["figure"]
+    import base64
+
+    n = sum(len(base64.b64decode(t["x"]["bdata"])) // 4 for t in fig["data"])
+    assert n == 1000
+
+
+# ----------------------------------------------------------------------------- genes
+def test_genes_callbacks(dash_app):
+    res = dispatch(
+        dash_app,
+        "genes-violin.figure",
+        {"genes-gene.value": "CD5", "genes-conditions.value": ["untreated"]},
+    )
+    fig = res["response"]["genes-violin"]["figure"]
+    assert [t["name"] for t in fig["data"]] == ["untreated"]
+    res = dispatch(
+        dash_app,
+        "genes-violin.figure",
+        {"genes-gene.value": "NOPE", "genes-conditions.value": ["untreated"]},
+    )
+    assert "unknown gene" in text_of(res["response"]["genes-violin"]["figure"]["layout"])
+    res = dispatch(
+        dash_app,
+        "genes-gene.options",
+        {"genes-gene.search_value": "cd1", "genes-gene.value": "CD5"},
+    )
+    labels = [o["value"] for o in res["response"]["genes-gene"]["options"]]
+    assert labels[0] == "CD5" and "CD19" in labels
+    res = dispatch(
+        dash_app,
+        "genes-dotplot.figure",
+        {
+            "genes-dot-genes.value": [],
+            "genes-dot-program.value": "nfkb",
+            "genes-dot-split.value": ["split"],
+        },
+    )
+    fig = res["response"]["genes-dotplot"]["figure"]
+    assert "nfkb" in fig["layout"]["title"]["text"]
+    res = dispatch(
+        dash_app,
+        "genes-volcano.figure",
+        {
+            "genes-de-celltype.value": "CLL",
+            "genes-de-contrast.value": "ibrutinib_resistant",
+            "genes-gene.value": "CD5",
+        },
+    )
+    rows = res["response"]["genes-de-table"]["data"]
+    assert rows and {r["cell_type"] for r in rows} == {"CLL"}
+    assert {r["condition"] for r in rows} == {"ibrutinib_resistant"}
+
+
+def test_too_many_genes_is_refused(app_atlas_dir):
+    a = create_app(app_atlas_dir, small_config(max_genes_per_request=2))
+    res = dispatch(
+        a,
+        "genes-dotplot.figure",
+        {
+            "genes-dot-genes.value": ["CD5", "CD19", "CD3E"],
+            "genes-dot-program.value": None,
+            "genes-dot-split.value": [],
+        },
+    )
+    assert "too many genes" in text_of(res["response"]["genes-dotplot"]["figure"]["layout"])
+
+
+# ----------------------------------------------------------------------------- interactions
+def test_interactions_filters_and_click(dash_app):
+    base = {
+        "ia-condition.value": "untreated",
+        "ia-sender.value": [],
+        "ia-receiver.value": [],
+        "ia-ligand.value": [],
+        "ia-receptor.value": [],
+        "ia-curated.value": [],
+        "ia-heat-metric.value": "count",
+    }
+    all_ = dispatch(dash_app, "ia-dotplot.figure", base)["response"]
+    cll = dispatch(dash_app, "ia-dotplot.figure", {**base, "ia-sender.value": ["CLL"]})["response"]
+    assert {r["source"] for r in cll["ia-table"]["data"]} == {"CLL"}
+    assert (
+        len(cll["ia-table"]["data"]) < len(all_["ia-table"]["data"])
+        or len(all_["ia-table"]["data"]) == 500
+    )
+    cur = dispatch(dash_app, "ia-dotplot.figure", {**base, "ia-curated.value": ["curated"]})[
+        "response"
+    ]
+    assert all(r["curated"] == "True" for r in cur["ia-table"]["data"])
+    pick = {"source": "CLL", "target": "CLL", "ligand": "CXCL12", "receptor": "CXCR4"}
+    res = dispatch(dash_app, "ia-expression.figure", {"ia-pick.data": pick})
+    fig = res["response"]["ia-expression"]["figure"]
+    assert len(fig["data"]) == 2 * 4  # ligand and receptor, one bar trace per condition
+    res = dispatch(
+        dash_app,
+        "ia-diff.figure",
+        {
+            "ia-contrast.value": "ibrutinib_resistant",
+            "ia-sender.value": [],
+            "ia-receiver.value": [],
+            "ia-ligand.value": [],
+            "ia-receptor.value": [],
+            "ia-curated.value": [],
+        },
+    )
+    rows = res["response"]["ia-diff-table"]["data"]
+    assert rows and {r["change"] for r in rows} <= {"gained", "lost", "unchanged"}
+
+
+# ----------------------------------------------------------------------------- downloads
+def test_downloads_tables_and_export_limit(app_atlas_dir):
+    a = create_app(app_atlas_dir, small_config(max_export_cells=100))
+    res = dispatch(
+        a, "dl-table-download.data", {"dl-table-btn.n_clicks": 1, "dl-table.value": "de"}
+    )
+    data = res["response"]["dl-table-download"]["data"]
+    assert data["filename"] == "de.csv" and data["content"].startswith("cell_type")
+    res = dispatch(
+        a,
+        "dl-subset-count.children",
+        {"dl-cell_types.value": [], "dl-conditions.value": ["untreated"]},
+    )
+    assert "above the limit" in res["response"]["dl-subset-count"]["children"]
+    assert res["response"]["dl-export-btn"]["disabled"] is True
+    res = dispatch(
+        a,
+        "dl-export-msg.children",
+        {"dl-export-btn.n_clicks": 1, "dl-conditions.value": ["untreated"]},
+    )
+    assert "above the export limit" in text_of(res["response"]["dl-export-msg"]["children"])
+
+
+def test_export_subset_h5ad(dash_app, app_atlas_dir):
+    pytest.importorskip("atlas.export")
+    res = dispatch(
+        dash_app,
+        "dl-export-msg.children",
+        {
+            "dl-export-btn.n_clicks": 1,
+            "dl-cell_types.value": ["CLL"],
+            "dl-conditions.value": ["untreated"],
+        },
+    )
+    out = res["response"]
+    if "dl-export-download" not in out:
+        pytest.fail(text_of(out))
+    d = out["dl-export-download"]["data"]
+    assert d["filename"] == "atlas_subset.h5ad" and d["base64"] and len(d["content"]) > 1000
+
+
+# ----------------------------------------------------------------------------- robustness
+def test_atlas_without_optional_parts(app_atlas_dir_bare):
+    a = create_app(app_atlas_dir_bare, small_config())
+    body = text_of(route(a, "/interactions"))
+    assert "no ligand–receptor results yet" in body
+    assert "No pseudobulk DE table" in text_of(route(a, "/genes"))
+    assert "No composition test results" in text_of(route(a, "/"))
+    res = dispatch(
+        a,
+        "genes-violin.figure",
+        {"genes-gene.value": "CD5", "genes-conditions.value": ["untreated"]},
+    )
+    assert res["response"]["genes-violin"]["figure"]["data"]
+
+
+def test_mouse_atlas(app_atlas_dir_mouse):
+    a = create_app(app_atlas_dir_mouse, small_config())
+    view = a.tme.view
+    assert view.species == "mouse"
+    assert view.resolve_gene("CD5") == "Cd5"  # case-insensitive symbols
+    body = text_of(route(a, "/genes", "?gene=cd19"))
+    assert "unknown gene" not in body
+    for path in ("/", "/cells", "/interactions", "/downloads"):
+        assert "could not be shown" not in text_of(route(a, path))
+
+
+def test_wsgi_server_from_environment(app_atlas_dir, monkeypatch):
+    import app.wsgi as wsgi
+
+    monkeypatch.setenv("TME_ATLAS_ATLAS", str(app_atlas_dir))
+    monkeypatch.setattr(wsgi, "_APP", None)
+    server = wsgi.get_app().server  # the Flask server of the explorer
+    assert server.test_client().get("/healthz").get_json()["cells"] == 3000
+
+
+def test_serve_uses_config(app_atlas_dir, monkeypatch):
+    import dash
+
+    from app.server import serve
+
+    seen = {}
+    monkeypatch.setattr(dash.Dash, "run", lambda self, **kw: seen.update(kw))
+    serve(
+        app_atlas_dir,
+        config=small_config().model_copy(
+            update={"serve": small_config().serve.model_copy(update={"port": 8123})}
+        ),
+    )
+    assert seen == {"host": "127.0.0.1", "port": 8123, "debug": False}
+    from atlas.errors import InputError
+
+    with pytest.raises(InputError):
+        serve(app_atlas_dir / "missing", config=small_config())
