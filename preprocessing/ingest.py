@@ -1,0 +1,755 @@
+"""Stage ``ingest``: read and validate a sample sheet (or one pre-merged h5ad).
+
+Everything is validated before any heavy compute, and every problem is reported at once
+(one line per problem, naming the file, sample or column) as an
+:class:`~atlas.errors.InputError`.
+
+Sample sheet: a UTF-8 CSV with the columns ``sample_id,path,patient,condition,tissue,
+species``; any extra column (timepoint, treatment, genotype, sex, ...) is carried into
+``.obs``. Paths are relative to the sheet's folder, and may not leave it unless
+``allow_outside_paths``. Formats are detected from the path:
+
+* 10x v3 folder: ``matrix.mtx.gz``, ``features.tsv.gz``, ``barcodes.tsv.gz``
+* 10x v2 folder: ``matrix.mtx``, ``genes.tsv``, ``barcodes.tsv`` (plain or gzipped)
+* 10x HDF5: ``*.h5``
+* AnnData: ``*.h5ad`` (counts from ``layers["counts"]``, ``raw.X`` or ``X``)
+* dense text: ``*.csv``/``*.tsv``/``*.txt`` (optionally ``.gz``); genes in rows and cells
+  in columns, or cells in rows when the first header cell is ``barcode``/``cell``.
+
+The merged AnnData has ``X`` = ``layers["counts"]`` = raw counts (float32 CSR holding
+integers), ``obs_names`` = ``"<sample_id>:<barcode>"``, ``.obs[barcode]`` the original
+barcode, the sheet's columns in ``.obs`` (condition categorical in sheet order), unique gene
+symbols as ``var_names`` and Ensembl ids in ``.var["gene_ids"]``.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import io
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from atlas import schema
+from atlas.errors import InputError
+
+from .log import get_logger
+
+log = get_logger("ingest")
+
+FMT_10X_V3 = "10x_v3"
+FMT_10X_V2 = "10x_v2"
+FMT_10X_H5 = "10x_h5"
+FMT_H5AD = "h5ad"
+FMT_TEXT = "text"
+
+_TEXT_SUFFIXES = (".csv", ".tsv", ".txt")
+_CELL_HEADERS = {"barcode", "barcodes", "cell", "cells", "cell_id", "cell_barcode", "obs_names"}
+_MITO_PREFIX = {"human": "MT-", "mouse": "mt-"}
+_READ_ERRORS = (OSError, EOFError, ValueError, KeyError, IndexError, TypeError, zlib.error)
+
+
+@dataclass
+class Sample:
+    """One row of the sample sheet, resolved."""
+
+    sample_id: str
+    path: Path  # resolved absolute path
+    raw_path: str  # as written in the sheet
+    meta: dict[str, str]  # every sheet column except path
+    fmt: str | None = None
+
+
+@dataclass
+class IngestResult:
+    """What :func:`ingest` returns: the merged counts and what provenance needs."""
+
+    adata: object  # AnnData
+    samples: list[str]
+    conditions: list[str]  # in sheet order
+    species: str
+    checksums: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
+    source: str = ""  # the sheet or h5ad path
+
+
+# ----------------------------------------------------------------------------- checksums
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checksum_inputs(paths: dict[str, Path], base: Path | None = None) -> dict[str, str]:
+    """sha256 of every input file (files inside folders listed one by one)."""
+    out: dict[str, str] = {}
+    for _name, path in paths.items():
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for f in files:
+            key = str(f)
+            if base is not None:
+                try:
+                    key = str(f.relative_to(base))
+                except ValueError:
+                    pass
+            out[key] = sha256_file(f)
+    return out
+
+
+# ----------------------------------------------------------------------------- sheet
+def _clean(v) -> str:
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return ""
+    return str(v).strip()
+
+
+def read_samplesheet(
+    samplesheet: str | Path, *, allow_outside_paths: bool = False
+) -> tuple[list[Sample], list[str]]:
+    """Parse and check the sheet; returns the samples and a list of problems (not raised)."""
+    sheet = Path(samplesheet)
+    problems: list[str] = []
+    if not sheet.exists():
+        raise InputError(f"sample sheet {sheet}: file not found")
+    if not sheet.is_file():
+        raise InputError(f"sample sheet {sheet}: not a file")
+    try:
+        raw = sheet.read_bytes()
+    except OSError as e:
+        raise InputError(f"sample sheet {sheet}: cannot read ({e.strerror or e})") from None
+    if raw[:2] == b"\x1f\x8b":
+        raise InputError(f"sample sheet {sheet}: is gzip-compressed; give a plain CSV file")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise InputError(
+            f"sample sheet {sheet}: not UTF-8 text (byte {e.start}); save it as UTF-8 CSV"
+        ) from None
+    if "\x00" in text:
+        raise InputError(f"sample sheet {sheet}: contains NUL bytes; is it a CSV file?")
+    rows = list(csv.reader(io.StringIO(text)))
+    rows = [r for r in rows if any(c.strip() for c in r)]
+    if not rows:
+        raise InputError(f"sample sheet {sheet}: empty")
+    header = [h.strip() for h in rows[0]]
+    missing = [c for c in schema.SHEET_REQUIRED if c not in header]
+    for c in missing:
+        problems.append(f"sample sheet {sheet}: missing required column '{c}'")
+    dup_cols = sorted({h for h in header if header.count(h) > 1 and h})
+    for c in dup_cols:
+        problems.append(f"sample sheet {sheet}: column '{c}' appears more than once")
+    if any(not h for h in header):
+        problems.append(f"sample sheet {sheet}: a column has an empty name")
+    if len(rows) == 1:
+        problems.append(f"sample sheet {sheet}: has no samples (only a header)")
+    if missing or dup_cols or len(rows) == 1:
+        raise InputError(problems)
+
+    base = sheet.resolve().parent
+    samples: list[Sample] = []
+    seen: dict[str, int] = {}
+    for i, row in enumerate(rows[1:], start=2):
+        if len(row) != len(header):
+            problems.append(
+                f"sample sheet {sheet}, line {i}: {len(row)} fields, expected {len(header)}"
+            )
+            continue
+        rec = {h: _clean(v) for h, v in zip(header, row)}
+        sid = rec[schema.SHEET_SAMPLE]
+        label = f"sample '{sid}'" if sid else f"sample sheet line {i}"
+        for c in schema.SHEET_REQUIRED:
+            if not rec[c]:
+                what = "condition" if c == schema.SHEET_CONDITION else c
+                problems.append(f"{label}: empty {what} (column '{c}')")
+        if sid:
+            if sid in seen:
+                problems.append(f"sample '{sid}': duplicate sample_id (lines {seen[sid]} and {i})")
+                continue
+            seen[sid] = i
+        sp_ = rec[schema.SHEET_SPECIES].lower()
+        if sp_ and sp_ not in schema.SPECIES:
+            problems.append(
+                f"{label}: unknown species '{rec[schema.SHEET_SPECIES]}' "
+                f"(use one of: {', '.join(schema.SPECIES)})"
+            )
+        rec[schema.SHEET_SPECIES] = sp_
+        raw_path = rec[schema.SHEET_PATH]
+        if not raw_path:
+            continue
+        p = Path(raw_path).expanduser()
+        resolved = (p if p.is_absolute() else base / p).resolve()
+        if not allow_outside_paths and not resolved.is_relative_to(base):
+            problems.append(
+                f"{label}: path '{raw_path}' points outside the sample sheet's folder "
+                f"{base} (use --allow-outside-paths to allow)"
+            )
+            continue
+        meta = {k: v for k, v in rec.items() if k != schema.SHEET_PATH}
+        samples.append(Sample(sample_id=sid, path=resolved, raw_path=raw_path, meta=meta))
+
+    species = sorted({s.meta[schema.SHEET_SPECIES] for s in samples} & set(schema.SPECIES))
+    if len(species) > 1:
+        by = {
+            sp_: [s.sample_id for s in samples if s.meta[schema.SHEET_SPECIES] == sp_]
+            for sp_ in species
+        }
+        detail = "; ".join(f"{k}: {', '.join(v[:5])}" for k, v in by.items())
+        problems.append(f"sample sheet {sheet}: mixed species in one build ({detail})")
+    return samples, problems
+
+
+# ----------------------------------------------------------------------------- formats
+def _find(folder: Path, *names: str) -> Path | None:
+    for n in names:
+        for cand in (folder / n, folder / f"{n}.gz"):
+            if cand.is_file():
+                return cand
+    return None
+
+
+def detect_format(path: Path) -> str:
+    """The input format of ``path``; raises ``ValueError`` with the reason when unknown."""
+    if path.is_dir():
+        mtx = _find(path, "matrix.mtx")
+        if mtx is None:
+            raise ValueError(
+                "directory has no matrix.mtx(.gz); expected a 10x folder "
+                "(matrix.mtx.gz, features.tsv.gz, barcodes.tsv.gz)"
+            )
+        if _find(path, "features.tsv"):
+            return FMT_10X_V3
+        if _find(path, "genes.tsv"):
+            return FMT_10X_V2
+        raise ValueError("10x folder has matrix.mtx but no features.tsv(.gz) or genes.tsv")
+    name = path.name.lower()
+    if name.endswith(".h5ad"):
+        return FMT_H5AD
+    if name.endswith(".h5"):
+        return FMT_10X_H5
+    stem = name[:-3] if name.endswith(".gz") else name
+    if stem.endswith(_TEXT_SUFFIXES):
+        return FMT_TEXT
+    raise ValueError(
+        "unknown format; expected a 10x folder, .h5, .h5ad or a (gzipped) CSV/TSV matrix"
+    )
+
+
+def _open_text(path: Path):
+    with open(path, "rb") as fh:
+        magic = fh.read(2)
+    if magic == b"\x1f\x8b":
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def _read_lines(path: Path) -> list[list[str]]:
+    with _open_text(path) as fh:
+        return [line.rstrip("\r\n").split("\t") for line in fh if line.strip()]
+
+
+def _read_mtx(path: Path) -> sp.csr_matrix:
+    import scipy.io
+
+    with open(path, "rb") as fh:
+        magic = fh.read(2)
+    opener = gzip.open if magic == b"\x1f\x8b" else open
+    with opener(path, "rb") as fh:
+        m = scipy.io.mmread(fh)
+    return sp.csr_matrix(m)
+
+
+@dataclass
+class _Raw:
+    X: sp.csr_matrix  # cells x genes
+    barcodes: list[str]
+    symbols: list[str]
+    gene_ids: list[str]
+    feature_types: list[str] | None = None
+    source: str = ""  # where the counts came from (h5ad)
+
+
+def _read_10x_folder(path: Path, fmt: str) -> _Raw:
+    problems = []
+    mtx = _find(path, "matrix.mtx")
+    feat = _find(path, "features.tsv" if fmt == FMT_10X_V3 else "genes.tsv")
+    bc = _find(path, "barcodes.tsv")
+    if bc is None:
+        raise ValueError("10x folder has no barcodes.tsv(.gz)")
+    try:
+        m = _read_mtx(mtx)
+    except _READ_ERRORS as e:
+        raise ValueError(f"cannot read {mtx.name}: {_reason(e)}") from None
+    try:
+        feats = _read_lines(feat)
+    except (*_READ_ERRORS, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read {feat.name}: {_reason(e)}") from None
+    try:
+        barcodes = [r[0] for r in _read_lines(bc)]
+    except (*_READ_ERRORS, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read {bc.name}: {_reason(e)}") from None
+    n_genes, n_cells = m.shape
+    if len(feats) != n_genes:
+        problems.append(f"{feat.name} has {len(feats)} features but {mtx.name} has {n_genes} rows")
+    if len(barcodes) != n_cells:
+        problems.append(
+            f"{bc.name} has {len(barcodes)} barcodes but {mtx.name} has {n_cells} columns"
+        )
+    if problems:
+        raise ValueError("; ".join(problems))
+    gene_ids = [r[0] for r in feats]
+    symbols = [r[1] if len(r) > 1 and r[1] else r[0] for r in feats]
+    ftypes = [r[2] for r in feats] if feats and all(len(r) > 2 for r in feats) else None
+    return _Raw(m.T.tocsr(), barcodes, symbols, gene_ids, ftypes)
+
+
+def _read_10x_h5(path: Path) -> _Raw:
+    import scanpy as sc
+
+    try:
+        ad = sc.read_10x_h5(path, gex_only=False)
+    except Exception as e:  # h5py raises many kinds
+        raise ValueError(f"cannot read 10x HDF5: {_reason(e)}") from None
+    ids = ad.var["gene_ids"].astype(str).tolist() if "gene_ids" in ad.var else None
+    ftypes = ad.var["feature_types"].astype(str).tolist() if "feature_types" in ad.var else None
+    symbols = ad.var_names.astype(str).tolist()
+    return _Raw(
+        sp.csr_matrix(ad.X), ad.obs_names.astype(str).tolist(), symbols, ids or symbols, ftypes
+    )
+
+
+def counts_of_anndata(ad) -> tuple[object, object, str]:
+    """``(matrix, var, source)``: counts from ``layers["counts"]``, else ``raw.X``, else ``X``."""
+    if schema.LAYER_COUNTS in ad.layers:
+        return ad.layers[schema.LAYER_COUNTS], ad.var, f"layers['{schema.LAYER_COUNTS}']"
+    if ad.raw is not None:
+        return ad.raw.X, ad.raw.var, "raw.X"
+    if ad.X is None:
+        raise ValueError("has no counts: no layers['counts'], raw.X or X")
+    return ad.X, ad.var, "X"
+
+
+def _read_h5ad_file(path: Path):
+    import anndata as ad
+
+    try:
+        return ad.read_h5ad(path)
+    except Exception as e:  # h5py / anndata raise many kinds on corrupt files
+        raise ValueError(f"cannot read h5ad: {_reason(e)}") from None
+
+
+def _read_h5ad_sample(path: Path) -> _Raw:
+    a = _read_h5ad_file(path)
+    X, var, source = counts_of_anndata(a)
+    if X is None:
+        raise ValueError("has no counts: no layers['counts'], raw.X or X")
+    X = sp.csr_matrix(X)
+    ids = var["gene_ids"].astype(str).tolist() if "gene_ids" in var else None
+    symbols = var.index.astype(str).tolist()
+    return _Raw(X, a.obs_names.astype(str).tolist(), symbols, ids or symbols, source=source)
+
+
+def _read_text(path: Path) -> _Raw:
+    name = path.name.lower()
+    stem = name[:-3] if name.endswith(".gz") else name
+    sep = "," if stem.endswith(".csv") else "\t"
+    try:
+        with _open_text(path) as fh:
+            df = pd.read_csv(fh, sep=sep, index_col=0)
+    except (*_READ_ERRORS, UnicodeDecodeError, pd.errors.ParserError) as e:
+        raise ValueError(f"cannot read matrix: {_reason(e)}") from None
+    if df.shape[0] == 0 or df.shape[1] == 0:
+        raise ValueError(f"matrix is empty ({df.shape[0]} rows x {df.shape[1]} columns)")
+    cells_in_rows = str(df.index.name or "").strip().lower() in _CELL_HEADERS
+    if not cells_in_rows:
+        df = df.T
+    nonnum = [c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
+    if nonnum:
+        raise ValueError(
+            f"non-numeric values in {len(nonnum)} "
+            f"{'gene' if cells_in_rows else 'cell'} column(s), e.g. '{nonnum[0]}'"
+        )
+    X = sp.csr_matrix(df.to_numpy(dtype=np.float64))
+    symbols = [str(c) for c in df.columns]
+    return _Raw(X, [str(i) for i in df.index], symbols, symbols)
+
+
+def _reason(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if isinstance(e, EOFError | zlib.error) or "gzip" in msg.lower() or "crc" in msg.lower():
+        return f"corrupt or truncated file ({e.__class__.__name__}{': ' + msg if msg else ''})"
+    return f"{e.__class__.__name__}: {msg}" if msg else e.__class__.__name__
+
+
+def read_counts(path: Path, fmt: str) -> _Raw:
+    if fmt in (FMT_10X_V3, FMT_10X_V2):
+        return _read_10x_folder(path, fmt)
+    if fmt == FMT_10X_H5:
+        return _read_10x_h5(path)
+    if fmt == FMT_H5AD:
+        return _read_h5ad_sample(path)
+    return _read_text(path)
+
+
+def count_problems(X, what: str) -> list[str]:
+    """Problems with a counts matrix: NaN/inf, negative or non-integer values."""
+    data = X.data if sp.issparse(X) else np.asarray(X).ravel()
+    if data.size and not np.issubdtype(data.dtype, np.number):
+        return [f"{what}: counts are not numeric ({data.dtype})"]
+    if np.issubdtype(data.dtype, np.integer):
+        neg = int((data < 0).sum())
+        return [f"{what}: {neg} negative count(s)"] if neg else []
+    data = data.astype(np.float64, copy=False)
+    out = []
+    n_nan = int(np.isnan(data).sum())
+    n_inf = int(np.isinf(data).sum())
+    if n_nan:
+        out.append(f"{what}: {n_nan} NaN count(s)")
+    if n_inf:
+        out.append(f"{what}: {n_inf} infinite count(s)")
+    finite = data[np.isfinite(data)]
+    neg = int((finite < 0).sum())
+    if neg:
+        out.append(f"{what}: {neg} negative count(s)")
+    frac = int((finite != np.round(finite)).sum())
+    if frac:
+        ex = finite[finite != np.round(finite)][0]
+        out.append(
+            f"{what}: {frac} non-integer count(s) (e.g. {ex:g}); give raw UMI counts, "
+            "not normalised or log-transformed values"
+        )
+    return out
+
+
+# ----------------------------------------------------------------------------- merge
+def _mito_prefix(species: str) -> str:
+    return _MITO_PREFIX.get(species, "MT-")
+
+
+def _make_unique(names: list[str]) -> tuple[list[str], int]:
+    """Append ``-1``, ``-2``, ... to repeated names (like anndata); returns (names, n renamed)."""
+    seen: dict[str, int] = {}
+    used = set(names)
+    out = []
+    n = 0
+    for name in names:
+        if name in seen:
+            k = seen[name]
+            while f"{name}-{k}" in used:
+                k += 1
+            seen[name] = k + 1
+            new = f"{name}-{k}"
+            used.add(new)
+            out.append(new)
+            n += 1
+        else:
+            seen[name] = 1
+            out.append(name)
+    return out, n
+
+
+def _to_anndata(raw: _Raw, sample: Sample, obs_cols: list[str]):
+    import anndata as ad
+
+    X = raw.X.astype(np.float32)
+    X.sort_indices()
+    obs = pd.DataFrame(
+        {c: sample.meta.get(c, "") for c in obs_cols},
+        index=[f"{sample.sample_id}:{b}" for b in raw.barcodes],
+    )
+    obs[schema.OBS_BARCODE] = raw.barcodes
+    var = pd.DataFrame(
+        {"symbol": raw.symbols, schema.VAR_GENE_ID: raw.gene_ids},
+        index=pd.Index([str(i) for i in range(len(raw.symbols))]),
+    )
+    if raw.feature_types is not None:
+        var[schema.VAR_FEATURE_TYPE] = raw.feature_types
+    return ad.AnnData(X=X, obs=obs, var=var)
+
+
+def _merge(parts: list, samples: list[Sample]) -> object:
+    """Concatenate samples on shared genes (matched by Ensembl id when all have one)."""
+    import anndata as ad
+
+    use_ids = all(
+        any(g != s for g, s in zip(p.var[schema.VAR_GENE_ID], p.var["symbol"])) for p in parts
+    )
+    key_col = schema.VAR_GENE_ID if use_ids else "symbol"
+    keyed = []
+    for p, s in zip(parts, samples):
+        keys, n = _make_unique(p.var[key_col].astype(str).tolist())
+        if n:
+            log.warning(
+                "sample '%s': %d repeated gene %s made unique",
+                s.sample_id,
+                n,
+                "id(s)" if use_ids else "symbol(s)",
+            )
+        p.var_names = keys
+        keyed.append(p)
+    common = set(keyed[0].var_names)
+    for p in keyed[1:]:
+        common &= set(p.var_names)
+    order = [g for g in keyed[0].var_names if g in common]
+    if not order:
+        raise InputError(
+            "the samples share no genes ("
+            + ("Ensembl ids" if use_ids else "gene symbols")
+            + f" compared; e.g. '{samples[0].sample_id}' and '{samples[-1].sample_id}'; "
+            "mixed species or references?)"
+        )
+    union = set().union(*(set(p.var_names) for p in keyed))
+    if len(union) > len(order):
+        log.warning(
+            "samples have different genes: keeping the %d shared by all (%d dropped)",
+            len(order),
+            len(union) - len(order),
+        )
+    keyed = [p[:, order] for p in keyed]
+    merged = ad.concat(keyed, join="inner", merge="first", index_unique=None)
+    merged.obs_names = [str(n) for n in merged.obs_names]
+    var = keyed[0].var.copy()
+    symbols, n = _make_unique(var["symbol"].astype(str).tolist())
+    if n:
+        log.warning("%d repeated gene symbol(s) made unique (suffix -1, -2, ...)", n)
+    var.index = pd.Index(symbols)
+    var = var.drop(columns=["symbol"])
+    merged.var = var
+    merged.X = sp.csr_matrix(merged.X)
+    return merged
+
+
+def _finish(adata, conditions: list[str], species: str, obs_cols: list[str]):
+    """Categoricals in a stable order, counts layer, uns keys."""
+    for c in obs_cols + [schema.OBS_BARCODE]:
+        if c in adata.obs:
+            adata.obs[c] = adata.obs[c].astype(str)
+    samples_order = list(dict.fromkeys(adata.obs[schema.OBS_SAMPLE]))
+    adata.obs[schema.OBS_SAMPLE] = pd.Categorical(
+        adata.obs[schema.OBS_SAMPLE], categories=samples_order
+    )
+    adata.obs[schema.OBS_CONDITION] = pd.Categorical(
+        adata.obs[schema.OBS_CONDITION], categories=conditions
+    )
+    for c in (schema.OBS_PATIENT, schema.OBS_TISSUE, schema.OBS_SPECIES):
+        adata.obs[c] = pd.Categorical(adata.obs[c], categories=list(dict.fromkeys(adata.obs[c])))
+    adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
+    adata.layers[schema.LAYER_COUNTS] = adata.X.copy()
+    adata.uns[schema.UNS_CONDITION_ORDER] = list(conditions)
+    adata.uns[schema.UNS_SPECIES] = species
+    return adata
+
+
+def _species_gene_check(raw: _Raw, species: str, label: str) -> None:
+    other = "mouse" if species == "human" else "human"
+    has_own = any(s.startswith(_mito_prefix(species)) for s in raw.symbols)
+    has_other = any(s.startswith(_mito_prefix(other)) for s in raw.symbols)
+    if has_other and not has_own:
+        log.warning(
+            "%s: species is '%s' but mitochondrial genes look %s (%s...)",
+            label,
+            species,
+            other,
+            _mito_prefix(other),
+        )
+
+
+def ingest(samplesheet: str | Path, *, allow_outside_paths: bool = False) -> IngestResult:
+    """Validate every sample of the sheet, then merge them; :class:`InputError` lists all
+    problems at once."""
+    sheet = Path(samplesheet)
+    samples, problems = read_samplesheet(sheet, allow_outside_paths=allow_outside_paths)
+    parts: list = []
+    ok_samples: list[Sample] = []
+    for s in samples:
+        label = f"sample '{s.sample_id}' ({s.raw_path})"
+        if not s.path.exists():
+            problems.append(f"{label}: file not found")
+            continue
+        try:
+            s.fmt = detect_format(s.path)
+        except ValueError as e:
+            problems.append(f"{label}: {e}")
+            continue
+        try:
+            raw = read_counts(s.path, s.fmt)
+        except PermissionError:
+            problems.append(f"{label}: permission denied")
+            continue
+        except ValueError as e:
+            problems.append(f"{label}: {e}")
+            continue
+        except _READ_ERRORS as e:
+            problems.append(f"{label}: cannot read: {_reason(e)}")
+            continue
+        where = f"{label} {raw.source}".rstrip() if raw.source else label
+        bad = count_problems(raw.X, where)
+        if raw.X.shape[0] == 0:
+            bad.append(f"{label}: has no cells (0 barcodes)")
+        if raw.X.shape[1] == 0:
+            bad.append(f"{label}: has no genes (0 features)")
+        dup_bc = len(raw.barcodes) - len(set(raw.barcodes))
+        if dup_bc:
+            bad.append(f"{label}: {dup_bc} duplicate barcode(s)")
+        if not bad and raw.X.nnz == 0:
+            bad.append(f"{label}: all counts are zero")
+        if bad:
+            problems.extend(bad)
+            continue
+        _species_gene_check(raw, s.meta[schema.SHEET_SPECIES], label)
+        log.info("%s: %s, %d cells x %d genes", s.sample_id, s.fmt, raw.X.shape[0], raw.X.shape[1])
+        parts.append(raw)
+        ok_samples.append(s)
+    if problems:
+        raise InputError(problems)
+
+    header_cols = list(samples[0].meta.keys())
+    obs_cols = [c for c in header_cols if c != schema.SHEET_PATH]
+    adatas = [_to_anndata(r, s, obs_cols) for r, s in zip(parts, ok_samples)]
+    del parts
+    merged = _merge(adatas, ok_samples)
+    if merged.n_vars == 0:
+        raise InputError(f"sample sheet {sheet}: the samples share no genes")
+    conditions = list(dict.fromkeys(s.meta[schema.SHEET_CONDITION] for s in ok_samples))
+    species = ok_samples[0].meta[schema.SHEET_SPECIES]
+    merged = _finish(merged, conditions, species, obs_cols)
+    base = sheet.resolve().parent
+    checks = {"samplesheet": sheet.resolve()}
+    checks.update({s.sample_id: s.path for s in ok_samples})
+    checksums = checksum_inputs(checks, base=base)
+    log.info(
+        "ingested %d samples, %d cells x %d genes (%s)",
+        len(ok_samples),
+        merged.n_obs,
+        merged.n_vars,
+        species,
+    )
+    return IngestResult(
+        adata=merged,
+        samples=[s.sample_id for s in ok_samples],
+        conditions=conditions,
+        species=species,
+        checksums=checksums,
+        source=str(sheet),
+    )
+
+
+def ingest_h5ad(path: str | Path) -> IngestResult:
+    """Validate and load one pre-merged AnnData whose ``.obs`` has the sheet's columns."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"h5ad {path}: file not found")
+    if not path.is_file():
+        raise InputError(f"h5ad {path}: not a file")
+    try:
+        a = _read_h5ad_file(path)
+        X, var, source = counts_of_anndata(a)
+    except ValueError as e:
+        raise InputError(f"h5ad {path}: {e}") from None
+    problems = []
+    required = [c for c in schema.SHEET_REQUIRED if c != schema.SHEET_PATH]
+    for c in required:
+        if c not in a.obs.columns:
+            problems.append(
+                f"h5ad {path}: .obs has no column '{c}' (required: {', '.join(required)})"
+            )
+    X = sp.csr_matrix(X) if X is not None else None
+    if X is None:
+        problems.append(f"h5ad {path}: has no counts: no layers['counts'], raw.X or X")
+    else:
+        problems.extend(count_problems(X, f"h5ad {path} {source}"))
+        if X.shape[0] == 0:
+            problems.append(f"h5ad {path}: has no cells")
+        if X.shape[1] == 0:
+            problems.append(f"h5ad {path}: has no genes")
+    species = ""
+    conditions: list[str] = []
+    if not problems:
+        obs = a.obs
+        for c in required:
+            s = obs[c].astype(str).str.strip()
+            empty = obs[c].isna() | s.eq("") | s.str.lower().isin(["nan", "none"])
+            if empty.any():
+                what = "condition" if c == schema.SHEET_CONDITION else c
+                bad_samples = sorted(
+                    set(obs.loc[empty, schema.SHEET_SAMPLE].astype(str))
+                    if c != schema.SHEET_SAMPLE
+                    else []
+                )
+                extra = f" (samples: {', '.join(bad_samples[:5])})" if bad_samples else ""
+                problems.append(f"h5ad {path}: {int(empty.sum())} cell(s) with empty {what}{extra}")
+        spv = sorted(set(obs[schema.SHEET_SPECIES].astype(str).str.strip().str.lower()))
+        unknown = [v for v in spv if v not in schema.SPECIES and v not in ("", "nan")]
+        for v in unknown:
+            problems.append(
+                f"h5ad {path}: unknown species '{v}' (use one of: {', '.join(schema.SPECIES)})"
+            )
+        known = [v for v in spv if v in schema.SPECIES]
+        if len(known) > 1:
+            problems.append(f"h5ad {path}: mixed species in one build ({', '.join(known)})")
+        if known:
+            species = known[0]
+        per_sample = obs.groupby(obs[schema.SHEET_SAMPLE].astype(str), observed=True)
+        for c in (schema.SHEET_PATIENT, schema.SHEET_CONDITION, schema.SHEET_SPECIES):
+            n = per_sample[c].nunique()
+            bad = [str(sid) for sid in n.index[n > 1]]
+            if bad:
+                more = f" (also: {', '.join(bad[1:6])})" if len(bad) > 1 else ""
+                problems.append(f"h5ad {path}: sample '{bad[0]}' has more than one {c}{more}")
+        cond = obs[schema.SHEET_CONDITION]
+        if isinstance(cond.dtype, pd.CategoricalDtype):
+            present = set(cond.astype(str))
+            conditions = [str(c) for c in cond.cat.categories if str(c) in present]
+        else:
+            conditions = list(dict.fromkeys(cond.astype(str)))
+    if problems:
+        raise InputError(problems)
+
+    import anndata as ad
+
+    obs = a.obs.copy()
+    obs_cols = [c for c in obs.columns]
+    for c in required:
+        obs[c] = obs[c].astype(str).str.strip()
+    obs[schema.SHEET_SPECIES] = obs[schema.SHEET_SPECIES].str.lower()
+    barcodes = obs.index.astype(str).tolist()
+    sids = obs[schema.SHEET_SAMPLE].tolist()
+    names = [b if b.startswith(f"{s}:") else f"{s}:{b}" for s, b in zip(sids, barcodes)]
+    if schema.OBS_BARCODE not in obs:
+        obs[schema.OBS_BARCODE] = [
+            b[len(s) + 1 :] if b.startswith(f"{s}:") else b for s, b in zip(sids, barcodes)
+        ]
+    names, n_dup = _make_unique(names)
+    if n_dup:
+        log.warning("%d repeated cell name(s) made unique", n_dup)
+    obs.index = pd.Index(names)
+    var = pd.DataFrame(index=var.index.astype(str))
+    var_src = counts_of_anndata(a)[1]
+    if schema.VAR_GENE_ID in var_src:
+        var[schema.VAR_GENE_ID] = var_src[schema.VAR_GENE_ID].astype(str).to_numpy()
+    else:
+        var[schema.VAR_GENE_ID] = var.index.to_numpy()
+    symbols, n = _make_unique(var.index.tolist())
+    if n:
+        log.warning("%d repeated gene symbol(s) made unique (suffix -1, -2, ...)", n)
+    var.index = pd.Index(symbols)
+    # keep only plain obs columns (drop derived ones a previous build may have added)
+    keep = [c for c in obs_cols if c in obs.columns]
+    if schema.OBS_BARCODE not in keep:
+        keep.append(schema.OBS_BARCODE)
+    merged = ad.AnnData(X=X.astype(np.float32), obs=obs[keep], var=var)
+    merged = _finish(merged, conditions, species, required)
+    return IngestResult(
+        adata=merged,
+        samples=list(merged.obs[schema.OBS_SAMPLE].cat.categories),
+        conditions=conditions,
+        species=species,
+        checksums={path.name: sha256_file(path)},
+        source=str(path),
+    )

@@ -1,0 +1,490 @@
+"""Stage ``qc``: per-sample quality control and doublet detection.
+
+Per sample (never across samples, whose depths differ):
+
+* metrics: total counts, genes detected, % mitochondrial counts (``MT-`` for human,
+  ``mt-`` for mouse);
+* outliers: more than ``nmads_*`` median absolute deviations from the sample's median of
+  log1p total counts, log1p genes (both sides) or % mito (upper side only);
+* hard floors / ceilings: ``min_genes``, ``min_counts``, ``max_pct_mito``;
+* doublets: ``scanpy.pp.scrublet`` on the raw counts of the sample's cells that are not
+  low-quality (``expected_doublet_rate`` from the config, fixed random state).
+
+Flags are kept in ``.obs`` (:data:`~atlas.schema.OBS_QC_OUTLIER`,
+:data:`~atlas.schema.OBS_QC_REASON`, :data:`~atlas.schema.OBS_DOUBLET_SCORE`,
+:data:`~atlas.schema.OBS_PREDICTED_DOUBLET`, :data:`~atlas.schema.OBS_QC_PASS`); failing
+cells are removed unless ``keep_all``. A sample left without cells is an
+:class:`~atlas.errors.InputError` naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from atlas import schema
+from atlas.errors import InputError
+
+from .log import get_logger, progress
+
+log = get_logger("qc")
+
+MITO_PREFIX = {"human": "MT-", "mouse": "mt-"}
+REASONS = (
+    "low_counts",
+    "high_counts",
+    "low_genes",
+    "high_genes",
+    "high_mito",
+    "doublet",
+)
+MAD_SCALE = 1.4826
+SCRUBLET_N_PCS = 10
+SCRUBLET_SIM_RATIO = 5.0
+MIN_CELLS_SCRUBLET = 30  # scrublet needs a neighbourhood; smaller samples are not scored
+PARAMS_KEY = f"{schema.UNS_PARAMS_PREFIX}qc"
+
+
+def _qc_config(config):
+    from atlas.config import Config, QCConfig
+
+    if config is None:
+        return QCConfig()
+    if isinstance(config, Config):
+        return config.qc
+    if isinstance(config, QCConfig):
+        return config
+    raise TypeError(f"config must be Config or QCConfig, not {type(config).__name__}")
+
+
+def mito_mask(var_names, species: str) -> np.ndarray:
+    """Mitochondrial genes: ``MT-`` (human) / ``mt-`` (mouse); falls back to either case."""
+    names = pd.Index(var_names).astype(str)
+    prefix = MITO_PREFIX.get(species, "MT-")
+    mask = names.str.startswith(prefix)
+    if not mask.any():
+        mask = names.str.upper().str.startswith("MT-")
+        if mask.any():
+            log.warning(
+                "no %s genes for species %s; using %d genes matching MT-/mt- in any case",
+                prefix,
+                species,
+                int(mask.sum()),
+            )
+    return np.asarray(mask)
+
+
+def compute_metrics(adata, species: str, counts_layer: str | None = schema.LAYER_COUNTS) -> None:
+    """Add total counts, genes detected and % mito to ``adata.obs`` (from raw counts)."""
+    X = adata.layers[counts_layer] if counts_layer and counts_layer in adata.layers else adata.X
+    X = sp.csr_matrix(X)
+    total = np.asarray(X.sum(axis=1)).ravel()
+    n_genes = np.asarray((X > 0).sum(axis=1)).ravel()
+    mt = mito_mask(adata.var_names, species)
+    mt_counts = np.asarray(X[:, mt].sum(axis=1)).ravel() if mt.any() else np.zeros_like(total)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        pct = np.where(total > 0, 100.0 * mt_counts / np.maximum(total, 1e-12), 0.0)
+    adata.obs[schema.OBS_TOTAL_COUNTS] = total.astype(np.float64)
+    adata.obs[schema.OBS_N_GENES] = np.asarray(n_genes, dtype=np.int64)
+    adata.obs[schema.OBS_PCT_MITO] = pct.astype(np.float64)
+
+
+def mad_bounds(values: np.ndarray, nmads: float) -> tuple[float, float]:
+    """``median -/+ nmads * MAD``; the MAD is scaled by 1.4826 to estimate the standard
+    deviation of normal data (as ``scater::isOutlier``). A zero MAD gives no bound."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return -np.inf, np.inf
+    med = float(np.median(v))
+    mad = MAD_SCALE * float(np.median(np.abs(v - med)))
+    if mad == 0:
+        return -np.inf, np.inf
+    return med - nmads * mad, med + nmads * mad
+
+
+def _flag_sample(obs: pd.DataFrame, cfg) -> pd.DataFrame:
+    """Boolean reason columns for one sample's cells."""
+    lc = np.log1p(obs[schema.OBS_TOTAL_COUNTS].to_numpy(dtype=float))
+    lg = np.log1p(obs[schema.OBS_N_GENES].to_numpy(dtype=float))
+    mt = obs[schema.OBS_PCT_MITO].to_numpy(dtype=float)
+    lo_c, hi_c = mad_bounds(lc, cfg.nmads_counts)
+    lo_g, hi_g = mad_bounds(lg, cfg.nmads_genes)
+    _, hi_m = mad_bounds(mt, cfg.nmads_mito)
+    flags = pd.DataFrame(index=obs.index)
+    flags["low_counts"] = (lc < lo_c) | (obs[schema.OBS_TOTAL_COUNTS].to_numpy() < cfg.min_counts)
+    flags["high_counts"] = lc > hi_c
+    flags["low_genes"] = (lg < lo_g) | (obs[schema.OBS_N_GENES].to_numpy() < cfg.min_genes)
+    flags["high_genes"] = lg > hi_g
+    flags["high_mito"] = (mt > hi_m) | (mt > cfg.max_pct_mito)
+    return flags
+
+
+def _scrublet_sample(counts, cfg, seed: int) -> tuple[np.ndarray, np.ndarray, float | None]:
+    """Doublet scores / calls of one sample's cells (raw counts, cells x genes).
+
+    Scores: ``scanpy.pp.scrublet`` on log-transformed counts with few principal components
+    (more sensitive than the defaults on small samples). Calls: the expected fraction
+    (``doublet_rate``) of highest-scoring cells; scrublet's automatic threshold is unstable
+    on small samples (it needs a bimodal score distribution).
+    """
+    import anndata as ad
+    import scanpy as sc
+
+    n = counts.shape[0]
+    a = ad.AnnData(X=sp.csr_matrix(counts, dtype=np.float32))
+    a.obs_names = [str(i) for i in range(n)]
+    a.var_names = [str(j) for j in range(counts.shape[1])]
+    n_pcs = int(max(2, min(SCRUBLET_N_PCS, n - 1, counts.shape[1] - 1)))
+    verbosity = sc.settings.verbosity
+    try:
+        sc.settings.verbosity = 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sc.pp.scrublet(
+                a,
+                expected_doublet_rate=cfg.doublet_rate,
+                sim_doublet_ratio=SCRUBLET_SIM_RATIO,
+                n_prin_comps=n_pcs,
+                log_transform=True,
+                mean_center=True,
+                normalize_variance=True,
+                knn_dist_metric="euclidean",
+                threshold=None,
+                random_state=seed,
+                verbose=False,
+                copy=False,
+            )
+    finally:
+        sc.settings.verbosity = verbosity
+    score = a.obs["doublet_score"].to_numpy(dtype=np.float64)
+    score = np.where(np.isfinite(score), score, 0.0)
+    k = int(round(cfg.doublet_rate * n))
+    called = np.zeros(n, dtype=bool)
+    thr = None
+    if k > 0:
+        top = np.argsort(-score, kind="stable")[:k]
+        called[top] = True
+        thr = float(score[top[-1]])
+    return score, called, thr
+
+
+def run_qc(
+    adata,
+    config=None,
+    *,
+    species: str | None = None,
+    keep_all: bool = False,
+    seed: int = 0,
+    report_dir: str | Path | None = None,
+):
+    """QC ``adata`` (raw counts in ``layers["counts"]`` or ``X``) per sample.
+
+    Returns ``(adata_out, summary, obs_all)``: the filtered AnnData (all cells with
+    ``keep_all``), a per-sample summary table and the ``.obs`` of every cell with its flags
+    (for the report). With ``report_dir`` the QC report is written there (also when a
+    sample has no cells left). Raises :class:`InputError` when a sample has no cells left.
+    """
+    cfg = _qc_config(config)
+    species = species or str(adata.uns.get(schema.UNS_SPECIES, "human"))
+    compute_metrics(adata, species)
+    counts = adata.layers[schema.LAYER_COUNTS] if schema.LAYER_COUNTS in adata.layers else adata.X
+    counts = sp.csr_matrix(counts)
+    samples = adata.obs[schema.OBS_SAMPLE].astype(str).to_numpy()
+    order = list(dict.fromkeys(samples))
+    flags = pd.DataFrame(False, index=adata.obs_names, columns=list(REASONS))
+    score = np.full(adata.n_obs, np.nan)
+    thresholds: dict[str, float | None] = {}
+    for i, sid in enumerate(progress(order, desc="qc", unit="sample")):
+        idx = np.flatnonzero(samples == sid)
+        f = _flag_sample(adata.obs.iloc[idx], cfg)
+        for c in f.columns:
+            flags.iloc[idx, flags.columns.get_loc(c)] = f[c].to_numpy()
+        if not cfg.doublets:
+            continue
+        low = (f["low_counts"] | f["low_genes"] | f["high_mito"]).to_numpy()
+        cand = idx[~low]
+        if cand.size < MIN_CELLS_SCRUBLET:
+            log.warning(
+                "sample '%s': %d good cells, too few for doublet detection (need %d)",
+                sid,
+                cand.size,
+                MIN_CELLS_SCRUBLET,
+            )
+            continue
+        try:
+            s, called, thr = _scrublet_sample(counts[cand], cfg, seed + i)
+        except Exception as e:  # a scrublet failure must not end a long build
+            log.warning("sample '%s': doublet detection failed (%s); skipped", sid, e)
+            continue
+        score[cand] = s
+        flags.iloc[cand, flags.columns.get_loc("doublet")] = called
+        thresholds[sid] = thr
+
+    outlier = flags[[c for c in REASONS if c != "doublet"]].any(axis=1).to_numpy()
+    doublet = flags["doublet"].to_numpy()
+    reason = [
+        ";".join(c for c, v in zip(REASONS, row) if v) for row in flags[list(REASONS)].to_numpy()
+    ]
+    adata.obs[schema.OBS_QC_OUTLIER] = outlier
+    adata.obs[schema.OBS_QC_REASON] = reason
+    adata.obs[schema.OBS_DOUBLET_SCORE] = score
+    adata.obs[schema.OBS_PREDICTED_DOUBLET] = doublet
+    fail = outlier | (doublet & cfg.remove_doublets)
+    adata.obs[schema.OBS_QC_PASS] = ~fail
+
+    summary = qc_summary(adata.obs, flags, order, thresholds)
+    empty = summary.loc[summary["n_cells_out"] == 0, schema.OBS_SAMPLE].tolist()
+    obs_all = adata.obs.copy()
+    report = None
+    if report_dir is not None:
+        report = write_qc_report(obs_all, summary, report_dir)
+    if empty and not keep_all:
+        raise InputError(
+            [
+                f"sample '{sid}': no cells left after QC (all {n} cells failed; "
+                + (f"see {report}; " if report is not None else "")
+                + "relax the qc settings or drop the sample)"
+                for sid, n in zip(
+                    empty, summary.set_index(schema.OBS_SAMPLE).loc[empty, "n_cells_in"]
+                )
+            ]
+        )
+    if empty:
+        log.warning("samples with no cells passing QC (kept by --keep-all): %s", ", ".join(empty))
+
+    if keep_all:
+        out = adata
+    else:
+        out = adata[~fail].copy()
+    # genes seen in too few (kept) cells
+    if cfg.min_cells_gene > 0:
+        c = sp.csr_matrix(
+            out.layers[schema.LAYER_COUNTS] if schema.LAYER_COUNTS in out.layers else out.X
+        )
+        keep_mask = out.obs[schema.OBS_QC_PASS].to_numpy()
+        n_cells = np.bincount(c[keep_mask].indices, minlength=out.n_vars)
+        genes = n_cells >= cfg.min_cells_gene
+        if not genes.all():
+            log.info(
+                "dropping %d genes detected in fewer than %d cells",
+                int((~genes).sum()),
+                cfg.min_cells_gene,
+            )
+            out = out[:, genes].copy()
+    out.uns[PARAMS_KEY] = {
+        "config": json.dumps(cfg.model_dump(mode="json"), sort_keys=True),
+        "species": species,
+        "mito_prefix": MITO_PREFIX.get(species, "MT-"),
+        "keep_all": bool(keep_all),
+        "doublet_method": (
+            "scanpy.pp.scrublet per sample on raw counts of non-low-quality cells "
+            f"(log_transform, {SCRUBLET_N_PCS} PCs, sim_doublet_ratio {SCRUBLET_SIM_RATIO}); "
+            "the doublet_rate fraction of highest scores called"
+        ),
+        "mad": "median absolute deviation (x1.4826) of log1p counts, log1p genes, % mito",
+        "scrublet_thresholds": json.dumps(thresholds, sort_keys=True),
+    }
+    from atlas.tables import put_table
+
+    put_table(out, schema.TABLE_QC_SUMMARY, summary)
+    n_in, n_out = adata.n_obs, int((~fail).sum())
+    log.info(
+        "QC: %d of %d cells pass (%.1f%%); %d outliers, %d predicted doublets%s",
+        n_out,
+        n_in,
+        100.0 * n_out / max(n_in, 1),
+        int(outlier.sum()),
+        int(doublet.sum()),
+        " (all kept: --keep-all)" if keep_all else "",
+    )
+    return out, summary, obs_all
+
+
+def qc_summary(
+    obs: pd.DataFrame, flags: pd.DataFrame, order: list[str], thresholds: dict | None = None
+) -> pd.DataFrame:
+    """One row per sample (table ``qc_summary``).
+
+    Columns: ``sample_id, n_cells_in, n_cells_out, n_low_quality`` (outliers),
+    ``n_doublets`` (predicted), ``median_counts, median_genes`` (kept cells), then
+    ``patient, condition, n_removed``, ``n_flag_<reason>`` per reason, medians before QC,
+    ``median_pct_mito`` before / after and the doublet score threshold.
+    """
+    thresholds = thresholds or {}
+    rows = []
+    samples = obs[schema.OBS_SAMPLE].astype(str).to_numpy()
+    passed = obs[schema.OBS_QC_PASS].to_numpy(dtype=bool)
+    outlier = obs[schema.OBS_QC_OUTLIER].to_numpy(dtype=bool)
+    doublet = obs[schema.OBS_PREDICTED_DOUBLET].to_numpy(dtype=bool)
+
+    def med(values) -> float:
+        return float(np.median(values)) if len(values) else float("nan")
+
+    for sid in order:
+        m = samples == sid
+        o = obs.loc[m]
+        kept = o.loc[passed[m]]
+        row = {
+            schema.OBS_SAMPLE: sid,
+            "n_cells_in": int(m.sum()),
+            "n_cells_out": int(passed[m].sum()),
+            "n_low_quality": int(outlier[m].sum()),
+            "n_doublets": int(doublet[m].sum()),
+            "median_counts": med(kept[schema.OBS_TOTAL_COUNTS]),
+            "median_genes": med(kept[schema.OBS_N_GENES]),
+            schema.OBS_PATIENT: str(o[schema.OBS_PATIENT].iloc[0]) if len(o) else "",
+            schema.OBS_CONDITION: str(o[schema.OBS_CONDITION].iloc[0]) if len(o) else "",
+            "n_removed": int((~passed[m]).sum()),
+        }
+        f = flags.loc[m]
+        for r in REASONS:
+            row[f"n_flag_{r}"] = int(f[r].sum())
+        row["median_counts_before"] = med(o[schema.OBS_TOTAL_COUNTS])
+        row["median_genes_before"] = med(o[schema.OBS_N_GENES])
+        row["median_pct_mito_before"] = med(o[schema.OBS_PCT_MITO])
+        row["median_pct_mito"] = med(kept[schema.OBS_PCT_MITO])
+        thr = thresholds.get(sid)
+        row["doublet_threshold"] = float(thr) if thr is not None else float("nan")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------- report
+def write_qc_report(obs_all: pd.DataFrame, summary: pd.DataFrame, out_dir: str | Path) -> Path:
+    """``out_dir/report.html`` (one self-contained plotly page) and ``out_dir/summary.csv``."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    from atlas.io import atomic_write_text
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "summary.csv", summary.to_csv(index=False))
+
+    order = summary[schema.OBS_SAMPLE].tolist()
+    obs = obs_all.copy()
+    obs["_sample"] = obs[schema.OBS_SAMPLE].astype(str)
+    passed = obs[schema.OBS_QC_PASS].to_numpy(dtype=bool)
+    figs = []
+
+    metrics = [
+        (schema.OBS_TOTAL_COUNTS, "total UMI counts (log10)", lambda v: np.log10(v + 1)),
+        (schema.OBS_N_GENES, "genes detected (log10)", lambda v: np.log10(v + 1)),
+        (schema.OBS_PCT_MITO, "% mitochondrial counts", lambda v: v),
+    ]
+    fig = make_subplots(
+        rows=len(metrics), cols=1, subplot_titles=[m[1] for m in metrics], vertical_spacing=0.08
+    )
+    for r, (col, _title, tf) in enumerate(metrics, start=1):
+        for label, mask, color in (
+            ("before QC", np.ones(len(obs), bool), "#9e9e9e"),
+            ("after QC", passed, "#1f77b4"),
+        ):
+            sub = obs.loc[mask]
+            fig.add_trace(
+                go.Violin(
+                    x=sub["_sample"],
+                    y=tf(sub[col].to_numpy(dtype=float)),
+                    name=label,
+                    legendgroup=label,
+                    showlegend=(r == 1),
+                    side="negative" if label == "before QC" else "positive",
+                    line_color=color,
+                    points=False,
+                    spanmode="hard",
+                    scalemode="width",
+                    width=0.9,
+                ),
+                row=r,
+                col=1,
+            )
+        fig.update_xaxes(categoryorder="array", categoryarray=order, row=r, col=1)
+    fig.update_layout(
+        title="Per-sample QC distributions, before and after filtering",
+        violingap=0,
+        violinmode="overlay",
+        height=300 * len(metrics),
+        template="plotly_white",
+    )
+    figs.append(fig)
+
+    # cells kept / removed per sample, and removal reasons
+    fig2 = go.Figure()
+    fig2.add_bar(x=order, y=summary["n_cells_out"], name="kept", marker_color="#1f77b4")
+    fig2.add_bar(x=order, y=summary["n_removed"], name="removed", marker_color="#d62728")
+    fig2.update_layout(
+        barmode="stack",
+        title="Cells kept and removed per sample",
+        yaxis_title="cells",
+        template="plotly_white",
+    )
+    figs.append(fig2)
+    fig3 = go.Figure()
+    for r in REASONS:
+        fig3.add_bar(x=order, y=summary[f"n_flag_{r}"], name=r)
+    fig3.update_layout(
+        barmode="group",
+        title="Cells flagged per sample and reason (a cell can have several reasons)",
+        yaxis_title="cells",
+        template="plotly_white",
+    )
+    figs.append(fig3)
+
+    # counts vs genes scatter coloured by status (subsampled)
+    rng = np.random.default_rng(0)
+    idx = np.arange(len(obs))
+    if len(idx) > 20000:
+        idx = np.sort(rng.choice(idx, 20000, replace=False))
+    sub = obs.iloc[idx]
+    status = np.where(
+        sub[schema.OBS_QC_PASS].to_numpy(dtype=bool),
+        "kept",
+        np.where(sub[schema.OBS_PREDICTED_DOUBLET].to_numpy(dtype=bool), "doublet", "outlier"),
+    )
+    fig4 = go.Figure()
+    for st, color in (("kept", "#1f77b4"), ("outlier", "#d62728"), ("doublet", "#ff7f0e")):
+        m = status == st
+        fig4.add_scattergl(
+            x=sub.loc[m, schema.OBS_TOTAL_COUNTS],
+            y=sub.loc[m, schema.OBS_N_GENES],
+            mode="markers",
+            name=st,
+            marker={"size": 3, "color": color, "opacity": 0.6},
+            text=sub.loc[m, "_sample"],
+        )
+    fig4.update_layout(
+        title="UMI counts vs genes detected (all cells)",
+        xaxis_type="log",
+        yaxis_type="log",
+        xaxis_title="total UMI counts",
+        yaxis_title="genes detected",
+        template="plotly_white",
+    )
+    figs.append(fig4)
+
+    total_in = int(summary["n_cells_in"].sum())
+    total_out = int(summary["n_cells_out"].sum())
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>",
+        "<title>CLL TME Atlas - QC report</title>",
+        "<style>body{font-family:sans-serif;margin:2em;}table{border-collapse:collapse;"
+        "font-size:0.85em}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}"
+        "</style></head><body>",
+        "<h1>QC report</h1>",
+        f"<p>{total_out} of {total_in} cells kept "
+        f"({100.0 * total_out / max(total_in, 1):.1f}%) across {len(summary)} samples.</p>",
+    ]
+    for i, f in enumerate(figs):
+        parts.append(f.to_html(full_html=False, include_plotlyjs=(i == 0), default_width="100%"))
+    parts.append("<h2>Summary per sample</h2>")
+    parts.append(summary.to_html(index=False, float_format=lambda v: f"{v:.3g}"))
+    parts.append("</body></html>")
+    path = out_dir / "report.html"
+    atomic_write_text(path, "\n".join(parts))
+    return path
