@@ -168,6 +168,17 @@ LIBRARY_MEDIAN: dict[str, float] = {
     PLATELET: 800,
 }
 
+# continua between related states: (state A, state B) -> (Beta of A's cells, Beta of B's
+# cells) for the position w on the path A (w=0) -> B (w=1)
+GRADIENTS: dict[tuple[str, str], tuple[tuple[float, float], tuple[float, float]]] = {
+    (CLL_RESTING, CLL_ACTIVATED): ((1.0, 12.0), (8.0, 2.5)),
+    (CD8_EFFECTOR, CD8_EXHAUSTED): ((1.0, 10.0), (8.0, 2.5)),
+    (CD4_NAIVE, CD4_TFH): ((1.0, 14.0), (9.0, 2.0)),
+}
+_GRADIENT_IDX = [
+    ((CELL_TYPES.index(a), CELL_TYPES.index(b)), betas) for (a, b), betas in GRADIENTS.items()
+]
+
 DOUBLET_RATE = 0.05
 LOW_QUALITY_RATE = 0.05
 
@@ -1043,6 +1054,93 @@ def _barcodes(n: int, rng: np.random.Generator) -> list[str]:
     return out
 
 
+CHUNK_CELLS = 2048  # cells per dense block (bounds memory at any cohort size)
+
+
+@dataclass
+class _Ctx:
+    """Per-sample quantities shared by its chunks."""
+
+    f: np.ndarray  # K x G profile with condition effects
+    f_base: np.ndarray  # K x G profile before condition effects
+    mult: np.ndarray  # K x G condition multipliers
+    partial: list  # (type, gene, multiplier, fraction) effects on a fraction of cells
+    amb: np.ndarray  # G, ambient profile
+    amb_frac: float
+    ifn_rate: float
+
+
+@dataclass
+class _Idx:
+    """Gene index sets used per cell."""
+
+    mt: np.ndarray
+    non_mt: np.ndarray
+    stress: np.ndarray
+    ifn: np.ndarray
+    normal_b: int
+    light_k: np.ndarray
+    light_l: np.ndarray
+    v_segments: list
+
+
+def _chunk_counts(r, ctx: _Ctx, idx: _Idx, theta, types, t2, is_dbl, is_lq, lib, lib2):
+    """Counts (CSR int32) of one block of cells of a sample."""
+    n = types.size
+    f = ctx.f
+    mu = f[types] * lib[:, None]
+    # continua between related states (resting -> activated CLL, effector -> exhausted
+    # CD8, naive -> Tfh CD4): each cell sits somewhere on the path; labels stay discrete
+    for (ka, kb), (ba, bb) in _GRADIENT_IDX:
+        cells = np.flatnonzero(((types == ka) | (types == kb)) & ~is_dbl)
+        if cells.size == 0:
+            continue
+        in_b = types[cells] == kb
+        w = np.where(in_b, r.beta(*bb, size=cells.size), r.beta(*ba, size=cells.size))
+        la, lb = np.log(ctx.f_base[ka]), np.log(ctx.f_base[kb])
+        prof = np.exp(la[None, :] + w[:, None] * (lb - la)[None, :])
+        prof /= prof.sum(axis=1, keepdims=True)
+        prof *= ctx.mult[types[cells]]
+        mu[cells] = prof * lib[cells, None]
+    if is_dbl.any():
+        d = np.flatnonzero(is_dbl)
+        mu[d] += f[t2[d]] * lib2[d, None]
+    # partial condition effects: a random fraction of the type's cells
+    for k, i, mult, fa in ctx.partial:
+        cells = np.flatnonzero(types == k)
+        hit = cells[r.random(cells.size) < fa]
+        mu[hit, i] *= mult
+    # normal B: one IGHV and one light chain (kappa or lambda) per cell
+    nb = np.flatnonzero((types == idx.normal_b) & ~is_dbl)
+    if nb.size:
+        kappa = r.random(nb.size) < 0.6
+        mu[np.ix_(nb[kappa], idx.light_l)] *= 0.002
+        mu[np.ix_(nb[~kappa], idx.light_k)] *= 0.002
+        for vi in idx.v_segments:
+            chosen = r.integers(vi.size, size=nb.size)
+            keep = np.full((nb.size, vi.size), 0.002)
+            keep[np.arange(nb.size), chosen] = vi.size
+            mu[np.ix_(nb, vi)] *= keep
+    # per-cell nuisance: dissociation stress (continuous), interferon (a few cells)
+    mu[:, idx.stress] *= np.exp(r.normal(0, 0.5, n))[:, None]
+    ifn = np.flatnonzero(r.random(n) < ctx.ifn_rate)
+    mu[np.ix_(ifn, idx.ifn)] *= 4.0
+    # low-quality cells: 1/4 of the UMIs, 20-60% mito
+    if is_lq.any():
+        q = np.flatnonzero(is_lq)
+        m = r.uniform(0.2, 0.6, q.size)
+        tot = mu[q].sum(axis=1) * 0.25
+        mt_sum = mu[np.ix_(q, idx.mt)].sum(axis=1)
+        nuc_sum = tot * 4 - mt_sum
+        mu[np.ix_(q, idx.mt)] *= (tot * m / mt_sum)[:, None]
+        mu[np.ix_(q, idx.non_mt)] *= (tot * (1 - m) / nuc_sum)[:, None]
+    # ambient RNA
+    mu += (ctx.amb_frac * mu.sum(axis=1))[:, None] * ctx.amb[None, :]
+    # gamma-Poisson counts
+    mu *= r.gamma(theta, 1.0 / theta, size=mu.shape)
+    return sp.csr_matrix(r.poisson(mu).astype(np.int32))
+
+
 def simulate(
     *,
     seed: int = 0,
@@ -1172,6 +1270,16 @@ def simulate(
     light_k = np.array([gidx["IGKC"], *ig_idx["IGKV"]])
     light_l = np.array([gidx[g] for g in IGL_CONST if g in gidx] + list(ig_idx["IGLV"]))
 
+    idx = _Idx(
+        mt=mt_idx,
+        non_mt=np.flatnonzero(non_mt),
+        stress=stress_idx,
+        ifn=ifn_idx,
+        normal_b=normal_b,
+        light_k=light_k,
+        light_l=light_l,
+        v_segments=list(ig_idx.values()),
+    )
     mats, obs_parts = [], []
     for (sid, p, c), sseq in progress(
         list(zip(sample_rows, child)), desc="simulate", unit="sample"
@@ -1180,8 +1288,8 @@ def simulate(
         n = cells_per_sample
         # per-sample profile: patient profile x sample batch; condition effects on top
         f = patient_frac[p] * np.exp(r.normal(0, 0.1, G))
-        f = f / f.sum(axis=1, keepdims=True)
-        f = f * cond_mult[c]
+        f_base = f / f.sum(axis=1, keepdims=True)
+        f = f_base * cond_mult[c]
         lib_factor = np.exp(r.normal(0, 0.1))
         props = r.dirichlet(comp_p[c] * 300.0 + 1e-3)
         types = r.choice(K, size=n, p=props)
@@ -1199,52 +1307,22 @@ def simulate(
         lib2 = np.where(
             is_dbl, lib_med[np.maximum(t2, 0)] * lib_factor * np.exp(r.normal(0, 0.35, n)), 0
         )
-        mu = f[types] * lib[:, None]
-        if is_dbl.any():
-            d = np.flatnonzero(is_dbl)
-            mu[d] += f[t2[d]] * lib2[d, None]
-        # partial condition effects: a random fraction of the type's cells
-        for k, i, mult, fa in partial[c]:
-            cells = np.flatnonzero(types == k)
-            hit = cells[r.random(cells.size) < fa]
-            mu[hit, i] *= mult
-        # normal B: one IGHV and one light chain (kappa or lambda) per cell
-        nb = np.flatnonzero((types == normal_b) & ~is_dbl)
-        if nb.size:
-            kappa = r.random(nb.size) < 0.6
-            mu[np.ix_(nb[kappa], light_l)] *= 0.002
-            mu[np.ix_(nb[~kappa], light_k)] *= 0.002
-            for idx in ig_idx.values():
-                chosen = r.integers(idx.size, size=nb.size)
-                keep = np.zeros((nb.size, idx.size))
-                keep[np.arange(nb.size), chosen] = idx.size
-                sub = mu[np.ix_(nb, idx)]
-                mu[np.ix_(nb, idx)] = sub * np.maximum(keep, 0.002)
-        # per-cell nuisance: dissociation stress (continuous), interferon (a few cells)
-        mu[:, stress_idx] *= np.exp(r.normal(0, 0.5, n))[:, None]
-        ifn = np.flatnonzero(r.random(n) < r.uniform(0.02, 0.1))
-        mu[np.ix_(ifn, ifn_idx)] *= 4.0
-        # low-quality cells: 1/4 of the UMIs, 20-60% mito
-        if is_lq.any():
-            q = np.flatnonzero(is_lq)
-            m = r.uniform(0.2, 0.6, q.size)
-            tot = mu[q].sum(axis=1) * 0.25
-            mt_sum = mu[np.ix_(q, mt_idx)].sum(axis=1)
-            nuc_sum = tot * 4 - mt_sum
-            mu[np.ix_(q, mt_idx)] *= (tot * m / mt_sum)[:, None]
-            scale_nuc = tot * (1 - m) / nuc_sum
-            mu[np.ix_(q, np.flatnonzero(non_mt))] *= scale_nuc[:, None]
-        # ambient RNA from the pooled profile of the sample
-        amb = mu.sum(axis=0)
+        # ambient RNA: the sample's expected pooled profile (soup)
+        w_amb = np.bincount(types, weights=lib, minlength=K)
+        w_amb += np.bincount(np.maximum(t2, 0), weights=lib2, minlength=K)
+        amb = w_amb @ f
         amb /= amb.sum()
-        a = r.uniform(0.02, 0.05)
-        mu += (a * mu.sum(axis=1))[:, None] * amb[None, :]
-        # gamma-Poisson counts
-        lam = mu * r.gamma(theta, 1.0 / theta, size=mu.shape)
-        counts = r.poisson(lam).astype(np.int32)
-        X = sp.csr_matrix(counts)
-        del mu, lam, counts
-        mats.append(X)
+        amb_frac = r.uniform(0.02, 0.05)
+        ifn_rate = r.uniform(0.02, 0.1)
+        ctx = _Ctx(f=f, f_base=f_base, mult=cond_mult[c], partial=partial[c], amb=amb,
+                   amb_frac=amb_frac, ifn_rate=ifn_rate)  # fmt: skip
+        for lo in range(0, n, CHUNK_CELLS):
+            sl = slice(lo, min(n, lo + CHUNK_CELLS))
+            mats.append(
+                _chunk_counts(
+                    r, ctx, idx, theta, types[sl], t2[sl], is_dbl[sl], is_lq[sl], lib[sl], lib2[sl]
+                )  # fmt: skip
+            )
         bcs = _barcodes(n, r)
         cell_type = np.array(CELL_TYPES, dtype=object)[types]
         cell_type[is_dbl] = DOUBLET
