@@ -205,11 +205,15 @@ def export_adata(
     import anndata as ad
     import h5py
 
-    from .store import h5ad_safe_uns, prepare_adata
+    from .store import NotAnAtlasError, h5ad_safe_uns, prepare_adata
 
     src = _atlas_file(atlas_dir)
     read_elem = ad.io.read_elem
-    with h5py.File(src, "r") as f:
+    try:  # a corrupt or truncated atlas.h5ad: one clear line, not a traceback
+        f = h5py.File(src, "r")
+    except OSError as e:
+        raise NotAnAtlasError(f"not an atlas: {src} cannot be read ({e})") from None
+    with f:
         obs = read_elem(f["obs"])
         var = read_elem(f["var"])
         mask = select_cells(
