@@ -566,6 +566,8 @@ def pseudobulk_de(
     }
     frames = []
     types = list(pd.unique(pb.meta[schema.COL_CELL_TYPE]))
+    if len(pb.skipped):  # types with no group passing min_cells are reported as untested
+        types += [t for t in pd.unique(pb.skipped[schema.COL_CELL_TYPE]) if t not in types]
     if cell_types is not None:
         types = [t for t in types if t in set(cell_types)]
     for ctype in sorted(types):

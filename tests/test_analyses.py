@@ -1,0 +1,424 @@
+"""preprocessing.analyses: composition, pseudobulk DE and programmes, against planted truth.
+
+Fast tests use the ``small_sim`` fixture (3 patients x 4 conditions, ~200 cells/sample)
+with the simulator's true labels. Slow tests: the default demo cohort with true labels
+(the ceiling), and the full build's own annotation compared with that ceiling.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import ARTIFACTS, shared_file
+
+from atlas import schema
+from atlas.errors import InputError
+from preprocessing import analyses as A
+
+REF = "NAIVE"
+
+
+def analysable(adata, *, label: str = "true_cell_type"):
+    """Raw-count simulation -> what the build hands to ``analyses``.
+
+    Doublets and low-quality cells removed, ``layers["counts"]`` raw, ``X`` =
+    log1p(normalize_total 1e4), ``obs["cell_type"]`` = the simulator's true label.
+    """
+    import scanpy as sc
+
+    keep = ~(adata.obs["is_doublet"].to_numpy() | adata.obs["low_quality"].to_numpy())
+    a = adata[keep].copy()
+    a.layers[schema.LAYER_COUNTS] = a.X.copy()
+    sc.pp.normalize_total(a, target_sum=1e4, layer=None)
+    sc.pp.log1p(a, layer=None)
+    a.obs[schema.OBS_CELL_TYPE] = a.obs[label].astype(str).astype("category")
+    conds = [
+        c for c in ("NAIVE", "IBR_EARLY", "IBR_RES", "VEN_RES") if c in set(a.obs["condition"])
+    ]
+    a.uns[schema.UNS_CONDITION_ORDER] = conds
+    a.uns[schema.UNS_REFERENCE_CONDITION] = REF
+    return a
+
+
+@pytest.fixture(scope="module")
+def small(small_sim):
+    return analysable(small_sim.adata)
+
+
+@pytest.fixture(scope="module")
+def small_run(small):
+    a = small.copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tables = A.run_analyses(a)
+    return a, tables
+
+
+# ----------------------------------------------------------------------------- helpers
+def test_bh_matches_scipy():
+    from scipy.stats import false_discovery_control
+
+    rng = np.random.default_rng(0)
+    p = rng.uniform(size=200) ** 3
+    np.testing.assert_allclose(A.bh_adjust(p), false_discovery_control(p), rtol=1e-12)
+    q = A.bh_adjust(np.array([0.01, np.nan, 0.04]))
+    assert np.isnan(q[1]) and q[0] == pytest.approx(0.02) and q[2] == pytest.approx(0.04)
+
+
+def test_squeeze_var_shrinks_towards_common_value():
+    rng = np.random.default_rng(1)
+    s2 = rng.chisquare(4, size=50) / 4  # true variance 1, 4 df
+    post, d0, s0 = A.squeeze_var(s2, np.full(50, 4.0))
+    assert d0 > 4 and 0.6 < s0 < 1.5
+    assert post.var() < s2.var()
+    assert np.all((post - s0) * (s2 - s0) >= -1e-12)  # moves each towards the prior
+
+
+def test_design_selection_paired_and_unpaired():
+    paired = pd.DataFrame(
+        {
+            schema.OBS_PATIENT: ["p1", "p1", "p2", "p2", "p3", "p3"],
+            schema.OBS_CONDITION: ["A", "B"] * 3,
+        },
+        index=[f"s{i}" for i in range(6)],
+    )
+    X, is_paired = A._design(paired, "A", ["A", "B"])
+    assert is_paired and list(X.columns) == ["Intercept", "cond_B", "patient_p2", "patient_p3"]
+    unpaired = paired.assign(**{schema.OBS_PATIENT: [f"q{i}" for i in range(6)]})
+    X, is_paired = A._design(unpaired, "A", ["A", "B"])
+    assert not is_paired and list(X.columns) == ["Intercept", "cond_B"]
+    # paired but no residual df left with the block (2 patients x 2 conditions -> 1 df: ok)
+    two = paired.iloc[:4]
+    assert A.is_paired(two, "A", ["A", "B"])
+    one_each = paired.iloc[[0, 3]]  # p1 in A, p2 in B: nothing to pair
+    assert not A.is_paired(one_each, "A", ["A", "B"])
+
+
+# ----------------------------------------------------------------------------- tables
+def test_tables_have_contract_columns_and_are_stored(small_run, tmp_path):
+    import anndata as ad
+
+    from atlas.tables import get_table
+
+    a, tables = small_run
+    contract = {
+        schema.TABLE_COMPOSITION: "cell_type condition reference mean_prop mean_prop_ref "
+        "log2fc pvalue padj n_samples",
+        schema.TABLE_PROPORTIONS: "sample_id patient condition cell_type n_cells n_total prop",
+        schema.TABLE_DE: "cell_type gene condition reference log2fc lfcse pvalue padj "
+        "base_mean n_samples_cond n_samples_ref",
+    }
+    for name, cols in contract.items():
+        cols = cols.split()
+        assert list(tables[name].columns[: len(cols)]) == cols, name
+        assert len(tables[name]) > 0, name
+    from atlas.testing import TABLE_COLUMNS
+
+    for name in (schema.TABLE_COMPOSITION, schema.TABLE_PROPORTIONS, schema.TABLE_DE):
+        assert list(tables[name].columns) == TABLE_COLUMNS[name], name
+    # no score columns in a bare simulation: programmes skipped, and said so
+    assert schema.TABLE_PROGRAMS not in tables
+    params = a.uns[A.PARAMS_KEY]
+    assert params["programs_skipped"] is True
+    assert params["reference"] == REF
+    assert params["contrasts"] == ["IBR_EARLY", "IBR_RES", "VEN_RES"]
+    # proportions sum to one per sample; composition reference is NAIVE everywhere
+    props = tables[schema.TABLE_PROPORTIONS]
+    np.testing.assert_allclose(props.groupby(schema.OBS_SAMPLE)["prop"].sum(), 1.0)
+    comp = tables[schema.TABLE_COMPOSITION]
+    assert set(comp[schema.COL_REFERENCE]) == {REF}
+    assert set(comp[schema.COL_CONDITION]) == {"IBR_EARLY", "IBR_RES", "VEN_RES"}
+    assert comp[schema.COL_PADJ].between(0, 1).all()
+    de = tables[schema.TABLE_DE]
+    assert de[schema.COL_PVALUE].dropna().between(0, 1).all()
+    assert de["paired"].all()  # every patient sampled in every condition
+    # stored h5ad-safe: round trip through h5ad gives the same tables
+    path = tmp_path / "a.h5ad"
+    a.write_h5ad(path)
+    b = ad.read_h5ad(path)
+    for name in tables:
+        got = get_table(b, name)
+        pd.testing.assert_frame_equal(
+            got.reset_index(drop=True),
+            get_table(a, name).reset_index(drop=True),
+            check_dtype=False,
+        )
+    assert b.uns[A.PARAMS_KEY]["composition_paired"]
+
+
+def test_small_groups_are_skipped_and_recorded(small):
+    a = small.copy()
+    pb = A.pseudobulk(a, min_cells=10)
+    n = a.obs.groupby([schema.OBS_CELL_TYPE, schema.OBS_SAMPLE], observed=True).size()
+    small_groups = {f"{t}|{s}" for (t, s), k in n.items() if 0 < k < 10}
+    assert small_groups, "the small simulation should have rare types under 10 cells"
+    assert set(pb.meta.index).isdisjoint(small_groups)
+    assert {f"{r.cell_type}|{r.sample_id}" for r in pb.skipped.itertuples()} == small_groups
+    assert (pb.meta["n_cells"] >= 10).all()
+    # pseudobulk sums are the raw counts
+    t, s = pb.meta.iloc[0][[schema.COL_CELL_TYPE, schema.OBS_SAMPLE]]
+    m = (a.obs[schema.OBS_CELL_TYPE] == t).to_numpy() & (a.obs[schema.OBS_SAMPLE] == s).to_numpy()
+    want = np.asarray(a.layers[schema.LAYER_COUNTS][m].sum(axis=0)).ravel()
+    np.testing.assert_array_equal(pb.counts.iloc[0].to_numpy(), want.astype(np.int64))
+    # a cell type with too few samples per condition is not tested, and that is recorded
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        de, info = A.pseudobulk_de(
+            a, REF, ["IBR_RES"], min_cells=10, min_samples=3, cell_types=["pDC", "CLL resting"]
+        )
+    tested = set(de[schema.COL_CELL_TYPE])
+    assert "CLL resting" in tested
+    assert "pDC" not in tested
+    assert any(s.startswith("pDC: IBR_RES vs NAIVE not tested") for s in info["skipped_contrasts"])
+    assert info["skipped_groups"] and all(g.count("|") == 2 for g in info["skipped_groups"])
+
+
+def test_unpaired_design_when_patients_not_repeated(small):
+    a = small.copy()
+    a.obs[schema.OBS_PATIENT] = a.obs[schema.OBS_SAMPLE].astype(str)  # each sample its own donor
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        de, info = A.pseudobulk_de(a, REF, ["IBR_RES"], cell_types=["CLL resting"])
+    assert info["designs"] == {"CLL resting": "~condition"}
+    assert not de["paired"].any()
+    props = A.sample_proportions(a)
+    comp, cinfo = A.compare_composition(props, REF, ["IBR_RES"])
+    assert not cinfo["paired"] and not comp["paired"].any()
+
+
+def test_planted_de_found_in_small_sim(small_run, small_sim):
+    _, tables = small_run
+    de = tables[schema.TABLE_DE].set_index([schema.COL_CELL_TYPE, schema.COL_GENE, "condition"])
+    # headline effects: PSMB5 up in resting CLL under ibrutinib resistance, CCL3 down early
+    psmb5 = de.loc[("CLL resting", "PSMB5", "IBR_RES")]
+    assert psmb5[schema.COL_LOG2FC] > 1 and psmb5[schema.COL_PADJ] < 0.05
+    ccl3 = de.loc[("CLL resting", "CCL3", "IBR_EARLY")]
+    assert ccl3[schema.COL_LOG2FC] < -1 and ccl3[schema.COL_PADJ] < 0.05
+    score = A.score_against_truth(tables, small_sim.truth)
+    assert score["de_null_n"] > 100
+    assert score["de_null_fp_rate"] <= 0.05
+
+
+# ----------------------------------------------------------------------------- errors
+def test_bad_reference_and_contrast_name_the_choices(small):
+    a = small.copy()
+    with pytest.raises(InputError) as e:
+        A.run_analyses(a, reference="UNTREATED")
+    msg = str(e.value)
+    assert "UNTREATED" in msg and "NAIVE" in msg and "VEN_RES" in msg
+    with pytest.raises(InputError) as e:
+        A.run_analyses(a, contrasts=["IBR_RES", "CAR_T"])
+    assert "CAR_T" in str(e.value) and "IBR_EARLY" in str(e.value)
+    with pytest.raises(InputError, match="is the reference"):
+        A.run_analyses(a, contrasts=[REF])
+    b = a.copy()
+    del b.obs[schema.OBS_CELL_TYPE]
+    with pytest.raises(schema.MissingKeyError, match="run tme-atlas build"):
+        A.run_analyses(b)
+
+
+def test_reference_and_contrasts_from_config(small):
+    from atlas.config import load_config
+
+    a = small[small.obs[schema.OBS_CELL_TYPE].isin(["CLL resting", "CD4 naive"])].copy()
+    cfg = load_config(
+        env={}, overrides={"analyses": {"reference": "IBR_EARLY", "contrasts": ["VEN_RES"]}}
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tables = A.run_analyses(a, config=cfg)
+    for name in (schema.TABLE_COMPOSITION, schema.TABLE_DE):
+        t = tables[name]
+        assert set(t[schema.COL_REFERENCE]) == {"IBR_EARLY"}
+        assert set(t[schema.COL_CONDITION]) == {"VEN_RES"}
+    # the reference defaults to the sheet's first condition
+    a.uns[schema.UNS_CONDITION_ORDER] = ["IBR_RES", "NAIVE", "IBR_EARLY", "VEN_RES"]
+    del a.uns[schema.UNS_REFERENCE_CONDITION]
+    assert A.reference_condition(a) == "IBR_RES"
+
+
+# ----------------------------------------------------------------------------- programmes
+def test_programme_scores_compared_on_sample_means(small):
+    a = small.copy()
+    rng = np.random.default_rng(0)
+    shift = (a.obs[schema.OBS_CELL_TYPE] == "CLL resting").to_numpy() & (
+        a.obs[schema.OBS_CONDITION] == "IBR_RES"
+    ).to_numpy()
+    a.obs[schema.score_key("proteasome")] = rng.normal(0, 0.3, a.n_obs) + 0.8 * shift
+    a.obs[schema.score_key("noise")] = rng.normal(0, 0.3, a.n_obs)
+    progs = A.compare_programs(a, REF, ["IBR_EARLY", "IBR_RES", "VEN_RES"])
+    assert list(progs.columns[:10]) == [
+        "cell_type", "program", "condition", "reference", "mean", "mean_ref", "diff",
+        "pvalue", "padj", "n_samples",
+    ]  # fmt: skip
+    hit = progs.set_index(["cell_type", "program", "condition"]).loc[
+        ("CLL resting", "proteasome", "IBR_RES")
+    ]
+    assert hit["diff"] == pytest.approx(0.8, abs=0.15) and hit[schema.COL_PADJ] < 0.05
+    noise = progs[progs["program"] == "noise"]
+    assert (noise[schema.COL_PADJ] < 0.05).mean() <= 0.1
+    assert progs.loc[progs[schema.COL_CELL_TYPE] == "CLL resting", "paired"].all()
+
+
+# ----------------------------------------------------------------------------- DESeq2 backend
+def test_fast_inference_matches_pydeseq2(small):
+    """The vectorised backend reproduces pydeseq2's fit (LFCs, SEs, p-values)."""
+    pb = A.pseudobulk(small, min_cells=10)
+    m = pb.meta[pb.meta[schema.COL_CELL_TYPE] == "CLL resting"]
+    X, paired = A._design(m, REF, ["NAIVE", "IBR_EARLY", "IBR_RES", "VEN_RES"])
+    cnt = pb.counts.loc[m.index]
+    cnt = cnt.loc[:, cnt.sum(axis=0) >= 50].iloc[:, :200]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fast = A._run_deseq(cnt, X, {"r": "cond_IBR_RES"}, engine="fast")["r"]
+        ref = A._run_deseq(cnt, X, {"r": "cond_IBR_RES"}, engine="pydeseq2")["r"]
+    for col in ("log2FoldChange", "lfcSE", "pvalue"):
+        a, b = fast[col].to_numpy(), ref[col].to_numpy()
+        ok = np.isfinite(a) & np.isfinite(b)
+        assert ok.mean() > 0.95
+        assert np.corrcoef(a[ok], b[ok])[0, 1] > 0.99, col
+    close = np.isclose(fast["log2FoldChange"], ref["log2FoldChange"], atol=0.05)
+    assert close.mean() > 0.9
+    sig_f, sig_r = fast["padj"] < 0.05, ref["padj"] < 0.05
+    assert (sig_f & sig_r).sum() >= 0.8 * max(sig_r.sum(), 1)
+
+
+# ----------------------------------------------------------------------------- atlas dir / CLI
+def test_run_analyse_dir_writes_tables_and_atlas(small, tmp_path):
+    from atlas.store import read_atlas_adata, write_atlas
+    from atlas.tables import has_table
+    from preprocessing.cli import main
+
+    a = small[small.obs[schema.OBS_CELL_TYPE].isin(["CLL resting", "CD4 naive", "NK"])].copy()
+    write_atlas(a, tmp_path / "atlas", store=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert (
+            main(["analyse", str(tmp_path / "atlas"), "--reference", REF, "--contrast", "IBR_RES"])
+            == 0
+        )
+    for name in ("composition", "proportions", "de"):
+        df = pd.read_csv(tmp_path / "atlas" / schema.TABLES_DIR / f"{name}.csv")
+        assert len(df) > 0
+    b = read_atlas_adata(tmp_path / "atlas")
+    assert has_table(b, schema.TABLE_DE) and has_table(b, schema.TABLE_COMPOSITION)
+    assert list(b.uns[A.PARAMS_KEY]["contrasts"]) == ["IBR_RES"]
+    # unknown reference: exit code 2, nothing rewritten
+    before = (tmp_path / "atlas" / schema.ATLAS_FILE).stat().st_mtime_ns
+    assert main(["analyse", str(tmp_path / "atlas"), "--reference", "FOO"]) == 2
+    assert (tmp_path / "atlas" / schema.ATLAS_FILE).stat().st_mtime_ns == before
+    # an atlas without annotation: MissingKeyError -> exit 2
+    del a.obs[schema.OBS_CELL_TYPE]
+    write_atlas(a, tmp_path / "bare", store=False)
+    with pytest.raises(schema.MissingKeyError, match="tme-atlas build"):
+        A.run_analyse_dir(tmp_path / "bare")
+    assert main(["analyse", str(tmp_path / "bare")]) == 2
+
+
+# ----------------------------------------------------------------------------- slow: truth
+def _record(name: str, payload: dict) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / f"analyses_{name}.json").write_text(json.dumps(payload, indent=2, default=str))
+
+
+@pytest.fixture(scope="module")
+def default_sim():
+    from preprocessing.simulate import simulate
+
+    return simulate(seed=0)
+
+
+@pytest.fixture(scope="module")
+def true_label_run(default_sim):
+    import time
+
+    a = analysable(default_sim.adata)
+    t0 = time.process_time()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tables = A.run_analyses(a)
+    cpu = time.process_time() - t0
+    return tables, A.score_against_truth(tables, default_sim.truth), cpu
+
+
+@pytest.mark.slow
+def test_true_label_run_recovers_planted_truth(true_label_run, default_sim):
+    tables, score, cpu = true_label_run
+    _record("true_labels", {**score, "cpu_s": cpu})
+    # DE: the ceiling for the annotation-based run (recorded; ~95% at seed 0)
+    assert score["de_eligible"] >= 80
+    assert score["de_recovery"] >= 0.85, score["de_missed"]
+    # planted nulls: at most 5% called
+    assert score["de_null_n"] >= 500
+    assert score["de_null_fp_rate"] <= 0.05
+    # composition: strong planted shifts (|log2| >= 1.3) found with the right sign,
+    # every shift's sign right in >= 75%, stable types not called at FDR 10% in >= 90%
+    comp = tables[schema.TABLE_COMPOSITION].set_index([schema.COL_CELL_TYPE, schema.COL_CONDITION])
+    for key in [("NLC", "IBR_RES"), ("NLC", "VEN_RES")]:
+        assert comp.loc[key, schema.COL_LOG2FC] > 0 and comp.loc[key, schema.COL_PADJ] < 0.1, key
+    key = ("CLL activated", "IBR_EARLY")
+    assert comp.loc[key, schema.COL_LOG2FC] < 0 and comp.loc[key, schema.COL_PADJ] < 0.1
+    assert score["comp_sign_correct"] >= 0.75 * score["comp_shifted"]
+    assert score["comp_stable_ok"] >= 0.9 * score["comp_stable"], score["comp_stable_called"]
+
+
+@pytest.mark.slow
+def test_own_annotation_recovers_90pct_of_true_label_ceiling(demo_atlas_dir, demo_sim_dir):
+    """The build's own annotation vs the simulator's true labels on the same cells."""
+    from atlas.store import read_atlas_adata
+    from atlas.tables import get_table, has_table
+    from preprocessing.simulate import load_truth
+
+    truth = load_truth(demo_sim_dir)
+    adata = read_atlas_adata(demo_atlas_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if has_table(adata, schema.TABLE_DE) and has_table(adata, schema.TABLE_COMPOSITION):
+            own = {n: get_table(adata, n) for n in (schema.TABLE_DE, schema.TABLE_COMPOSITION)}
+        else:
+            own = A.run_analyses(adata.copy(), store=False)
+        # the same cells (kept by the build's QC), labelled with the truth
+        cells = truth["cells"].set_index("cell_id")
+        label = cells["cell_type"].reindex(adata.obs_names.astype(str))
+        b = adata[label.notna().to_numpy() & (label != "Doublet").to_numpy()].copy()
+        b.obs["true_label"] = label.loc[b.obs_names].astype(str).to_numpy()
+        if schema.OBS_DOUBLET_CLUSTER in b.obs:
+            b.obs[schema.OBS_DOUBLET_CLUSTER] = False
+        true = A.run_analyses(b, groupby="true_label", store=False)
+    s_own = A.score_against_truth(own, truth)
+    s_true = A.score_against_truth(true, truth)
+    ratio = s_own["de_recovered"] / max(s_true["de_recovered"], 1)
+    _record("annotation_vs_truth", {"own": s_own, "true_labels": s_true, "ratio": ratio})
+    assert s_true["de_recovered"] >= 50
+    assert ratio >= 0.9, (s_own["de_missed"], s_true["de_missed"])
+    assert s_own["de_null_fp_rate"] <= 0.05
+    comp = own[schema.TABLE_COMPOSITION].set_index([schema.COL_CELL_TYPE, schema.COL_CONDITION])
+    for key in [("NLC", "IBR_RES"), ("NLC", "VEN_RES")]:
+        assert comp.loc[key, schema.COL_LOG2FC] > 0, key
+    assert s_own["comp_stable_ok"] >= 0.9 * s_own["comp_stable"], s_own["comp_stable_called"]
+
+
+# ----------------------------------------------------------------------------- real data
+@pytest.mark.realdata
+def test_kang2018_interferon_genes_up_in_cd14_monocytes():
+    import anndata as ad
+
+    a = ad.read_h5ad(shared_file("kang2018_pbmc_ifnb_labelled.h5ad"))
+    a.layers[schema.LAYER_COUNTS] = a.X.copy()
+    a.obs[schema.OBS_CONDITION] = a.obs["group_id"].astype(str)
+    a.obs[schema.OBS_PATIENT] = a.obs[schema.OBS_SAMPLE].astype(str).str.extract(r"(\d+)")[0]
+    a.obs[schema.OBS_CELL_TYPE] = a.obs["cluster_id"].astype(str)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tables = A.run_analyses(a, reference="ctrl")
+    de = tables[schema.TABLE_DE]
+    mono = de[de[schema.COL_CELL_TYPE] == "CD14+ Monocytes"].set_index(schema.COL_GENE)
+    assert mono["paired"].all()  # donors 101 and 107 in both arms
+    isgs = [g for g in ("ISG15", "IFI6", "IFIT3", "MX1", "IFIT1", "ISG20") if g in mono.index]
+    assert len(isgs) >= 4
+    for g in isgs:
+        assert mono.loc[g, schema.COL_LOG2FC] > 1 and mono.loc[g, schema.COL_PADJ] < 0.05, g
