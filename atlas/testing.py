@@ -27,18 +27,13 @@ import pandas as pd
 from . import schema
 
 # ----------------------------------------------------------------------------- vocabulary
-DEFAULT_CONDITIONS = (
-    "untreated",
-    "ibrutinib_resistant",
-    "venetoclax_resistant",
-    "anti_CD20_resistant",
-)
+DEFAULT_CONDITIONS = ("NAIVE", "IBR_EARLY", "IBR_RES", "VEN_RES")  # simulator's; NAIVE first
 
-# cell type -> (lineage, share of cells, marker genes)
+# cell type -> (lineage, share of cells, marker genes); names as in the team contract
 CELL_TYPES: dict[str, tuple[str, float, tuple[str, ...]]] = {
-    "CLL": (
+    "CLL resting": (
         "B/CLL",
-        0.46,
+        0.36,
         (
             "CD19",
             "MS4A1",
@@ -56,21 +51,48 @@ CELL_TYPES: dict[str, tuple[str, float, tuple[str, ...]]] = {
             "BTK",
         ),
     ),
+    "CLL activated": (
+        "B/CLL",
+        0.08,
+        (
+            "CD19",
+            "CD79A",
+            "CD5",
+            "ROR1",
+            "BCL2",
+            "CD83",
+            "CD69",
+            "EGR1",
+            "NFKBIA",
+            "MYC",
+            "CCL3",
+            "CCL4",
+        ),
+    ),
+    "CLL proliferating": (
+        "B/CLL",
+        0.02,
+        ("CD19", "CD79A", "CD5", "MKI67", "TOP2A", "PCNA", "TYMS", "CCNB1"),
+    ),
     "Normal B": (
         "B/CLL",
         0.03,
         ("CD19", "MS4A1", "CD79A", "CD79B", "CD22", "PAX5", "BANK1", "IGHD"),
     ),
     "Plasma cell": ("B/CLL", 0.01, ("MZB1", "JCHAIN", "XBP1", "SDC1", "PRDM1", "IGHG1")),
-    "CD4 T naive": ("T/NK", 0.08, ("CD3E", "CD3D", "CD4", "CCR7", "SELL", "LEF1", "TCF7", "IL7R")),
-    "CD4 T memory": ("T/NK", 0.07, ("CD3E", "CD3D", "CD4", "IL7R", "CD40LG", "ANXA1", "CXCR4")),
-    "Treg": ("T/NK", 0.025, ("CD3E", "CD4", "FOXP3", "IL2RA", "CTLA4", "IKZF2", "TIGIT")),
-    "CD8 T effector": (
+    "CD4 naive": ("T/NK", 0.08, ("CD3E", "CD3D", "CD4", "CCR7", "SELL", "LEF1", "TCF7", "IL7R")),
+    "CD4 Tfh": (
+        "T/NK",
+        0.04,
+        ("CD3E", "CD3D", "CD4", "CXCR5", "PDCD1", "ICOS", "CD40LG", "CXCL13"),
+    ),
+    "CD4 Treg": ("T/NK", 0.025, ("CD3E", "CD4", "FOXP3", "IL2RA", "CTLA4", "IKZF2", "TIGIT")),
+    "CD8 effector": (
         "T/NK",
         0.05,
         ("CD3E", "CD3D", "CD8A", "CD8B", "GZMB", "GZMK", "PRF1", "NKG7", "CCL5"),
     ),
-    "CD8 T exhausted": (
+    "CD8 exhausted": (
         "T/NK",
         0.03,
         ("CD3E", "CD8A", "PDCD1", "HAVCR2", "LAG3", "TOX", "TIGIT", "CXCL13"),
@@ -82,16 +104,18 @@ CELL_TYPES: dict[str, tuple[str, float, tuple[str, ...]]] = {
         ("LYZ", "CD14", "S100A8", "S100A9", "VCAN", "FCN1", "CSF1R"),
     ),
     "Non-classical monocyte": ("Myeloid", 0.02, ("FCGR3A", "MS4A7", "CDKN1C", "LYZ", "CX3CR1")),
-    "Nurse-like cell": (
+    "NLC": (
         "Myeloid",
         0.02,
         ("CD68", "CD163", "MRC1", "APOE", "C1QA", "C1QB", "CXCL12", "CD14", "LYZ", "TNFSF13B"),
     ),
     "cDC": ("Myeloid", 0.01, ("CLEC10A", "CD1C", "FCER1A", "ITGAX", "HLA-DQA1")),
     "pDC": ("Myeloid", 0.005, ("LILRA4", "IL3RA", "CLEC4C", "IRF7", "TCF4")),
+    "Platelet": ("Other", 0.01, ("PPBP", "PF4", "GP9", "ITGA2B", "TUBB1")),
     "Stromal": ("Stromal", 0.005, ("COL1A1", "COL1A2", "PDGFRB", "CXCL12", "VCAM1", "LEPR")),
     "Endothelial": ("Stromal", 0.005, ("PECAM1", "VWF", "CDH5", "KDR", "CLDN5")),
 }
+CLL_TYPES = ("CLL resting", "CLL activated", "CLL proliferating")
 UNASSIGNED_SHARE = 0.01
 
 PROGRAMS: dict[str, tuple[str, ...]] = {
@@ -107,9 +131,16 @@ PROGRAMS: dict[str, tuple[str, ...]] = {
 
 # condition -> gene -> detection-rate multiplier in CLL cells
 CONDITION_EFFECTS: dict[str, dict[str, float]] = {
-    "ibrutinib_resistant": {"CXCR4": 2.5, "PLCG2": 2.0, "BTK": 1.8, "CD5": 0.7, "MKI67": 2.5},
-    "venetoclax_resistant": {"MCL1": 3.0, "BCL2L1": 3.0, "BCL2A1": 2.5, "BCL2": 0.6, "NFKBIA": 2.0},
-    "anti_CD20_resistant": {"MS4A1": 0.3, "CD59": 2.5, "CD55": 2.0, "PSMB5": 1.8},
+    "IBR_EARLY": {"CXCR4": 1.8, "CD69": 0.6, "EGR1": 0.6, "MKI67": 0.5},
+    "IBR_RES": {"CXCR4": 2.5, "PLCG2": 2.0, "BTK": 1.8, "CD5": 0.7, "MKI67": 2.5},
+    "VEN_RES": {
+        "MCL1": 3.0,
+        "BCL2L1": 3.0,
+        "BCL2A1": 2.5,
+        "BCL2": 0.6,
+        "NFKBIA": 2.0,
+        "PSMB5": 1.8,
+    },
 }
 
 EXTRA_GENES = (
@@ -293,9 +324,9 @@ def _lr_pairs() -> list[tuple[str, str]]:
 
 # ----------------------------------------------------------------------------- generator
 def make_synthetic_adata(
+    *,
     n_cells: int = 20_000,
     n_genes: int = 2_000,
-    *,
     n_patients: int = 4,
     conditions: Sequence[str] = DEFAULT_CONDITIONS,
     species: str = "human",
@@ -306,7 +337,7 @@ def make_synthetic_adata(
 ):
     """A schema-complete synthetic atlas AnnData (X log-normalised CSR; counts layer).
 
-    Samples are patients x conditions (``P1_untreated``, ...). ``density`` is the mean
+    Samples are patients x conditions (``P1_NAIVE``, ...). ``density`` is the mean
     fraction of genes detected per cell. X and ``layers["counts"]`` share their sparsity
     structure (the same ``indices`` / ``indptr`` arrays).
     """
@@ -338,8 +369,9 @@ def make_synthetic_adata(
         p = shares.copy()
         ci = cond_of_sample[s]
         p[0] *= 1.0 + 0.15 * ci
-        p[types.index("Nurse-like cell")] *= 1.0 + 0.5 * (ci == 1)
-        p[types.index("CD8 T exhausted")] *= 1.0 + 0.8 * (ci == 2)
+        p[types.index("NLC")] *= 1.0 + 0.5 * (ci == 2)
+        p[types.index("CD8 exhausted")] *= 1.0 + 0.8 * (ci == 3)
+        p[types.index("CLL proliferating")] *= 1.0 + 1.0 * (ci == 2) - 0.5 * (ci == 1)
         p *= rng.uniform(0.8, 1.25, len(p))
         p /= p.sum()
         type_code[idx] = rng.choice(len(types), size=len(idx), p=p)
@@ -359,7 +391,7 @@ def make_synthetic_adata(
     q = np.clip(q, 0.0, 0.97).astype(np.float32)
     # counts given detection: geometric, heavier for abundant genes
     p_geom = np.clip(1.0 / (1.0 + 3.0 * base_mu), 0.15, 0.95)
-    cll = types.index("CLL")
+    cll = [types.index(t) for t in CLL_TYPES]
     effects = np.ones((len(conditions), n_genes), dtype=np.float32)
     for c, cond in enumerate(conditions):
         for g, f in CONDITION_EFFECTS.get(cond, {}).items():
@@ -371,7 +403,7 @@ def make_synthetic_adata(
     levels = np.exp(np.linspace(-0.4, 0.4, n_bins))
     thr = q[:, None, None, :] * levels[None, None, :, None]
     thr = np.repeat(thr, n_cond, axis=1)
-    thr[cll] = thr[cll] * effects[:, None, :]
+    thr[cll] = thr[cll] * effects[None, :, None, :]
     thr = np.clip(thr, 0.0, 0.97) * 65536.0
     table = thr.reshape(n_types * n_cond * n_bins, n_genes).astype(np.uint16)
     del thr
@@ -416,12 +448,9 @@ def make_synthetic_adata(
     X = sparse.csr_matrix((x_data, indices, indptr), shape=(n_cells, n_genes))
 
     # ---- obs
+    is_cll = np.isin(type_code, cll)
     mito = np.array([g.upper().startswith("MT-") for g in gene_names])
-    mt_counts = np.bincount(
-        np.repeat(np.arange(n_cells), row_nnz)[mito[indices]],
-        weights=counts_data[mito[indices]],
-        minlength=n_cells,
-    )
+    mt_counts = counts @ mito.astype(np.float32)  # sparse mat-vec, O(nnz)
     sample_ids = pd.Categorical.from_codes(sample_code, categories=[s[0] for s in samples])
     barcodes = _barcodes(n_cells, rng)
     obs_names = np.char.add(np.char.add(np.asarray(sample_ids.astype(str)), ":"), barcodes)
@@ -430,12 +459,12 @@ def make_synthetic_adata(
     lineage_of = {t: v[0] for t, v in CELL_TYPES.items()} | {schema.UNASSIGNED: "Other"}
     lineages = list(dict.fromkeys(lineage_of.values()))
     lin_code = np.array([lineages.index(lineage_of[t]) for t in types])[type_code]
-    n_leiden = np.array([3 if t == "CLL" else 1 for t in types])
+    n_leiden = np.array([2 if t in CLL_TYPES else 1 for t in types])
     leiden_base = np.concatenate([[0], np.cumsum(n_leiden)[:-1]])
     leiden_code = leiden_base[type_code] + (rng.random(n_cells) * n_leiden[type_code]).astype(int)
     n_clusters = int(n_leiden.sum())
     doublet_score = rng.beta(1.5, 12, n_cells).astype(np.float32)
-    tissue_cats = ["peripheral_blood", "lymph_node"]
+    tissue_cats = ["PB", "LN"]
     tissue_code = (patient_of[sample_code] % 3 == 2).astype(int)  # every 3rd patient LN
     obs = pd.DataFrame(
         {
@@ -473,7 +502,7 @@ def make_synthetic_adata(
     for k, prog in enumerate(PROGRAMS):
         base = rng.normal(0, 0.3, n_types)[type_code]
         cond = cond_of_sample[sample_code]
-        shift = 0.25 * (cond == (k % max(len(conditions), 1))) * (type_code == cll)
+        shift = 0.25 * (cond == (k % max(len(conditions), 1))) * is_cll
         obs[schema.score_key(prog)] = (base + shift + rng.normal(0, 0.15, n_cells)).astype(
             np.float32
         )
@@ -495,7 +524,7 @@ def make_synthetic_adata(
     ang = 2 * np.pi * np.arange(n_types) / n_types
     centres = np.c_[8 * np.cos(ang), 8 * np.sin(ang)]
     umap = centres[type_code] + rng.normal(0, 0.9, (n_cells, 2))
-    umap[:, 0] += 0.4 * cond_of_sample[sample_code] * (type_code == cll)
+    umap[:, 0] += 0.4 * cond_of_sample[sample_code] * is_cll
     latent_centres = rng.normal(0, 2, (n_types, 10))
     scvi = latent_centres[type_code] + rng.normal(0, 0.5, (n_cells, 10))
     pca = np.c_[scvi, rng.normal(0, 0.5, (n_cells, 10))]
@@ -665,23 +694,25 @@ TABLE_COLUMNS: dict[str, list[str]] = {
     ],
     schema.TABLE_QC_SUMMARY: [
         schema.OBS_SAMPLE,
-        schema.OBS_PATIENT,
-        schema.OBS_CONDITION,
         "n_cells_in",
         "n_cells_out",
+        "n_low_quality",
+        "n_doublets",
+        "median_counts",
+        "median_genes",
+        schema.OBS_PATIENT,
+        schema.OBS_CONDITION,
         "n_removed",
-        "n_low_counts",
-        "n_high_counts",
-        "n_low_genes",
-        "n_high_genes",
-        "n_high_mito",
-        "n_doublet",
+        "n_flag_low_counts",
+        "n_flag_high_counts",
+        "n_flag_low_genes",
+        "n_flag_high_genes",
+        "n_flag_high_mito",
+        "n_flag_doublet",
         "median_counts_before",
-        "median_counts_after",
         "median_genes_before",
-        "median_genes_after",
         "median_pct_mito_before",
-        "median_pct_mito_after",
+        "median_pct_mito",
         "doublet_threshold",
     ],
     schema.TABLE_INTEGRATION_METRICS: ["embedding", "metric", "value"],
@@ -849,7 +880,7 @@ def add_synthetic_tables(adata, *, rng=None) -> None:
         if len(pairs) >= 60:
             break
     senders = [t for t in types if t != schema.UNASSIGNED][:6]
-    for t in ("Nurse-like cell", "Stromal"):
+    for t in ("NLC", "Stromal"):
         if t in types and t not in senders:
             senders.append(t)
     receivers = senders[:4]
@@ -940,33 +971,35 @@ def add_synthetic_tables(adata, *, rng=None) -> None:
     )
     put_table(adata, schema.TABLE_INTERACTIONS_DIFF, diff)
 
-    # QC summary per sample
+    # QC summary per sample (columns of preprocessing.qc.qc_summary)
     g = obs.groupby(obs[schema.OBS_SAMPLE].astype(str))
     med = g[[schema.OBS_TOTAL_COUNTS, schema.OBS_N_GENES, schema.OBS_PCT_MITO]].median()
-    size = g.size()
     sid = samples[schema.OBS_SAMPLE]
-    n_out = size.reindex(sid).to_numpy().astype(np.int64)
-    removed = {
+    n_out = g.size().reindex(sid).to_numpy().astype(np.int64)
+    flags = {
         r: rng.integers(0, 30, len(sid))
         for r in ("low_counts", "high_counts", "low_genes", "high_genes", "high_mito", "doublet")
     }
-    n_removed = sum(removed.values())
+    n_low = flags["low_counts"] + flags["low_genes"] + flags["high_mito"]
+    n_dbl = flags["doublet"]
     qc = _frame(
         schema.TABLE_QC_SUMMARY,
         {
             schema.OBS_SAMPLE: sid,
+            "n_cells_in": n_out + n_low + n_dbl,
+            "n_cells_out": n_out,
+            "n_low_quality": n_low,
+            "n_doublets": n_dbl,
+            "median_counts": med[schema.OBS_TOTAL_COUNTS].reindex(sid).to_numpy(),
+            "median_genes": med[schema.OBS_N_GENES].reindex(sid).to_numpy(),
             schema.OBS_PATIENT: samples[schema.OBS_PATIENT],
             schema.OBS_CONDITION: samples[schema.OBS_CONDITION],
-            "n_cells_in": n_out + n_removed,
-            "n_cells_out": n_out,
-            "n_removed": n_removed,
-            **{f"n_{r}": v for r, v in removed.items()},
+            "n_removed": n_low + n_dbl,
+            **{f"n_flag_{r}": v for r, v in flags.items()},
             "median_counts_before": med[schema.OBS_TOTAL_COUNTS].reindex(sid).to_numpy() * 0.97,
-            "median_counts_after": med[schema.OBS_TOTAL_COUNTS].reindex(sid).to_numpy(),
             "median_genes_before": med[schema.OBS_N_GENES].reindex(sid).to_numpy() * 0.97,
-            "median_genes_after": med[schema.OBS_N_GENES].reindex(sid).to_numpy(),
             "median_pct_mito_before": med[schema.OBS_PCT_MITO].reindex(sid).to_numpy() * 1.1,
-            "median_pct_mito_after": med[schema.OBS_PCT_MITO].reindex(sid).to_numpy(),
+            "median_pct_mito": med[schema.OBS_PCT_MITO].reindex(sid).to_numpy(),
             "doublet_threshold": 0.35,
         },
     )
@@ -1001,8 +1034,11 @@ def _bh(p: np.ndarray) -> np.ndarray:
 
 def make_synthetic_atlas(
     out_dir: str | Path,
+    *,
     n_cells: int = 20_000,
     n_genes: int = 2_000,
+    seed: int = 0,
+    species: str = "human",
     **kwargs,
 ) -> Path:
     """Write a synthetic atlas directory (``write_atlas``) and return its path.
@@ -1012,5 +1048,7 @@ def make_synthetic_atlas(
     """
     from .store import write_atlas
 
-    adata = make_synthetic_adata(n_cells, n_genes, **kwargs)
+    adata = make_synthetic_adata(
+        n_cells=n_cells, n_genes=n_genes, seed=seed, species=species, **kwargs
+    )
     return write_atlas(adata, out_dir)

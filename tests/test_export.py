@@ -20,7 +20,7 @@ from atlas.testing import make_synthetic_adata
 
 @pytest.fixture(scope="module")
 def source():
-    a = make_synthetic_adata(2500, 250, n_patients=2, seed=5)
+    a = make_synthetic_adata(n_cells=2500, n_genes=250, n_patients=2, seed=5)
     cats = a.obs[schema.OBS_CELL_TYPE].cat.categories
     a.uns[f"{schema.OBS_CELL_TYPE}_colors"] = np.array(
         [f"#{i:02x}{i:02x}{i:02x}" for i in range(len(cats))], dtype=object
@@ -66,16 +66,18 @@ def test_full_export_round_trip(atlas_dir, source, tmp_path):
 def test_subset_counts_identical_and_categories_pruned(atlas_dir, source, tmp_path):
     cond = [str(c) for c in source.uns[schema.UNS_CONDITION_ORDER]][1]
     out = export_atlas(
-        atlas_dir, tmp_path / "sub.h5ad", cell_types=["CLL", "NK"], conditions=[cond]
+        atlas_dir, tmp_path / "sub.h5ad", cell_types=["CLL resting", "NK"], conditions=[cond]
     )
     got = ad.read_h5ad(out)
     obs = source.obs
-    sel = (obs[schema.OBS_CELL_TYPE].isin(["CLL", "NK"])) & (obs[schema.OBS_CONDITION] == cond)
+    sel = (obs[schema.OBS_CELL_TYPE].isin(["CLL resting", "NK"])) & (
+        obs[schema.OBS_CONDITION] == cond
+    )
     assert list(got.obs_names) == list(source.obs_names[sel.to_numpy()])
     ref = source[sel.to_numpy()]
     assert _csr_equal(got.layers[schema.LAYER_COUNTS], ref.layers[schema.LAYER_COUNTS])
     assert _csr_equal(got.X, ref.X)
-    assert list(got.obs[schema.OBS_CELL_TYPE].cat.categories) == ["CLL", "NK"]
+    assert list(got.obs[schema.OBS_CELL_TYPE].cat.categories) == ["CLL resting", "NK"]
     assert list(got.obs[schema.OBS_CONDITION].cat.categories) == [cond]
     for col in got.obs.columns:
         s = got.obs[col]
@@ -85,12 +87,15 @@ def test_subset_counts_identical_and_categories_pruned(atlas_dir, source, tmp_pa
     cats = list(source.obs[schema.OBS_CELL_TYPE].cat.categories)
     colors = source.uns[f"{schema.OBS_CELL_TYPE}_colors"]
     assert list(got.uns[f"{schema.OBS_CELL_TYPE}_colors"]) == [
-        colors[cats.index("CLL")],
+        colors[cats.index("CLL resting")],
         colors[cats.index("NK")],
     ]
     assert np.array_equal(got.obsm[schema.OBSM_UMAP], ref.obsm[schema.OBSM_UMAP])
     info = got.uns[schema.UNS_EXPORT]
-    assert json.loads(info["filters_json"]) == {"cell_types": ["CLL", "NK"], "conditions": [cond]}
+    assert json.loads(info["filters_json"]) == {
+        "cell_types": ["CLL resting", "NK"],
+        "conditions": [cond],
+    }
 
 
 def test_samples_patients_and_genes(atlas_dir, source, tmp_path):
@@ -112,7 +117,7 @@ def test_samples_patients_and_genes(atlas_dir, source, tmp_path):
 def test_r_and_cellxgene_friendly(atlas_dir, tmp_path):
     import h5py
 
-    out = export_atlas(atlas_dir, tmp_path / "r.h5ad", cell_types=["CLL"])
+    out = export_atlas(atlas_dir, tmp_path / "r.h5ad", cell_types=["CLL resting"])
     got = ad.read_h5ad(out)
     assert got.obs_names.is_unique and got.var_names.is_unique
     assert schema.OBSM_UMAP in got.obsm and got.obsm[schema.OBSM_UMAP].shape[1] == 2
@@ -140,11 +145,14 @@ def test_r_and_cellxgene_friendly(atlas_dir, tmp_path):
 def test_unknown_values_list_valid_ones(atlas_dir, tmp_path):
     with pytest.raises(InputError) as e:
         export_atlas(
-            atlas_dir, tmp_path / "x.h5ad", cell_types=["CLL", "Martian"], conditions=["nope"]
+            atlas_dir,
+            tmp_path / "x.h5ad",
+            cell_types=["CLL resting", "Martian"],
+            conditions=["nope"],
         )
     lines = e.value.problems
     assert len(lines) == 2
-    assert lines[0].startswith("--cell-types: unknown value(s) 'Martian'; valid: 'CLL'")
+    assert lines[0].startswith("--cell-types: unknown value(s) 'Martian'; valid: 'CLL resting'")
     assert lines[1].startswith("--conditions: unknown value(s) 'nope'; valid:")
     with pytest.raises(InputError, match="--genes: 'CD5Q' is not in the atlas.*CD5"):
         export_atlas(atlas_dir, tmp_path / "x.h5ad", genes=["CD5Q"])
@@ -176,7 +184,7 @@ def test_tables_and_model(atlas_dir, source, tmp_path):
     out = export_atlas(
         atlas_dir,
         tmp_path / "o" / "sel.h5ad",
-        cell_types=["CLL"],
+        cell_types=["CLL resting"],
         tables_dir=tmp_path / "tables",
         with_model=True,
     )
@@ -195,7 +203,7 @@ def test_tables_and_model(atlas_dir, source, tmp_path):
 
 def test_overwrite_existing_output_atomically(atlas_dir, tmp_path):
     out = tmp_path / "same.h5ad"
-    export_atlas(atlas_dir, out, cell_types=["CLL"])
+    export_atlas(atlas_dir, out, cell_types=["CLL resting"])
     n1 = ad.read_h5ad(out).n_obs
     export_atlas(atlas_dir, out, cell_types=["NK"])
     assert ad.read_h5ad(out).n_obs != n1
@@ -203,8 +211,8 @@ def test_overwrite_existing_output_atomically(atlas_dir, tmp_path):
 
 
 def test_helpers(source):
-    m = select_cells(source.obs, cell_types="CLL")
-    assert m.sum() == (source.obs[schema.OBS_CELL_TYPE] == "CLL").sum()
+    m = select_cells(source.obs, cell_types="CLL resting")
+    assert m.sum() == (source.obs[schema.OBS_CELL_TYPE] == "CLL resting").sum()
     assert select_genes(source.var_names, None) is None
     assert list(select_genes(source.var_names, ["BCL2", "CD5"])) == sorted(
         [source.var_names.get_loc("BCL2"), source.var_names.get_loc("CD5")]
@@ -230,7 +238,7 @@ def test_cli_export(atlas_dir, tmp_path, capsys):
             "--out",
             str(out),
             "--cell-types",
-            "CLL",
+            "CLL resting",
             "--genes",
             "CD5",
             "BCL2",

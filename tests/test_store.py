@@ -32,7 +32,7 @@ N_CELLS, N_GENES = 3000, 300
 
 @pytest.fixture(scope="module")
 def synth():
-    return make_synthetic_adata(N_CELLS, N_GENES, n_patients=2, seed=3)
+    return make_synthetic_adata(n_cells=N_CELLS, n_genes=N_GENES, n_patients=2, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -106,9 +106,36 @@ def test_synthetic_tables_match_builders():
         pytest.skip("builders not importable")
 
 
+CONTRACT_COLUMNS = {  # the team contract's minimum columns per table
+    schema.TABLE_COMPOSITION: "cell_type condition reference mean_prop mean_prop_ref log2fc "
+    "pvalue padj n_samples",
+    schema.TABLE_PROPORTIONS: "sample_id patient condition cell_type n_cells n_total prop",
+    schema.TABLE_DE: "cell_type gene condition reference log2fc lfcse pvalue padj base_mean "
+    "n_samples_cond n_samples_ref",
+    schema.TABLE_PROGRAMS: "cell_type program condition reference mean mean_ref diff pvalue "
+    "padj n_samples",
+    schema.TABLE_INTERACTIONS: "condition source target ligand receptor magnitude_rank "
+    "specificity_rank curated curated_source",
+    schema.TABLE_INTERACTIONS_BY_SAMPLE: "sample_id condition source target ligand receptor "
+    "magnitude_rank lr_means",
+    schema.TABLE_INTERACTIONS_DIFF: "condition reference source target ligand receptor "
+    "ligand_log2fc receptor_log2fc score pvalue padj curated",
+    schema.TABLE_QC_SUMMARY: "sample_id n_cells_in n_cells_out n_low_quality n_doublets "
+    "median_counts median_genes",
+    schema.TABLE_INTEGRATION_METRICS: "embedding metric value",
+}
+
+
+def test_synthetic_tables_have_contract_columns(synth):
+    for name, cols in CONTRACT_COLUMNS.items():
+        have = list(synth.uns[schema.UNS_TABLES][name].columns)
+        missing = [c for c in cols.split() if c not in have]
+        assert not missing, (name, missing)
+
+
 def test_synthetic_mouse_and_reproducible():
-    a = make_synthetic_adata(500, 200, species="mouse", seed=1)
-    b = make_synthetic_adata(500, 200, species="mouse", seed=1)
+    a = make_synthetic_adata(n_cells=500, n_genes=200, species="mouse", seed=1)
+    b = make_synthetic_adata(n_cells=500, n_genes=200, species="mouse", seed=1)
     assert "Cd5" in a.var_names and "Cxcl12" in a.var_names
     assert a.uns[schema.UNS_SPECIES] == "mouse"
     assert (a.X != b.X).nnz == 0
@@ -324,8 +351,8 @@ def test_obs_columns(store, synth):
     ct = store.column(schema.OBS_CELL_TYPE, cells=[0, 1])
     assert list(ct.astype(str)) == list(synth.obs[schema.OBS_CELL_TYPE].iloc[:2].astype(str))
     assert store.categories(schema.OBS_CONDITION) == store.conditions
-    mask = store.cell_mask(cell_type=["CLL"], condition=store.reference)
-    ref = (synth.obs[schema.OBS_CELL_TYPE] == "CLL") & (
+    mask = store.cell_mask(cell_type=["CLL resting"], condition=store.reference)
+    ref = (synth.obs[schema.OBS_CELL_TYPE] == "CLL resting") & (
         synth.obs[schema.OBS_CONDITION] == store.reference
     )
     assert np.array_equal(mask, ref.to_numpy())
@@ -372,10 +399,12 @@ def test_summary_matches_direct_computation(store, synth):
                 assert r[schema.SUMMARY_MEAN_EXPRESSING] == pytest.approx(
                     x[idx][x[idx] > 0].mean(), rel=1e-4
                 )
-    by_sample = store.summary("CD5", groupby=schema.OBS_SAMPLE, cell_types=["CLL"])
+    by_sample = store.summary("CD5", groupby=schema.OBS_SAMPLE, cell_types=["CLL resting"])
     x = synth[:, "CD5"].X.toarray().ravel()
     for sid, grp in by_sample.groupby(schema.OBS_SAMPLE):
-        m = ((obs[schema.OBS_SAMPLE] == sid) & (obs[schema.OBS_CELL_TYPE] == "CLL")).to_numpy()
+        m = (
+            (obs[schema.OBS_SAMPLE] == sid) & (obs[schema.OBS_CELL_TYPE] == "CLL resting")
+        ).to_numpy()
         assert grp[schema.SUMMARY_MEAN].iloc[0] == pytest.approx(x[m].mean(), rel=1e-5)
     ct_only = store.summary(["CD5"], groupby=schema.OBS_CELL_TYPE, conditions=[store.reference])
     assert set(ct_only.columns) >= {"n_samples", schema.SUMMARY_FRAC}
