@@ -161,3 +161,28 @@ def browser():
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     yield driver
     driver.quit()
+
+
+@pytest.fixture(scope="session")
+def vocab(app_atlas_dir) -> dict:
+    """Names in the synthetic atlas (conditions, a sender, a DE cell type), so the tests do
+    not hard-code the generator's vocabulary."""
+    import atlas
+
+    store = atlas.open(app_atlas_dir)
+    conds = store.categories("condition")
+    ref = store.reference or conds[0]
+    others = [c for c in conds if c != ref]
+    inter = store.table("interactions")
+    inter_ref = inter[inter["condition"].astype(str) == ref]
+    sender = inter_ref["source"].astype(str).value_counts().index[0]
+    de = store.table("de")
+    de_type = de["cell_type"].astype(str).value_counts().index[0]
+    return {
+        "conditions": conds,
+        "reference": ref,
+        "contrast": others[0],
+        "sender": sender,
+        "de_cell_type": de_type,
+        "n_conditions": len(conds),
+    }

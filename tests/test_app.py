@@ -16,6 +16,7 @@ from app_fixtures import (  # noqa: F401 - fixtures
     app_atlas_dir_mouse,
     dash_app,
     small_config,
+    vocab,
 )
 
 from app import urls
@@ -109,8 +110,9 @@ def test_every_page_renders(dash_app):
         assert needle in text_of(route(dash_app, path)), path
 
 
-def test_url_parameters_are_validated(dash_app):
-    body = text_of(route(dash_app, "/genes", "?gene=<script>&condition=bogus,untreated"))
+def test_url_parameters_are_validated(dash_app, vocab):
+    ref = vocab["reference"]
+    body = text_of(route(dash_app, "/genes", f"?gene=<script>&condition=bogus,{ref}"))
     assert "unknown gene" in body and "unknown condition" in body and "Traceback" not in body
     body = text_of(route(dash_app, "/cells", "?color=nope&gene=XYZ123"))
     assert "Unknown colour" in body and "unknown gene" in body
@@ -253,18 +255,19 @@ def test_display_downsampling_is_fixed_and_capped(app_atlas_dir):
 
 
 # ----------------------------------------------------------------------------- genes
-def test_genes_callbacks(dash_app):
+def test_genes_callbacks(dash_app, vocab):
+    ref, contrast, de_type = vocab["reference"], vocab["contrast"], vocab["de_cell_type"]
     res = dispatch(
         dash_app,
         "genes-violin.figure",
-        {"genes-gene.value": "CD5", "genes-conditions.value": ["untreated"]},
+        {"genes-gene.value": "CD5", "genes-conditions.value": [ref]},
     )
     fig = res["response"]["genes-violin"]["figure"]
-    assert [t["name"] for t in fig["data"]] == ["untreated"]
+    assert [t["name"] for t in fig["data"]] == [ref]
     res = dispatch(
         dash_app,
         "genes-violin.figure",
-        {"genes-gene.value": "NOPE", "genes-conditions.value": ["untreated"]},
+        {"genes-gene.value": "NOPE", "genes-conditions.value": [ref]},
     )
     assert "unknown gene" in text_of(res["response"]["genes-violin"]["figure"]["layout"])
     res = dispatch(
@@ -289,14 +292,14 @@ def test_genes_callbacks(dash_app):
         dash_app,
         "genes-volcano.figure",
         {
-            "genes-de-celltype.value": "CLL",
-            "genes-de-contrast.value": "ibrutinib_resistant",
+            "genes-de-celltype.value": de_type,
+            "genes-de-contrast.value": contrast,
             "genes-gene.value": "CD5",
         },
     )
     rows = res["response"]["genes-de-table"]["data"]
-    assert rows and {r["cell_type"] for r in rows} == {"CLL"}
-    assert {r["condition"] for r in rows} == {"ibrutinib_resistant"}
+    assert rows and {r["cell_type"] for r in rows} == {de_type}
+    assert {r["condition"] for r in rows} == {contrast}
 
 
 def test_too_many_genes_is_refused(app_atlas_dir):
@@ -314,9 +317,10 @@ def test_too_many_genes_is_refused(app_atlas_dir):
 
 
 # ----------------------------------------------------------------------------- interactions
-def test_interactions_filters_and_click(dash_app):
+def test_interactions_filters_and_click(dash_app, vocab):
+    ref, sender = vocab["reference"], vocab["sender"]
     base = {
-        "ia-condition.value": "untreated",
+        "ia-condition.value": ref,
         "ia-sender.value": [],
         "ia-receiver.value": [],
         "ia-ligand.value": [],
@@ -325,8 +329,8 @@ def test_interactions_filters_and_click(dash_app):
         "ia-heat-metric.value": "count",
     }
     all_ = dispatch(dash_app, "ia-dotplot.figure", base)["response"]
-    cll = dispatch(dash_app, "ia-dotplot.figure", {**base, "ia-sender.value": ["CLL"]})["response"]
-    assert {r["source"] for r in cll["ia-table"]["data"]} == {"CLL"}
+    cll = dispatch(dash_app, "ia-dotplot.figure", {**base, "ia-sender.value": [sender]})["response"]
+    assert {r["source"] for r in cll["ia-table"]["data"]} == {sender}
     assert (
         len(cll["ia-table"]["data"]) < len(all_["ia-table"]["data"])
         or len(all_["ia-table"]["data"]) == 500
@@ -335,15 +339,17 @@ def test_interactions_filters_and_click(dash_app):
         "response"
     ]
     assert all(r["curated"] == "True" for r in cur["ia-table"]["data"])
-    pick = {"source": "CLL", "target": "CLL", "ligand": "CXCL12", "receptor": "CXCR4"}
+    first = all_["ia-table"]["data"][0]
+    pick = {k: first[k] for k in ("source", "target", "ligand", "receptor")}
     res = dispatch(dash_app, "ia-expression.figure", {"ia-pick.data": pick})
     fig = res["response"]["ia-expression"]["figure"]
-    assert len(fig["data"]) == 2 * 4  # ligand and receptor, one bar trace per condition
+    # ligand and receptor, one bar trace per condition (when the atlas measures both)
+    assert len(fig["data"]) in (0, 2 * vocab["n_conditions"])
     res = dispatch(
         dash_app,
         "ia-diff.figure",
         {
-            "ia-contrast.value": "ibrutinib_resistant",
+            "ia-contrast.value": vocab["contrast"],
             "ia-sender.value": [],
             "ia-receiver.value": [],
             "ia-ligand.value": [],
@@ -356,7 +362,8 @@ def test_interactions_filters_and_click(dash_app):
 
 
 # ----------------------------------------------------------------------------- downloads
-def test_downloads_tables_and_export_limit(app_atlas_dir):
+def test_downloads_tables_and_export_limit(app_atlas_dir, vocab):
+    ref = vocab["reference"]
     a = create_app(app_atlas_dir, small_config(max_export_cells=100))
     res = dispatch(
         a, "dl-table-download.data", {"dl-table-btn.n_clicks": 1, "dl-table.value": "de"}
@@ -366,27 +373,28 @@ def test_downloads_tables_and_export_limit(app_atlas_dir):
     res = dispatch(
         a,
         "dl-subset-count.children",
-        {"dl-cell_types.value": [], "dl-conditions.value": ["untreated"]},
+        {"dl-cell_types.value": [], "dl-conditions.value": [ref]},
     )
     assert "above the limit" in res["response"]["dl-subset-count"]["children"]
     assert res["response"]["dl-export-btn"]["disabled"] is True
     res = dispatch(
         a,
         "dl-export-msg.children",
-        {"dl-export-btn.n_clicks": 1, "dl-conditions.value": ["untreated"]},
+        {"dl-export-btn.n_clicks": 1, "dl-conditions.value": [ref]},
     )
     assert "above the export limit" in text_of(res["response"]["dl-export-msg"]["children"])
 
 
-def test_export_subset_h5ad(dash_app, app_atlas_dir):
+def test_export_subset_h5ad(dash_app, app_atlas_dir, vocab):
+    ref, de_type = vocab["reference"], vocab["de_cell_type"]
     pytest.importorskip("atlas.export")
     res = dispatch(
         dash_app,
         "dl-export-msg.children",
         {
             "dl-export-btn.n_clicks": 1,
-            "dl-cell_types.value": ["CLL"],
-            "dl-conditions.value": ["untreated"],
+            "dl-cell_types.value": [de_type],
+            "dl-conditions.value": [ref],
         },
     )
     out = res["response"]
@@ -397,7 +405,8 @@ def test_export_subset_h5ad(dash_app, app_atlas_dir):
 
 
 # ----------------------------------------------------------------------------- robustness
-def test_atlas_without_optional_parts(app_atlas_dir_bare):
+def test_atlas_without_optional_parts(app_atlas_dir_bare, vocab):
+    ref = vocab["reference"]
     a = create_app(app_atlas_dir_bare, small_config())
     body = text_of(route(a, "/interactions"))
     assert "no ligand–receptor results yet" in body
@@ -406,7 +415,7 @@ def test_atlas_without_optional_parts(app_atlas_dir_bare):
     res = dispatch(
         a,
         "genes-violin.figure",
-        {"genes-gene.value": "CD5", "genes-conditions.value": ["untreated"]},
+        {"genes-gene.value": "CD5", "genes-conditions.value": [ref]},
     )
     assert res["response"]["genes-violin"]["figure"]["data"]
 

@@ -7,6 +7,7 @@ the dot plot, and a shared URL restores the view. Screenshots of every page go t
 from __future__ import annotations
 
 import time
+from urllib.parse import urlencode
 
 import pytest
 from app_fixtures import (  # noqa: F401 - fixtures
@@ -15,6 +16,7 @@ from app_fixtures import (  # noqa: F401 - fixtures
     browser,
     dash_app,
     live_server,
+    vocab,
 )
 
 pytestmark = pytest.mark.browser
@@ -152,32 +154,35 @@ def test_gene_recolours_umap(browser, live_server):
     assert severe_logs(browser) == []
 
 
-def test_condition_updates_violin(browser, live_server):
+def test_condition_updates_violin(browser, live_server, vocab):
+    ref, n = vocab["reference"], vocab["n_conditions"]
     browser.get_log("browser")
     open_page(browser, live_server.url + "/genes?gene=CD5")
-    before = figure(browser, "genes-violin", until=lambda f: f["n"] == 4)
-    assert "untreated" in before["names"]
-    choose(browser, "genes-conditions", "untreated")  # toggles it off
-    after = figure(browser, "genes-violin", until=lambda f: f["n"] == 3)
-    assert "untreated" not in after["names"]
+    before = figure(browser, "genes-violin", until=lambda f: f["n"] == n)
+    assert ref in before["names"]
+    choose(browser, "genes-conditions", ref)  # toggles it off
+    after = figure(browser, "genes-violin", until=lambda f: f["n"] == n - 1)
+    assert ref not in after["names"]
     wait_for(lambda: "condition=" in browser.current_url, what="URL to keep the conditions")
     assert severe_logs(browser) == []
 
 
-def test_interaction_filter_changes_dotplot(browser, live_server):
+def test_interaction_filter_changes_dotplot(browser, live_server, vocab):
+    sender = vocab["sender"]
     browser.get_log("browser")
     open_page(browser, live_server.url + "/interactions")
     before = figure(browser, "ia-dotplot")
     senders_before = {x.split(" → ")[0] for x in before["x"]}
     assert len(senders_before) > 1
-    choose(browser, "ia-sender", "CLL")
+    choose(browser, "ia-sender", sender)
     after = figure(
         browser,
         "ia-dotplot",
-        until=lambda f: f["x"] and {x.split(" → ")[0] for x in f["x"]} == {"CLL"},
+        until=lambda f: f["x"] and {x.split(" → ")[0] for x in f["x"]} == {sender},
     )
     assert after["x"] != before["x"]
-    wait_for(lambda: "sender=CLL" in browser.current_url, what="URL to keep the filter")
+    wanted = urlencode({"sender": sender})
+    wait_for(lambda: wanted in browser.current_url, what="URL to keep the filter")
     # clicking a dot shows both partners' expression
     idle(browser)
     browser.execute_script(
@@ -193,19 +198,23 @@ def test_interaction_filter_changes_dotplot(browser, live_server):
     assert severe_logs(browser) == []
 
 
-def test_shared_url_restores_view(browser, live_server):
+def test_shared_url_restores_view(browser, live_server, vocab):
+    ref, contrast, sender = vocab["reference"], vocab["contrast"], vocab["sender"]
     browser.get_log("browser")
-    open_page(browser, live_server.url + "/genes?gene=CD19&condition=ibrutinib_resistant")
+    q = urlencode({"gene": "CD19", "condition": contrast})
+    open_page(browser, live_server.url + "/genes?" + q)
     v = figure(browser, "genes-violin", until=lambda f: f["n"] == 1)
-    assert v["names"] == ["ibrutinib_resistant"]
+    assert v["names"] == [contrast]
     assert "CD19" in v["ytitle"]
     assert "CD19" in browser.find_element("id", "genes-gene").text
     open_page(browser, live_server.url + "/cells?gene=CD5&split=1")
     u = figure(browser, "cells-umap", until=lambda f: f["colorbar"] == "CD5")
-    assert u["n"] == 4  # one panel per condition
-    open_page(browser, live_server.url + "/interactions?sender=CLL&condition=untreated")
+    assert u["n"] == vocab["n_conditions"]  # one panel per condition
+    screenshot(browser, "cells_split_shared_url")
+    q = urlencode({"sender": sender, "condition": ref})
+    open_page(browser, live_server.url + "/interactions?" + q)
     d = figure(browser, "ia-dotplot")
-    assert {x.split(" → ")[0] for x in d["x"]} == {"CLL"}
+    assert {x.split(" → ")[0] for x in d["x"]} == {sender}
     assert severe_logs(browser) == []
 
 

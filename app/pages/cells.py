@@ -222,6 +222,7 @@ def layout(ctx, params: dict) -> html.Div:
                     "Exploratory only: use the pseudobulk DE (Genes page) for inference.",
                 ),
                 id="cells-de-section",
+                style={"display": "none"},
             ),
             dcc.Store(id="cells-umap-meta"),
             dcc.Download(id="cells-download"),
@@ -351,6 +352,7 @@ def register(app, ctx) -> None:
         Output("cells-de-table", "data"),
         Output("cells-de-table", "columns"),
         Output("cells-de-msg", "children"),
+        Output("cells-de-section", "style"),
         Input("cells-de-btn", "n_clicks"),
         State("cells-umap", "selectedData"),
         State("cells-umap-meta", "data"),
@@ -361,20 +363,17 @@ def register(app, ctx) -> None:
         view = ctx.view
         cells_ = selected_cells(view, selected, bool((meta or {}).get("split")))
         if len(cells_) == 0:
-            return no_update, no_update, no_update, C.message("Select cells first.", "warn")
+            return (no_update,) * 3 + (C.message("Select cells first.", "warn"), no_update)
         if len(cells_) == view.n_cells:
-            return (
-                no_update,
-                no_update,
-                no_update,
-                C.message("The selection holds every cell: nothing to compare with.", "warn"),
-            )
+            msg = C.message("The selection holds every cell: nothing to compare with.", "warn")
+            return (no_update,) * 3 + (msg, no_update)
         res, note = quick_de(view, cells_, max_cells=int(ctx.limits.max_cells_quick_de))
         return (
             F.quick_de_bar(res, title=None),
             C.table_records(res),
             C.table_columns(res),
             C.message(note, "info"),
+            {"display": "block"},
         )
 
     @app.callback(
