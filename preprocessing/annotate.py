@@ -1,0 +1,500 @@
+"""Stage ``annotate``: cell types from curated markers (``references/markers_<species>.csv``).
+
+Method (deterministic, no reference atlas needed):
+
+1. per-cell marker scores: every marker gene's log-normalised expression is scaled to
+   [0, 1] by a robust upper level (90th percentile among expressing cells); a type's score
+   is the mean over its positive markers minus the mean over its negative markers
+   (``obs["marker_<type>"]``);
+2. in the B lineage, light-chain restriction adds evidence: per patient the dominant light
+   chain (IGKC vs IGLC*) of the leukaemic clone is found, and cells whose light-chain UMIs
+   come from the dominant chain score towards CLL, polyclonal ones towards normal B;
+3. scores are smoothed over the kNN graph (the cell and its neighbours);
+4. Leiden clusters at a fine resolution get the type with the best mean smoothed score;
+   the margin to the second-best type gives the cluster's confidence, and a cluster with
+   no convincing type is ``Unassigned``;
+5. within the lineage of its cluster's type, each cell then takes the type with its best
+   smoothed score (sub-states such as resting / activated / proliferating CLL, or CD4 /
+   CD8 subsets, need not form separate clusters);
+6. clusters co-expressing B markers with myeloid or T-cell markers are flagged
+   doublet-like (``obs[OBS_DOUBLET_CLUSTER]``).
+
+A cluster marker table (``tables["cluster_markers"]``) lists the top genes per Leiden
+cluster of the default resolution.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from atlas import schema
+from atlas.tables import put_table
+
+from .integrate import _record, reference_path, species_of
+from .log import get_logger
+
+log = get_logger("annotate")
+
+MARKER_COLUMNS = ("cell_type", "lineage", "gene", "direction", "source")
+NEG_WEIGHT = 1.0
+LIGHT_CHAIN_WEIGHT = 0.4
+MIN_SCORE = 0.1  # best cluster score below this: Unassigned
+FINE_RESOLUTION = 2.0
+CLL_PREFIX = "CLL"
+NORMAL_B = "Normal B"
+
+# doublet-like clusters: B-cell genes together with myeloid or T-cell genes
+DOUBLET_GENES = {
+    "human": {
+        "B": ["CD79A", "CD79B", "MS4A1", "CD19"],
+        "Myeloid": ["LYZ", "CD14", "S100A9", "CST3"],
+        "T": ["CD3E", "CD3D", "CD3G"],
+    },
+    "mouse": {
+        "B": ["Cd79a", "Cd79b", "Ms4a1", "Cd19"],
+        "Myeloid": ["Lyz2", "Cd14", "S100a9", "Cst3"],
+        "T": ["Cd3e", "Cd3d", "Cd3g"],
+    },
+}
+DOUBLET_PAIRS = (("B", "Myeloid"), ("B", "T"))
+DOUBLET_FRACTION = 0.35  # both lineage levels >= this fraction of their highest cluster level
+
+LIGHT_CHAINS = {
+    "human": ("^IGKC$", "^IGLC\\d+$"),
+    "mouse": ("^Igkc$", "^Iglc\\d+$"),
+}
+
+
+# ======================================================================================
+# references
+# ======================================================================================
+@lru_cache(maxsize=4)
+def _load_markers_cached(species: str) -> pd.DataFrame:
+    path = reference_path(f"markers_{species}.csv")
+    df = pd.read_csv(path, dtype=str).fillna("")
+    missing = [c for c in MARKER_COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path.name}: missing columns {missing}")
+    bad = ~df["direction"].isin(["up", "down"])
+    if bad.any():
+        raise ValueError(f"{path.name}: direction must be up/down (rows {list(df.index[bad])})")
+    return df
+
+
+def load_markers(species: str = "human") -> pd.DataFrame:
+    """The curated marker table: cell_type, lineage, gene, direction (up/down), source."""
+    return _load_markers_cached(species).copy()
+
+
+def lineage_map(markers: pd.DataFrame) -> dict[str, str]:
+    return dict(zip(markers["cell_type"], markers["lineage"]))
+
+
+def marker_key(cell_type: str) -> str:
+    """``.obs`` column of a cell type's per-cell marker score."""
+    return f"{schema.OBS_MARKER_SCORE_PREFIX}{cell_type}"
+
+
+# ======================================================================================
+# scores
+# ======================================================================================
+def _dense_columns(X, cols: np.ndarray) -> np.ndarray:
+    sub = X[:, cols]
+    return np.asarray(sub.toarray() if sp.issparse(sub) else sub, dtype=np.float32)
+
+
+def _scaled_expression(adata, genes: list[str]) -> pd.DataFrame:
+    """Log-normalised expression of ``genes`` scaled to [0, 1] per gene."""
+    idx = adata.var_names.get_indexer(genes)
+    E = _dense_columns(adata.X, idx)
+    scale = np.ones(E.shape[1], dtype=np.float32)
+    for j in range(E.shape[1]):
+        pos = E[:, j][E[:, j] > 0]
+        if pos.size:
+            scale[j] = max(float(np.quantile(pos, 0.9)), 1e-3)
+    return pd.DataFrame(np.minimum(E / scale, 1.0), index=adata.obs_names, columns=genes)
+
+
+def marker_scores(adata, markers: pd.DataFrame, *, min_genes: int = 1) -> pd.DataFrame:
+    """Per-cell score per cell type (cells x types); types with < ``min_genes`` positive
+    markers in the data are left out."""
+    present = markers[markers["gene"].isin(adata.var_names)]
+    genes = list(dict.fromkeys(present["gene"]))
+    S = _scaled_expression(adata, genes) if genes else pd.DataFrame(index=adata.obs_names)
+    out = {}
+    for ct in dict.fromkeys(markers["cell_type"]):
+        m = present[present["cell_type"] == ct]
+        up = list(dict.fromkeys(m.loc[m["direction"] == "up", "gene"]))
+        down = list(dict.fromkeys(m.loc[m["direction"] == "down", "gene"]))
+        if len(up) < min_genes:
+            continue
+        score = S[up].mean(axis=1).values
+        if down:
+            score = score - NEG_WEIGHT * S[down].mean(axis=1).values
+        out[ct] = score.astype(np.float32)
+    return pd.DataFrame(out, index=adata.obs_names)
+
+
+def light_chain_restriction(
+    adata, species: str, *, patient_key: str, b_cells: np.ndarray
+) -> tuple[np.ndarray, dict[str, str]]:
+    """Per cell: fraction of light-chain UMIs from its patient's dominant chain (NaN where no
+    light-chain UMIs); per patient: the dominant chain (``kappa`` / ``lambda``) among
+    ``b_cells``."""
+    import re
+
+    kpat, lpat = LIGHT_CHAINS[species]
+    names = adata.var_names.astype(str)
+    kap = np.array([bool(re.search(kpat, g)) for g in names])
+    lam = np.array([bool(re.search(lpat, g)) for g in names])
+    frac = np.full(adata.n_obs, np.nan)
+    dominant: dict[str, str] = {}
+    if not kap.any() or not lam.any():
+        return frac, dominant
+    counts = adata.layers.get(schema.LAYER_COUNTS, adata.X)
+    k = np.asarray(counts[:, kap].sum(axis=1)).ravel().astype(float)
+    lm = np.asarray(counts[:, lam].sum(axis=1)).ravel().astype(float)
+    tot = k + lm
+    patients = adata.obs[patient_key].astype(str).values
+    for p in np.unique(patients):
+        sel = patients == p
+        bsel = sel & b_cells
+        if bsel.sum() == 0 or tot[bsel].sum() == 0:
+            continue
+        is_kappa = k[bsel].sum() >= lm[bsel].sum()
+        dominant[p] = "kappa" if is_kappa else "lambda"
+        dom = k[sel] if is_kappa else lm[sel]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            frac[sel] = np.where(tot[sel] > 0, dom / tot[sel], np.nan)
+    return frac, dominant
+
+
+def _smoothing_matrix(adata) -> sp.csr_matrix | None:
+    conn = adata.obsp.get("connectivities")
+    if conn is None or conn.shape[0] != adata.n_obs:
+        return None
+    W = sp.csr_matrix(conn, dtype=np.float32)
+    W = (W > 0).astype(np.float32) + sp.identity(adata.n_obs, dtype=np.float32, format="csr")
+    deg = np.asarray(W.sum(axis=1)).ravel()
+    return sp.diags(1.0 / deg) @ W
+
+
+# ======================================================================================
+# annotation
+# ======================================================================================
+def _fine_cluster_key(adata, resolution: float | None) -> str:
+    if resolution is not None:
+        key = schema.leiden_key(resolution)
+        schema.require_obs(adata, key)
+        return key
+    res = [float(r) for r in adata.uns.get(schema.UNS_LEIDEN_RESOLUTIONS, [])]
+    have = [r for r in res if schema.leiden_key(r) in adata.obs]
+    if have:
+        best = min(have, key=lambda r: (abs(r - FINE_RESOLUTION), -r))
+        return schema.leiden_key(best)
+    schema.require_obs(adata, schema.OBS_LEIDEN)
+    return schema.OBS_LEIDEN
+
+
+def _confidence(best: np.ndarray, second: np.ndarray, scale: float = 0.15) -> np.ndarray:
+    margin = np.maximum(best - second, 0.0)
+    return np.clip(np.tanh(margin / scale), 0.0, 1.0)
+
+
+def _knn_smooth(adata, sel: np.ndarray, M: np.ndarray) -> np.ndarray:
+    """Average ``M`` (rows = cells of ``sel``) over each cell and its kNN within ``sel``."""
+    conn = adata.obsp.get("connectivities")
+    if conn is None or conn.shape[0] != adata.n_obs:
+        return M
+    W = sp.csr_matrix(sp.csr_matrix(conn)[sel][:, sel] > 0, dtype=np.float32)
+    W = W + sp.identity(W.shape[0], dtype=np.float32, format="csr")
+    W = sp.diags(1.0 / np.asarray(W.sum(axis=1)).ravel()) @ W
+    return np.asarray(W @ M)
+
+
+def _two_group_threshold(x: np.ndarray) -> float | None:
+    """Threshold between a low and a high mode of ``x`` (2-component Gaussian mixture), or
+    ``None`` when ``x`` is not clearly bimodal."""
+    from sklearn.mixture import GaussianMixture
+
+    x = np.asarray(x, dtype=np.float64).reshape(-1, 1)
+    if x.shape[0] < 20 or np.ptp(x) <= 0:
+        return None
+    gm = GaussianMixture(2, random_state=0, n_init=2).fit(x)
+    mu = gm.means_.ravel()
+    sd = np.sqrt(gm.covariances_.ravel())
+    lo, hi = np.argsort(mu)
+    if mu[hi] - mu[lo] < 1.5 * (sd[lo] + sd[hi]) or gm.weights_[hi] < 0.005:
+        return None
+    grid = np.linspace(mu[lo], mu[hi], 200).reshape(-1, 1)
+    post = gm.predict_proba(grid)[:, hi]
+    return float(grid[np.argmax(post >= 0.5), 0])
+
+
+def _genes(markers: pd.DataFrame, cell_type: str, direction: str = "up") -> list[str]:
+    m = markers[(markers["cell_type"] == cell_type) & (markers["direction"] == direction)]
+    return list(dict.fromkeys(m["gene"]))
+
+
+def _mean_expr(adata, sel: np.ndarray, genes: list[str]) -> np.ndarray:
+    genes = [g for g in genes if g in adata.var_names]
+    if not genes:
+        return np.zeros(int(sel.sum()))
+    E = _dense_columns(adata.X[sel], adata.var_names.get_indexer(genes))
+    return E.mean(axis=1)
+
+
+def _refine_b_lineage(adata, markers, label, conf, *, lc_shift, cll_types):
+    """Cells of CLL / normal-B clusters: CLL vs normal B per cell (CLL programme vs normal-B
+    programme, z-scored among these cells, plus light-chain restriction; kNN-smoothed);
+    then CLL sub-states from the activation / proliferation programmes (the genes that the
+    sub-state adds to the resting state), thresholded between their two modes."""
+    label = label.copy()
+    conf = conf.copy()
+    info: dict[str, float] = {}
+    lab = label.astype(str)
+    sel = np.isin(lab, [*cll_types, NORMAL_B])
+    if sel.sum() < 3 or not cll_types:
+        return label, conf, info
+    base = next((t for t in cll_types if t.endswith("resting")), cll_types[0])
+    cll_up = set(_genes(markers, base)) - set(_genes(markers, NORMAL_B))
+    nb_up = set(_genes(markers, NORMAL_B)) - set(_genes(markers, base))
+    cll_up = [g for g in cll_up if g in adata.var_names]
+    nb_up = [g for g in nb_up if g in adata.var_names]
+    if NORMAL_B in markers["cell_type"].values and cll_up and nb_up:
+        genes = cll_up + nb_up
+        E = _dense_columns(adata.X[sel], adata.var_names.get_indexer(genes))
+        Z = np.clip((E - E.mean(axis=0)) / np.maximum(E.std(axis=0), 0.05), -3, 3)
+        d = Z[:, : len(cll_up)].mean(axis=1) - Z[:, len(cll_up) :].mean(axis=1)
+        d = d + LIGHT_CHAIN_WEIGHT * 2 * lc_shift[sel]
+        d = _knn_smooth(adata, sel, d[:, None])[:, 0]
+        is_cll = d >= 0
+        idx = np.flatnonzero(sel)
+        label[idx[~is_cll]] = NORMAL_B
+        label[idx[is_cll & (lab[idx] == NORMAL_B)]] = base
+        label[idx[is_cll & np.isin(lab[idx], cll_types)]] = base
+        conf[idx] = np.minimum(conf[idx], _confidence(np.abs(d), 0.0, scale=0.5))
+    else:
+        idx = np.flatnonzero(sel)
+        label[idx[np.isin(lab[idx], cll_types)]] = base
+    # sub-states of CLL
+    csel = label.astype(str) == base
+    if csel.sum() < 20:
+        return label, conf, info
+    base_genes = set(_genes(markers, base))
+    cidx = np.flatnonzero(csel)
+    assigned = np.zeros(len(cidx), dtype=bool)
+    # proliferating first (a cycling activated cell is counted as proliferating)
+    states = sorted(
+        [t for t in cll_types if t != base], key=lambda t: 0 if "prolif" in t.lower() else 1
+    )
+    for t in states:
+        extra = [g for g in _genes(markers, t) if g not in base_genes]
+        x = _mean_expr(adata, csel, extra)
+        xs = _knn_smooth(adata, csel, x[:, None])[:, 0]
+        thr = _two_group_threshold(xs)
+        info[f"threshold_{t}"] = float("nan") if thr is None else thr
+        if thr is None:
+            continue
+        hit = (xs >= thr) & ~assigned
+        label[cidx[hit]] = t
+        assigned |= hit
+        spread = max(float(np.std(xs)), 1e-6)
+        conf[cidx[hit]] = np.minimum(conf[cidx[hit]], _confidence(xs[hit], thr, scale=spread))
+    return label, conf, info
+
+
+def doublet_like_clusters(adata, clusters: pd.Series, species: str) -> pd.Series:
+    """Per cluster: True where B-cell genes co-occur with myeloid or T-cell genes."""
+    sets = DOUBLET_GENES[species]
+    genes = [g for gs in sets.values() for g in gs if g in adata.var_names]
+    if not genes:
+        return pd.Series(False, index=clusters.cat.categories)
+    S = _scaled_expression(adata, genes)
+    lvl = pd.DataFrame(
+        {
+            lin: S[[g for g in gs if g in S.columns]].mean(axis=1)
+            if any(g in S.columns for g in gs)
+            else 0.0
+            for lin, gs in sets.items()
+        }
+    )
+    means = lvl.groupby(clusters.values, observed=True).mean()
+    flags = pd.Series(False, index=means.index)
+    for a, b in DOUBLET_PAIRS:
+        top_a, top_b = means[a].max(), means[b].max()
+        if top_a <= 0 or top_b <= 0:
+            continue
+        flags |= (means[a] >= DOUBLET_FRACTION * top_a) & (means[b] >= DOUBLET_FRACTION * top_b)
+    return flags
+
+
+def annotate(
+    adata,
+    config=None,
+    *,
+    species: str | None = None,
+    cluster_key: str | None = None,
+    patient_key: str = schema.OBS_PATIENT,
+    marker_table: bool = True,
+    refine_cells: bool = True,
+    **overrides,
+):
+    """Cell types, confidence, lineage and doublet-like flags (see the module docstring).
+
+    Writes ``obs``: ``cell_type`` (categorical), ``cell_type_confidence``, ``lineage``,
+    ``doublet_like_cluster``, ``marker_<type>``; the table ``cluster_markers``.
+    ``config``: an :class:`atlas.config.AnnotateConfig`.
+    """
+    from atlas.config import AnnotateConfig
+
+    cfg = config if config is not None else AnnotateConfig()
+    if overrides:
+        cfg = cfg.model_copy(update=overrides)
+    species = species_of(adata, species)
+    markers = load_markers(species)
+    lin_of = lineage_map(markers)
+    ckey = cluster_key or _fine_cluster_key(adata, cfg.resolution)
+    clusters = adata.obs[ckey].astype("category")
+
+    scores = marker_scores(adata, markers)
+    if scores.shape[1] == 0:
+        raise ValueError(f"no marker gene of references/markers_{species}.csv is in the data")
+    for ct in scores.columns:
+        adata.obs[marker_key(ct)] = scores[ct].values
+    types = list(scores.columns)
+    S = scores.values.astype(np.float32)
+
+    # light-chain restriction (B lineage)
+    cll_types = [t for t in types if t.startswith(CLL_PREFIX) and lin_of.get(t) == "B/CLL"]
+    dominant: dict[str, str] = {}
+    lc = np.zeros(adata.n_obs)
+    pkey = patient_key if patient_key in adata.obs else schema.OBS_SAMPLE
+    if cll_types and NORMAL_B in types and pkey in adata.obs:
+        b_types = [t for t in types if lin_of.get(t) == "B/CLL"]
+        b_cells = scores[b_types].max(axis=1).values >= scores.max(axis=1).values - 1e-6
+        frac, dominant = light_chain_restriction(adata, species, patient_key=pkey, b_cells=b_cells)
+        lc = np.nan_to_num(frac - 0.5, nan=0.0) * 2.0  # -1 (other chain) .. +1 (dominant)
+        lc = np.where(b_cells, lc, 0.0)
+        for t in cll_types:
+            S[:, types.index(t)] += LIGHT_CHAIN_WEIGHT * 0.5 * lc
+        S[:, types.index(NORMAL_B)] -= LIGHT_CHAIN_WEIGHT * 0.5 * lc
+
+    W = _smoothing_matrix(adata)
+    Ss = np.asarray(W @ S) if W is not None else S
+    if not cll_types:
+        cll_types = []
+
+    # cluster level (CLL sub-states compete as one family)
+    fam = np.array([cll_types[0] if t in cll_types else t for t in types], dtype=object)
+    fam_names = list(dict.fromkeys(fam))
+    F = np.column_stack([Ss[:, fam == f].max(axis=1) for f in fam_names])
+    cl_codes = clusters.cat.codes.values
+    n_cl = len(clusters.cat.categories)
+    cl_mean = np.zeros((n_cl, len(fam_names)), dtype=np.float64)
+    for c in range(n_cl):
+        sel = cl_codes == c
+        if sel.any():
+            cl_mean[c] = F[sel].mean(axis=0)
+    best = np.argmax(cl_mean, axis=1)
+    rows = np.arange(n_cl)
+    lin_arr = np.array([lin_of.get(t, "") for t in fam_names])
+    other = np.where(lin_arr[None, :] == lin_arr[best][:, None], -np.inf, cl_mean)
+    second = other.max(axis=1)
+    second = np.where(np.isfinite(second), second, 0.0)
+    cl_conf = _confidence(cl_mean[rows, best], second)
+    cl_label = np.array([fam_names[i] for i in best], dtype=object)
+    unassigned = (cl_mean[rows, best] < MIN_SCORE) | (cl_conf < cfg.min_confidence)
+    cl_label[unassigned] = schema.UNASSIGNED
+
+    label = cl_label[cl_codes].astype(object)
+    conf = cl_conf[cl_codes].astype(np.float64)
+    substate_info: dict[str, float] = {}
+    if refine_cells and cll_types:
+        label, conf, substate_info = _refine_b_lineage(
+            adata, markers, label, conf, lc_shift=lc, cll_types=cll_types
+        )
+    conf[label == schema.UNASSIGNED] = 0.0
+
+    cats = [t for t in dict.fromkeys(markers["cell_type"]) if t in set(label)]
+    if schema.UNASSIGNED in set(label):
+        cats.append(schema.UNASSIGNED)
+    adata.obs[schema.OBS_CELL_TYPE] = pd.Categorical(label, categories=cats)
+    adata.obs[schema.OBS_CELL_TYPE_CONFIDENCE] = conf.astype(np.float32)
+    lineage = [lin_of.get(t, schema.UNASSIGNED) for t in label]
+    lin_cats = list(dict.fromkeys(lin_of.get(t, schema.UNASSIGNED) for t in cats))
+    adata.obs[schema.OBS_LINEAGE] = pd.Categorical(lineage, categories=lin_cats)
+    flags = doublet_like_clusters(adata, clusters, species)
+    adata.obs[schema.OBS_DOUBLET_CLUSTER] = clusters.map(flags.to_dict()).astype(bool).values
+    n_flag = int(flags.sum())
+    log.info(
+        "annotate: %d cell types over %d clusters (%s); %d unassigned cells; %d doublet-like "
+        "clusters",
+        len(cats), n_cl, ckey, int((label == schema.UNASSIGNED).sum()), n_flag,
+    )  # fmt: skip
+    _record(
+        adata,
+        "annotate",
+        {
+            "method": "curated markers, kNN-smoothed, cluster then within-lineage cell level",
+            "markers": f"references/markers_{species}.csv",
+            "cluster_key": ckey,
+            "min_confidence": float(cfg.min_confidence),
+            "min_score": MIN_SCORE,
+            "light_chain_dominant": ";".join(f"{p}:{c}" for p, c in sorted(dominant.items())),
+            "doublet_like_clusters": ";".join(map(str, flags.index[flags.values])),
+            "refine_cells": bool(refine_cells),
+            **{k: float(v) for k, v in substate_info.items()},
+        },
+    )
+    if marker_table:
+        cluster_markers(adata)
+    return adata
+
+
+def cluster_markers(adata, *, groupby: str = schema.OBS_LEIDEN, n_genes: int = 20) -> pd.DataFrame:
+    """Top ``n_genes`` per cluster (Wilcoxon on log-normalised X) as ``tables["cluster_markers"]``:
+    cluster, gene, score, logfc, pval_adj."""
+    import scanpy as sc
+
+    schema.require_obs(adata, groupby)
+    groups = adata.obs[groupby].astype("category")
+    sizes = groups.value_counts()
+    ok = sizes.index[sizes >= 2]
+    cols = ["cluster", "gene", "score", "logfc", "pval_adj"]
+    if len(ok) < 2:
+        df = pd.DataFrame(columns=cols)
+        put_table(adata, schema.TABLE_MARKERS, df)
+        return df
+    key = "_tme_rank_genes"
+    sc.tl.rank_genes_groups(
+        adata,
+        groupby,
+        groups=[str(g) for g in ok],
+        method="wilcoxon" if adata.n_obs <= 60000 else "t-test_overestim_var",
+        use_raw=False,
+        layer=None,
+        n_genes=n_genes,
+        key_added=key,
+        pts=False,
+    )
+    df = sc.get.rank_genes_groups_df(adata, group=None, key=key)
+    del adata.uns[key]
+    df = df.rename(
+        columns={
+            "group": "cluster",
+            "names": "gene",
+            "scores": "score",
+            "logfoldchanges": "logfc",
+            "pvals_adj": "pval_adj",
+        }  # fmt: skip
+    )
+    df = df[cols].copy()
+    df["cluster"] = df["cluster"].astype(str)
+    df = df.groupby("cluster", sort=False, observed=True).head(n_genes).reset_index(drop=True)
+    put_table(adata, schema.TABLE_MARKERS, df)
+    return df

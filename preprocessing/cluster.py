@@ -1,0 +1,68 @@
+"""Stage ``cluster``: neighbours, UMAP and Leiden (several resolutions) on the scVI latent."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from atlas import schema
+
+from .log import get_logger
+
+log = get_logger("cluster")
+
+
+def run_clustering(
+    adata,
+    config=None,
+    *,
+    use_rep: str = schema.OBSM_SCVI,
+    umap: bool = True,
+    **overrides,
+):
+    """kNN graph, UMAP and Leiden clusterings on ``obsm[use_rep]``.
+
+    Writes ``obs[leiden_key(r)]`` for every resolution of ``config.resolutions`` (plus the
+    default resolution), ``obs[OBS_LEIDEN]`` (= the default resolution), ``obsm[OBSM_UMAP]``
+    and ``uns[UNS_LEIDEN_RESOLUTIONS]``. ``config``: an :class:`atlas.config.ClusterConfig`.
+    """
+    import scanpy as sc
+
+    from atlas.config import ClusterConfig
+
+    cfg = config if config is not None else ClusterConfig()
+    if overrides:
+        cfg = cfg.model_copy(update=overrides)
+    schema.require_obsm(adata, use_rep)
+    resolutions = sorted({float(r) for r in [*cfg.resolutions, cfg.default_resolution]})
+    n_neighbors = int(max(2, min(cfg.n_neighbors, adata.n_obs - 1)))
+    sc.pp.neighbors(adata, use_rep=use_rep, n_neighbors=n_neighbors, random_state=cfg.seed)
+    if umap:
+        sc.tl.umap(adata, min_dist=cfg.umap_min_dist, random_state=cfg.seed)
+        adata.obsm[schema.OBSM_UMAP] = np.asarray(adata.obsm["X_umap"], dtype=np.float32)
+    for res in resolutions:
+        key = schema.leiden_key(res)
+        sc.tl.leiden(
+            adata,
+            resolution=res,
+            flavor="igraph",
+            n_iterations=2,
+            directed=False,
+            random_state=cfg.seed,
+            key_added=key,
+        )
+        log.info("leiden r=%g: %d clusters", res, adata.obs[key].nunique())
+    adata.obs[schema.OBS_LEIDEN] = adata.obs[schema.leiden_key(cfg.default_resolution)].copy()
+    adata.uns[schema.UNS_LEIDEN_RESOLUTIONS] = [float(r) for r in resolutions]
+    adata.uns.pop("leiden", None)
+    for r in resolutions:
+        adata.uns.pop(schema.leiden_key(r), None)
+    adata.uns[schema.UNS_PARAMS_PREFIX + "cluster"] = {
+        "use_rep": use_rep,
+        "n_neighbors": n_neighbors,
+        "resolutions": [float(r) for r in resolutions],
+        "default_resolution": float(cfg.default_resolution),
+        "umap_min_dist": float(cfg.umap_min_dist),
+        "seed": int(cfg.seed),
+        "leiden": "igraph, n_iterations=2, undirected",
+    }
+    return adata

@@ -1,0 +1,597 @@
+"""Stages ``normalize``, ``hvg`` and ``integrate``: log-normalisation, highly variable genes
+(immunoglobulin / TCR / mito / ribo / haemoglobin genes excluded), scVI integration and
+integration metrics (uncorrected PCA vs scVI).
+
+All functions work in place on an AnnData and return it (chainable). Parameters actually
+used are recorded in ``.uns[UNS_PARAMS_PREFIX + <stage>]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import re
+import time
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from atlas import schema
+
+from .log import get_logger, progress_enabled
+
+log = get_logger("integrate")
+
+TARGET_SUM = 1e4
+FILTER_CATEGORIES = ("immunoglobulin", "tcr", "mitochondrial", "ribosomal", "haemoglobin")
+
+
+# ======================================================================================
+# helpers
+# ======================================================================================
+def species_of(adata, species: str | None = None) -> str:
+    """The species of an atlas: argument > ``uns[UNS_SPECIES]`` > ``obs["species"]`` > human."""
+    if species:
+        sp_ = str(species).lower()
+    elif schema.UNS_SPECIES in adata.uns:
+        sp_ = str(adata.uns[schema.UNS_SPECIES]).lower()
+    elif schema.OBS_SPECIES in adata.obs and adata.n_obs:
+        sp_ = str(adata.obs[schema.OBS_SPECIES].astype(str).mode().iloc[0]).lower()
+    else:
+        sp_ = "human"
+    if sp_ not in schema.SPECIES:
+        raise ValueError(f"species must be one of {schema.SPECIES}, not {sp_!r}")
+    return sp_
+
+
+def _record(adata, stage: str, params: dict) -> None:
+    """Store h5ad-safe parameters of ``stage`` in ``uns``."""
+    clean = {}
+    for k, v in params.items():
+        if v is None:
+            v = "None"
+        elif isinstance(v, (list, tuple)):
+            v = [str(x) if not isinstance(x, (int, float)) else x for x in v]
+            if not v:
+                v = "[]"
+        elif isinstance(v, (np.integer,)):
+            v = int(v)
+        elif isinstance(v, (np.floating,)):
+            v = float(v)
+        elif not isinstance(v, (str, int, float, bool)):
+            v = str(v)
+        clean[k] = v
+    adata.uns[schema.UNS_PARAMS_PREFIX + stage] = clean
+
+
+def reference_path(name: str) -> Path:
+    """Path of a file shipped in the ``references`` package."""
+    return Path(str(resources.files("references").joinpath(name)))
+
+
+# ======================================================================================
+# normalisation
+# ======================================================================================
+def normalize(adata, *, target_sum: float = TARGET_SUM):
+    """Raw counts to ``layers["counts"]`` (kept if present); ``X`` = log1p(normalize_total).
+
+    ``X`` must hold raw counts when ``layers["counts"]`` is absent.
+    """
+    import scanpy as sc
+
+    if schema.LAYER_COUNTS not in adata.layers:
+        adata.layers[schema.LAYER_COUNTS] = adata.X.copy()
+    counts = adata.layers[schema.LAYER_COUNTS]
+    if not sp.issparse(counts):
+        counts = sp.csr_matrix(counts)
+    counts = sp.csr_matrix(counts, dtype=np.float32)
+    adata.layers[schema.LAYER_COUNTS] = counts
+    adata.X = counts.copy()
+    sc.pp.normalize_total(adata, target_sum=target_sum)
+    sc.pp.log1p(adata)
+    adata.uns.pop("log1p", None)  # scanpy's {"base": None} is not h5ad-safe in every reader
+    _record(adata, "normalize", {"target_sum": float(target_sum), "transform": "log1p"})
+    return adata
+
+
+# ======================================================================================
+# gene filters and HVG
+# ======================================================================================
+@lru_cache(maxsize=4)
+def load_gene_filters(species: str = "human") -> dict[str, tuple[str, ...]]:
+    """Category -> regexes of genes never used as HVGs (``references/gene_filters.yaml``)."""
+    import yaml
+
+    data = yaml.safe_load(reference_path("gene_filters.yaml").read_text(encoding="utf-8"))
+    if species not in data:
+        raise ValueError(f"gene_filters.yaml has no section for species {species!r}")
+    return {cat: tuple(pats) for cat, pats in data[species].items()}
+
+
+def excluded_gene_categories(genes: Iterable[str], species: str = "human") -> pd.Series:
+    """Per gene: the filter category (``immunoglobulin``, ``tcr``, ...) or ``""``."""
+    genes = [str(g) for g in genes]
+    out = pd.Series("", index=pd.Index(genes), dtype=object)
+    for cat, patterns in load_gene_filters(species).items():
+        rx = re.compile("|".join(f"(?:{p})" for p in patterns))
+        hit = np.array([bool(rx.search(g)) for g in genes])
+        out[hit & (out.values == "")] = cat
+    return out
+
+
+def excluded_genes_mask(genes: Iterable[str], species: str = "human") -> np.ndarray:
+    """Boolean mask of genes excluded from HVG selection."""
+    return (excluded_gene_categories(genes, species).values != "").astype(bool)
+
+
+def _hvg_seurat_v3(sub, n_top: int, batch_key: str | None):
+    """``seurat_v3`` on ``layers["counts"]`` of ``sub``; robust to degenerate batches."""
+    import scanpy as sc
+
+    def run(bk):
+        return sc.pp.highly_variable_genes(
+            sub,
+            flavor="seurat_v3",
+            n_top_genes=n_top,
+            layer=schema.LAYER_COUNTS,
+            batch_key=bk,
+            inplace=False,
+            span=0.3,
+        )
+
+    if batch_key is None:
+        return run(None), None
+    sizes = sub.obs[batch_key].value_counts()
+    small = sizes.index[sizes < 20]
+    try:
+        if len(small):
+            raise ValueError(f"batches with < 20 cells: {list(small)}")
+        return run(batch_key), batch_key
+    except Exception as e:  # loess fails on tiny / degenerate batches
+        log.warning("hvg: seurat_v3 per %s failed (%s); merging small batches", batch_key, e)
+    # merge small batches into one pseudo-batch and retry, then give up on batches
+    tmp = "_hvg_batch"
+    b = sub.obs[batch_key].astype(str)
+    b[b.isin(set(map(str, small)))] = "_small"
+    sub.obs[tmp] = pd.Categorical(b)
+    try:
+        if sub.obs[tmp].nunique() > 1:
+            return run(tmp), batch_key + " (small batches merged)"
+    except Exception as e:
+        log.warning("hvg: seurat_v3 with merged batches failed (%s); ignoring batches", e)
+    finally:
+        del sub.obs[tmp]
+    return run(None), None
+
+
+def select_hvg(
+    adata,
+    *,
+    n_top_genes: int = 2000,
+    batch_key: str | None = schema.OBS_SAMPLE,
+    flavor: str = "seurat_v3",
+    exclude_patterns: bool = True,
+    species: str | None = None,
+    config=None,
+):
+    """Mark ``var[VAR_HVG]``; ``var[VAR_EXCLUDED_HVG]`` marks genes that never qualify.
+
+    ``config``: an :class:`atlas.config.HVGConfig` (overrides ``n_top_genes``, ``flavor``,
+    ``exclude_patterns``). ``seurat_v3`` works on ``layers["counts"]``; the other flavours on
+    the log-normalised ``X``.
+    """
+    import scanpy as sc
+
+    if config is not None:
+        n_top_genes, flavor, exclude_patterns = (
+            config.n_top_genes,
+            config.flavor,
+            config.exclude_patterns,
+        )
+    species = species_of(adata, species)
+    schema.require_layer(adata, schema.LAYER_COUNTS)
+    cats = excluded_gene_categories(adata.var_names, species)
+    excluded = (cats.values != "") if exclude_patterns else np.zeros(adata.n_vars, bool)
+    counts = adata.layers[schema.LAYER_COUNTS]
+    n_cells = np.asarray((counts > 0).sum(axis=0)).ravel()
+    candidate = ~excluded & (n_cells >= 3)
+    if batch_key is not None and batch_key not in adata.obs:
+        raise schema.MissingKeyError("obs", batch_key)
+    if batch_key is not None and adata.obs[batch_key].nunique() < 2:
+        batch_key = None
+    n_top = int(min(n_top_genes, candidate.sum()))
+    sub = adata[:, candidate].copy()
+    if flavor == "seurat_v3":
+        res, used_batch = _hvg_seurat_v3(sub, n_top, batch_key)
+    else:
+        res = sc.pp.highly_variable_genes(
+            sub, flavor=flavor, n_top_genes=n_top, batch_key=batch_key, inplace=False
+        )
+        used_batch = batch_key
+    res.index = sub.var_names
+    hv = pd.Series(False, index=adata.var_names)
+    hv[res.index[res["highly_variable"].values.astype(bool)]] = True
+    rank = pd.Series(np.nan, index=adata.var_names)
+    if "highly_variable_rank" in res:
+        rank[res.index] = res["highly_variable_rank"].values.astype(float)
+    adata.var[schema.VAR_HVG] = hv.values.astype(bool)
+    adata.var[schema.VAR_EXCLUDED_HVG] = excluded.astype(bool)
+    adata.var["hvg_rank"] = rank.values
+    adata.var["hvg_filter"] = pd.Categorical(cats.values.astype(str))
+    log.info(
+        "hvg: %d highly variable genes (%s, batch %s); %d genes excluded (%s)",
+        int(hv.sum()), flavor, used_batch, int(excluded.sum()),
+        ", ".join(f"{c}: {(cats == c).sum()}" for c in FILTER_CATEGORIES if (cats == c).any()),
+    )  # fmt: skip
+    _record(
+        adata,
+        "hvg",
+        {
+            "flavor": flavor,
+            "n_top_genes": int(n_top_genes),
+            "n_hvg": int(hv.sum()),
+            "batch_key": used_batch,
+            "exclude_patterns": bool(exclude_patterns),
+            "n_excluded": int(excluded.sum()),
+        },
+    )
+    return adata
+
+
+# ======================================================================================
+# scVI
+# ======================================================================================
+def default_torch_threads() -> int:
+    """1 under CI (``CI`` set), else the number of cores."""
+    if os.environ.get("CI"):
+        return 1
+    return max(1, os.cpu_count() or 1)
+
+
+def epochs_for_steps(max_steps: int, n_cells: int, batch_size: int, train_size: float = 0.9):
+    """``ceil(max_steps / steps_per_epoch)`` clamped to [10, 400]."""
+    n_train = max(1, math.ceil(train_size * n_cells))
+    steps_per_epoch = max(1, math.ceil(n_train / batch_size))
+    return int(min(400, max(10, math.ceil(max_steps / steps_per_epoch)))), steps_per_epoch
+
+
+def _safe_batch_size(n_cells: int, batch_size: int, train_size: float) -> int:
+    """A batch size that leaves no training / validation mini-batch of < 3 cells (BatchNorm)."""
+    n_train = math.ceil(train_size * n_cells)
+    n_val = n_cells - n_train
+    bs = max(2, min(batch_size, n_train))
+    for cand in range(bs, bs + 64):
+        if all(n <= 0 or n % cand == 0 or n % cand >= 3 for n in (n_train, n_val)):
+            return cand
+    return bs
+
+
+@contextlib.contextmanager
+def _quiet_lightning(enabled: bool):
+    loggers = [
+        logging.getLogger(n) for n in ("lightning", "lightning.pytorch", "pytorch_lightning")
+    ]
+    levels = [lg.level for lg in loggers]
+    if not enabled:
+        for lg in loggers:
+            lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+def compute_pca(adata, *, n_comps: int = 50, hvg_key: str = schema.VAR_HVG, seed: int = 0):
+    """``obsm[OBSM_PCA]``: PCA of the scaled, log-normalised HVGs (uncorrected)."""
+    import scanpy as sc
+
+    mask = adata.var[hvg_key].values.astype(bool) if hvg_key in adata.var else None
+    sub = adata[:, mask].copy() if mask is not None and mask.sum() >= 10 else adata.copy()
+    sc.pp.scale(sub, max_value=10)
+    n = int(max(2, min(n_comps, sub.n_obs - 1, sub.n_vars - 1)))
+    sc.pp.pca(sub, n_comps=n, random_state=seed, svd_solver="arpack" if n < 50 else "auto")
+    adata.obsm[schema.OBSM_PCA] = np.asarray(sub.obsm["X_pca"], dtype=np.float32)
+    return adata
+
+
+def run_scvi(
+    adata,
+    config=None,
+    *,
+    model_dir: str | Path | None = None,
+    hvg_key: str = schema.VAR_HVG,
+    **overrides,
+):
+    """Train scVI on the HVGs (raw counts) and store ``obsm[OBSM_SCVI]`` and ``obsm[OBSM_PCA]``.
+
+    ``config``: an :class:`atlas.config.ScviConfig` (defaults when ``None``); keyword
+    ``overrides`` replace its fields (e.g. ``max_steps=300``). The model is saved in
+    ``model_dir`` when given. Training statistics go to ``uns[UNS_PARAMS_PREFIX+"integrate"]``.
+    """
+    import torch
+
+    from atlas.config import ScviConfig
+
+    cfg = config if config is not None else ScviConfig()
+    if overrides:
+        cfg = cfg.model_copy(update=overrides)
+    ScviConfig.model_validate(cfg.model_dump())  # re-validate (e.g. condition as covariate)
+    schema.require_layer(adata, schema.LAYER_COUNTS)
+    if hvg_key not in adata.var:
+        raise schema.MissingKeyError("var", hvg_key)
+    if cfg.batch_key not in adata.obs:
+        raise schema.MissingKeyError("obs", cfg.batch_key)
+    for cov in cfg.categorical_covariates:
+        if cov == schema.OBS_CONDITION:
+            raise ValueError("the resistance state is biology, never a batch covariate")
+        if cov not in adata.obs:
+            raise schema.MissingKeyError("obs", cov)
+
+    compute_pca(adata, hvg_key=hvg_key, seed=cfg.seed)
+
+    import scvi
+
+    threads = cfg.torch_threads or default_torch_threads()
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    scvi.settings.seed = cfg.seed
+    scvi.settings.dl_num_workers = 0
+    accelerator = cfg.accelerator
+    if accelerator == "auto":
+        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    if accelerator == "gpu" and not torch.cuda.is_available():
+        log.warning("scvi: accelerator 'gpu' requested but CUDA is unavailable; using the CPU")
+        accelerator = "cpu"
+
+    mask = adata.var[hvg_key].values.astype(bool)
+    sub = adata[:, mask].copy()
+    for key in [cfg.batch_key, *cfg.categorical_covariates]:
+        sub.obs[key] = pd.Categorical(sub.obs[key].astype(str))
+    n_batches = int(sub.obs[cfg.batch_key].nunique())
+    train_size = 0.9
+    batch_size = _safe_batch_size(sub.n_obs, cfg.batch_size, train_size)
+    if cfg.max_epochs is not None:
+        max_epochs = int(cfg.max_epochs)
+        _, steps_per_epoch = epochs_for_steps(cfg.max_steps, sub.n_obs, batch_size, train_size)
+    else:
+        max_epochs, steps_per_epoch = epochs_for_steps(
+            cfg.max_steps, sub.n_obs, batch_size, train_size
+        )
+
+    scvi.model.SCVI.setup_anndata(
+        sub,
+        layer=schema.LAYER_COUNTS,
+        batch_key=cfg.batch_key,
+        categorical_covariate_keys=list(cfg.categorical_covariates) or None,
+    )
+    model = scvi.model.SCVI(
+        sub,
+        n_latent=cfg.n_latent,
+        n_layers=cfg.n_layers,
+        n_hidden=cfg.n_hidden,
+        gene_likelihood=cfg.gene_likelihood,
+    )
+    show = progress_enabled()
+    log.info(
+        "scvi: %d cells x %d HVGs, %d batches; <= %d epochs (%d steps/epoch, batch %d) on %s, "
+        "%d threads",
+        sub.n_obs, sub.n_vars, n_batches, max_epochs, steps_per_epoch, batch_size,
+        accelerator, threads,
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    try:
+        with _quiet_lightning(show):
+            model.train(
+                max_epochs=max_epochs,
+                batch_size=batch_size,
+                train_size=train_size,
+                accelerator=accelerator,
+                devices=1,
+                early_stopping=cfg.early_stopping,
+                early_stopping_patience=cfg.early_stopping_patience,
+                early_stopping_monitor="elbo_validation",
+                check_val_every_n_epoch=1,
+                plan_kwargs={"lr": cfg.learning_rate},
+                enable_progress_bar=show,
+                enable_model_summary=False,
+                logger=False,
+                enable_checkpointing=False,
+            )
+    finally:
+        torch.set_num_threads(old_threads)
+    seconds = time.perf_counter() - t0
+    hist = model.history.get("elbo_train")
+    epochs = int(len(hist)) if hist is not None else max_epochs
+    latent = model.get_latent_representation(batch_size=max(batch_size, 1024))
+    adata.obsm[schema.OBSM_SCVI] = np.asarray(latent, dtype=np.float32)
+    val = model.history.get("elbo_validation")
+    elbo_val = float(val.iloc[-1, 0]) if val is not None and len(val) else float("nan")
+    if model_dir is not None:
+        model_dir = Path(model_dir)
+        model_dir.parent.mkdir(parents=True, exist_ok=True)
+        model.save(str(model_dir), overwrite=True, save_anndata=False)
+    log.info(
+        "scvi: trained %d epochs (%d steps) in %.1f s; final validation ELBO %.1f",
+        epochs, epochs * steps_per_epoch, seconds, elbo_val,
+    )  # fmt: skip
+    _record(
+        adata,
+        "integrate",
+        {
+            "method": "scVI",
+            "scvi_version": scvi.__version__,
+            "batch_key": cfg.batch_key,
+            "categorical_covariates": list(cfg.categorical_covariates),
+            "n_hvg": int(mask.sum()),
+            "n_latent": cfg.n_latent,
+            "n_layers": cfg.n_layers,
+            "n_hidden": cfg.n_hidden,
+            "gene_likelihood": cfg.gene_likelihood,
+            "batch_size": int(batch_size),
+            "max_steps": int(cfg.max_steps),
+            "max_epochs": int(max_epochs),
+            "epochs_trained": epochs,
+            "steps_trained": int(epochs * steps_per_epoch),
+            "early_stopped": bool(epochs < max_epochs),
+            "early_stopping_patience": int(cfg.early_stopping_patience),
+            "learning_rate": float(cfg.learning_rate),
+            "accelerator": accelerator,
+            "torch_threads": int(threads),
+            "train_seconds": round(float(seconds), 2),
+            "final_elbo_validation": elbo_val,
+            "seed": int(cfg.seed),
+            "model_dir": str(model_dir) if model_dir is not None else "",
+        },
+    )
+    return adata
+
+
+# ======================================================================================
+# integration metrics
+# ======================================================================================
+def _knn_indices(emb: np.ndarray, k: int) -> np.ndarray:
+    from sklearn.neighbors import NearestNeighbors
+
+    k = int(min(k, emb.shape[0] - 1))
+    nn = NearestNeighbors(n_neighbors=k + 1).fit(emb)
+    idx = nn.kneighbors(emb, return_distance=False)
+    return idx[:, 1:]
+
+
+def knn_batch_entropy(idx: np.ndarray, batch: np.ndarray, groups: np.ndarray | None = None):
+    """Mean per-cell entropy of batch labels among its kNN, normalised to [0, 1].
+
+    The normaliser is log(number of batches) -- or, per cell, log of the number of batches
+    present in the cell's ``groups`` level when given (so a cell type found in 2 batches can
+    reach 1).
+    """
+    codes, uniq = pd.factorize(batch)
+    nb = len(uniq)
+    if nb < 2:
+        return float("nan")
+    nbr = codes[idx]  # n x k
+    counts = np.zeros((idx.shape[0], nb))
+    for j in range(nb):
+        counts[:, j] = (nbr == j).sum(axis=1)
+    p = counts / counts.sum(axis=1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        h = -np.nansum(np.where(p > 0, p * np.log(p), 0.0), axis=1)
+    if groups is None:
+        return float(np.mean(h / np.log(nb)))
+    g = pd.Series(groups)
+    n_present = g.map(pd.Series(codes).groupby(g.values).nunique()).values.astype(float)
+    n_present = np.minimum(n_present, idx.shape[1])
+    ok = n_present >= 2
+    if not ok.any():
+        return float("nan")
+    return float(np.mean(h[ok] / np.log(n_present[ok])))
+
+
+def _leiden_labels(emb: np.ndarray, resolution: float, seed: int, k: int = 15) -> np.ndarray:
+    import anndata as ad
+    import scanpy as sc
+
+    tmp = ad.AnnData(np.zeros((emb.shape[0], 1), dtype=np.float32))
+    tmp.obsm["emb"] = emb
+    sc.pp.neighbors(tmp, use_rep="emb", n_neighbors=k, random_state=seed)
+    sc.tl.leiden(
+        tmp,
+        resolution=resolution,
+        flavor="igraph",
+        n_iterations=2,
+        directed=False,
+        random_state=seed,
+    )
+    return tmp.obs["leiden"].astype(str).values
+
+
+def integration_metrics(
+    adata,
+    *,
+    batch_key: str = schema.OBS_SAMPLE,
+    label_key: str | None = schema.OBS_CELL_TYPE,
+    embeddings: Sequence[str] = (schema.OBSM_PCA, schema.OBSM_SCVI),
+    n_neighbors: int = 30,
+    max_cells: int = 20000,
+    resolutions: Sequence[float] = (0.5, 1.0, 2.0),
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Batch mixing and label conservation per embedding: a long table
+    (``embedding``, ``metric``, ``value``).
+
+    Metrics (all in [0, 1], higher is better):
+
+    * ``batch_entropy``: kNN batch entropy (k=``n_neighbors``) normalised by log(#batches);
+    * ``batch_entropy_within_label``: the same normalised by the number of batches in which
+      the cell's label occurs (biology that is sample-specific is not penalised);
+    * ``label_asw``: cell-type silhouette on the embedding, rescaled (ASW + 1) / 2;
+    * ``ari`` / ``nmi``: best over Leiden ``resolutions`` of clusters vs labels;
+    * ``graph_connectivity``: per label, fraction of its cells in the largest connected
+      component of the kNN graph restricted to the label (mean over labels).
+
+    Cells labelled ``Unassigned`` are left out of the label metrics. Above ``max_cells`` a
+    seeded subsample is used.
+    """
+    from scipy.sparse.csgraph import connected_components
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
+
+    if batch_key not in adata.obs:
+        raise schema.MissingKeyError("obs", batch_key)
+    rng = np.random.default_rng(seed)
+    n = adata.n_obs
+    sel = np.sort(rng.choice(n, max_cells, replace=False)) if n > max_cells else np.arange(n)
+    batch = adata.obs[batch_key].astype(str).values[sel]
+    labels = None
+    if label_key is not None and label_key in adata.obs:
+        labels = adata.obs[label_key].astype(str).values[sel]
+    rows: list[tuple[str, str, float]] = []
+    for emb_key in embeddings:
+        if emb_key not in adata.obsm:
+            log.warning("integration metrics: obsm[%r] missing; skipped", emb_key)
+            continue
+        emb = np.asarray(adata.obsm[emb_key], dtype=np.float64)[sel]
+        idx = _knn_indices(emb, n_neighbors)
+        rows.append((emb_key, "batch_entropy", knn_batch_entropy(idx, batch)))
+        if labels is None:
+            continue
+        rows.append((emb_key, "batch_entropy_within_label", knn_batch_entropy(idx, batch, labels)))
+        ok = labels != schema.UNASSIGNED
+        lab = labels[ok]
+        if len(np.unique(lab)) < 2:
+            continue
+        sub = np.flatnonzero(ok)
+        if len(sub) > 5000:
+            sub = np.sort(rng.choice(sub, 5000, replace=False))
+        asw = silhouette_score(emb[sub], labels[sub], random_state=seed)
+        rows.append((emb_key, "label_asw", float((asw + 1) / 2)))
+        best_ari, best_nmi = 0.0, 0.0
+        for res in resolutions:
+            cl = _leiden_labels(emb, res, seed)[ok]
+            best_ari = max(best_ari, adjusted_rand_score(lab, cl))
+            best_nmi = max(best_nmi, normalized_mutual_info_score(lab, cl))
+        rows.append((emb_key, "ari", float(best_ari)))
+        rows.append((emb_key, "nmi", float(best_nmi)))
+        # graph connectivity on the (symmetrised) kNN graph
+        m = idx.shape[0]
+        knn = sp.csr_matrix(
+            (np.ones(idx.size), (np.repeat(np.arange(m), idx.shape[1]), idx.ravel())),
+            shape=(m, m),
+        )
+        knn = knn + knn.T
+        gc = []
+        for lv in np.unique(lab):
+            members = np.flatnonzero(labels == lv)
+            if len(members) < 2:
+                continue
+            _, comp = connected_components(knn[members][:, members], directed=False)
+            gc.append(np.bincount(comp).max() / len(members))
+        rows.append((emb_key, "graph_connectivity", float(np.mean(gc)) if gc else float("nan")))
+    return pd.DataFrame(rows, columns=["embedding", "metric", "value"])
