@@ -304,6 +304,43 @@ def is_paired(meta: pd.DataFrame, reference: str, conditions: Sequence[str]) -> 
     return _design(meta, reference, conditions)[1]
 
 
+@dataclass
+class LinearFit:
+    """Least-squares fit of every column of ``Y`` on one design (limma ``lmFit`` style)."""
+
+    beta: np.ndarray  # k x G
+    s2: np.ndarray  # residual (or moderated) variance per column
+    df: float  # degrees of freedom of the t statistics
+    unscaled: np.ndarray  # (X'X)^-1
+    columns: list[str]
+    prior_df: float = 0.0
+
+    def t_test(self, coef: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(estimate, t, two-sided p)`` of coefficient ``coef`` for every column."""
+        j = self.columns.index(coef)
+        est = self.beta[j]
+        se = np.sqrt(self.s2 * self.unscaled[j, j])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t = np.where(se > 0, est / se, np.where(est == 0, 0.0, np.inf * np.sign(est)))
+        return est, t, 2 * stats.t.sf(np.abs(t), self.df)
+
+
+def linear_fit(X: pd.DataFrame, Y: np.ndarray, *, moderate: bool = False) -> LinearFit:
+    """OLS of each column of ``Y`` (n x G) on ``X``; ``moderate``: limma's eBayes variances."""
+    Xv = X.to_numpy(float)
+    Y = np.asarray(Y, float).reshape(len(Xv), -1)
+    dfres = Xv.shape[0] - Xv.shape[1]
+    unscaled = np.linalg.pinv(Xv.T @ Xv)
+    beta = unscaled @ Xv.T @ Y
+    s2 = ((Y - Xv @ beta) ** 2).sum(axis=0) / dfres
+    if not moderate:
+        return LinearFit(beta, s2, float(dfres), unscaled, list(X.columns))
+    post, d0, _ = squeeze_var(s2, np.full(len(s2), float(dfres)))
+    pooled = float(dfres * len(s2))
+    df = min(dfres + d0, pooled) if np.isfinite(d0) else pooled
+    return LinearFit(beta, post, float(df), unscaled, list(X.columns), prior_df=float(d0))
+
+
 # ======================================================================================
 # composition
 # ======================================================================================
@@ -363,33 +400,20 @@ def compare_composition(
     y_all = np.log(pseudo / (1 - pseudo))
     X, paired = _design(meta, reference, conds)
     info["paired"] = paired
-    Xv = X.to_numpy()
-    n, k = Xv.shape
+    n, k = X.shape
     dfres = n - k
     present = [c for c in contrasts if (meta[schema.OBS_CONDITION] == c).any()]
     if dfres < 1 or not (meta[schema.OBS_CONDITION] == reference).any() or not present:
         log.warning("composition: too few samples for a test (%d samples, %d parameters)", n, k)
         return empty, info
     idx = [list(counts.columns).index(c) for c in cell_types]
-    Y = y_all[:, idx]
-    XtX_inv = np.linalg.pinv(Xv.T @ Xv)
-    beta = XtX_inv @ Xv.T @ Y  # k x G
-    resid = Y - Xv @ beta
-    s2 = (resid**2).sum(axis=0) / dfres
-    if moderate:
-        s2_post, d0, _ = squeeze_var(s2, np.full(len(s2), float(dfres)))
-        df_total = min(dfres + d0, dfres * len(s2)) if np.isfinite(d0) else dfres * len(s2)
-    else:
-        s2_post, d0, df_total = s2, 0.0, float(dfres)
-    info["prior_df"] = float(d0)
-    info["df_total"] = float(df_total)
+    fit = linear_fit(X, y_all[:, idx], moderate=moderate)
+    info["prior_df"] = fit.prior_df
+    info["df_total"] = fit.df
     cond = meta[schema.OBS_CONDITION].to_numpy()
     rows = []
     for c in present:
-        j = list(X.columns).index(f"cond_{c}")
-        se = np.sqrt(s2_post * XtX_inv[j, j])
-        t = beta[j] / se
-        p = 2 * stats.t.sf(np.abs(t), df_total)
+        _, t, p = fit.t_test(f"cond_{c}")
         padj = bh_adjust(p)
         in_c, in_r = cond == c, cond == reference
         for g, ctype in enumerate(cell_types):
@@ -681,20 +705,13 @@ def compare_programs(
             if n_c < min_samples or n_r < min_samples:
                 continue
             X, paired = _design(m, reference, [reference, c])
-            Xv = X.to_numpy()
-            dfres = Xv.shape[0] - Xv.shape[1]
-            if dfres < 1:
+            if X.shape[0] - X.shape[1] < 1:
                 continue
-            XtX_inv = np.linalg.pinv(Xv.T @ Xv)
-            j = list(X.columns).index(f"cond_{c}")
-            for sc in scores:
-                y = m[sc].to_numpy(float)
-                beta = XtX_inv @ Xv.T @ y
-                s2 = float(((y - Xv @ beta) ** 2).sum() / dfres)
-                se = np.sqrt(s2 * XtX_inv[j, j])
-                t = beta[j] / se if se > 0 else (0.0 if beta[j] == 0 else np.inf)
-                p = float(2 * stats.t.sf(abs(t), dfres)) if np.isfinite(t) else 0.0
-                in_c = (m[schema.OBS_CONDITION] == c).to_numpy()
+            Y = m[scores].to_numpy(float)
+            est, _, pvals = linear_fit(X, Y).t_test(f"cond_{c}")
+            in_c = (m[schema.OBS_CONDITION] == c).to_numpy()
+            for k, sc in enumerate(scores):
+                y, p = Y[:, k], float(pvals[k])
                 rows.append(
                     {
                         schema.COL_CELL_TYPE: ctype,
@@ -703,7 +720,7 @@ def compare_programs(
                         schema.COL_REFERENCE: reference,
                         "mean": float(y[in_c].mean()),
                         "mean_ref": float(y[~in_c].mean()),
-                        "diff": float(beta[j]),
+                        "diff": float(est[k]),
                         schema.COL_PVALUE: p,
                         schema.COL_PADJ: np.nan,
                         "n_samples": n_c + n_r,
@@ -746,10 +763,37 @@ def run_analyses(
 ) -> dict[str, pd.DataFrame]:
     """Run composition, pseudobulk DE and programme comparisons on an annotated atlas.
 
-    ``config``: :class:`~atlas.config.Config` or its ``analyses`` section; ``reference``
-    / ``contrasts`` override it. With ``store`` the tables go to ``adata.uns`` (via
-    :func:`atlas.tables.put_table`) with the parameters in ``uns["tme_params_analyses"]``.
-    Returns ``{table name: DataFrame}``.
+    Parameters
+    ----------
+    adata
+        Annotated atlas: ``obs`` ``sample_id``, ``patient``, ``condition``, ``cell_type``
+        (or ``groupby``), ``layers["counts"]`` raw counts, optional ``obs["score_*"]``
+        and ``obs["doublet_like_cluster"]`` (those cells are left out).
+    config
+        :class:`~atlas.config.Config` or its ``analyses`` section (reference, contrasts,
+        min_cells, min_samples, n_cpus); default ``AnalysesConfig()``.
+    reference, contrasts
+        Override ``config``; default reference: ``uns["tme_reference_condition"]``, else
+        the sheet's first condition (``uns["tme_condition_order"][0]``); default
+        contrasts: every other condition. Unknown names raise :class:`InputError`.
+    groupby
+        ``obs`` column of cell labels (``"cell_type"``; the truth tests pass another).
+    de_engine
+        ``"fast"`` (vectorised pydeseq2 backend) or ``"pydeseq2"`` (stock backend).
+    store
+        Write the tables and parameters into ``adata.uns`` (default).
+
+    Returns
+    -------
+    dict
+        ``{"proportions", "composition", "de"[, "programs"]: DataFrame}``.
+
+    Writes (``store=True``)
+    -----------------------
+    ``uns["tme_tables"]["proportions" | "composition" | "de" | "programs"]`` (h5ad-safe,
+    via :func:`atlas.tables.put_table`; ``programs`` only with score columns) and
+    ``uns["tme_params_analyses"]``: reference, contrasts, thresholds, methods, the design
+    per cell type, skipped sample x cell-type groups and untested contrasts, timings.
     """
     from atlas.tables import put_table
 
@@ -760,13 +804,13 @@ def run_analyses(
         raise InputError(f"analyses: no obs column {groupby!r} to group cells by")
     schema.require_obs(adata, schema.OBS_SAMPLE, schema.OBS_CONDITION)
     ref = reference_condition(adata, reference if reference is not None else cfg.reference)
+    cons = contrast_conditions(adata, ref, contrasts if contrasts is not None else cfg.contrasts)
     full = adata
     if schema.OBS_DOUBLET_CLUSTER in adata.obs:
         flagged = adata.obs[schema.OBS_DOUBLET_CLUSTER].fillna(False).astype(bool).to_numpy()
         if flagged.any():
             log.info("analyses: %d cells of doublet-like clusters left out", int(flagged.sum()))
             adata = adata[~flagged]
-    cons = contrast_conditions(adata, ref, contrasts if contrasts is not None else cfg.contrasts)
     if not cons:
         raise InputError(
             f"analyses: only one condition ({ref!r}); nothing to compare with the reference"
@@ -852,7 +896,12 @@ def run_analyses(
 
 
 def run_analyse_dir(atlas_dir: str | Path, *, config=None) -> dict[str, pd.DataFrame]:
-    """``tme-atlas analyse DIR``: read the atlas, run, write tables and the atlas back."""
+    """``tme-atlas analyse DIR``: read ``DIR/atlas.h5ad``, run :func:`run_analyses`,
+    write ``DIR/tables/*.csv``, the read store and ``DIR/atlas.h5ad`` atomically
+    (:func:`atlas.store.write_atlas`). Raises :class:`~atlas.schema.MissingKeyError` for
+    an atlas without ``obs["cell_type"]`` and :class:`InputError` for unknown conditions;
+    nothing is rewritten then.
+    """
     from atlas.store import read_atlas_adata, write_atlas
 
     atlas_dir = Path(atlas_dir)
