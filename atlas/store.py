@@ -258,6 +258,8 @@ def prepare_adata(adata):
     def as_csr(m):
         if m is None:
             return None
+        if not sparse.issparse(m) and hasattr(m, "to_memory"):  # backed (on-disk) matrix
+            m = m.to_memory()
         if sparse.issparse(m):
             m = m if m.format == "csr" else m.tocsr()
             return sparse.csr_matrix(m) if not isinstance(m, sparse.csr_matrix) else m
@@ -629,25 +631,15 @@ class AtlasStore:
                 off = d.id.get_offset() if d.size else None
                 offsets[name] = (off, d.dtype, d.shape)
         nnz = int(self._indptr[-1]) if len(self._indptr) else 0
-        self._h5_file = None
         if nnz == 0:
             self._data = np.zeros(0, np.float32)
             self._indices = np.zeros(0, np.int32)
-        elif offsets["data"][0] is not None and offsets["indices"][0] is not None:
-            self._data = np.memmap(
-                file,
-                mode="r",
-                dtype=offsets["data"][1],
-                offset=offsets["data"][0],
-                shape=offsets["data"][2],
-            )
-            self._indices = np.memmap(
-                file,
-                mode="r",
-                dtype=offsets["indices"][1],
-                offset=offsets["indices"][0],
-                shape=offsets["indices"][2],
-            )
+        elif all(off is not None for off, _, _ in offsets.values()):
+            maps = {
+                name: np.memmap(file, mode="r", dtype=dtype, offset=off, shape=shape)
+                for name, (off, dtype, shape) in offsets.items()
+            }
+            self._data, self._indices = maps["data"], maps["indices"]
         else:  # pragma: no cover - chunked/compressed store from another writer
             self._h5_local = threading.local()
             self._data = None

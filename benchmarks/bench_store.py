@@ -12,6 +12,8 @@ are those of a new server worker:
 * ``gene_cached_ms``: an LRU hit;
 * ``obs_column_ms``, ``umap_ms``, ``summary_first_ms`` / ``summary_ms``: first load of the
   ``cell_type`` column, of the UMAP coordinates, and a 5-gene dot-plot summary;
+* ``obs_all_s``, ``rss_obs_all_mb`` / ``uss_obs_all_mb``: loading every obs column (what
+  the explorer keeps per worker) and the resident / private memory after it;
 * beside them, the row-oriented alternative: ``anndata.read_h5ad(atlas.h5ad, backed="r")``
   (``csr_open_s``, ``csr_rss_open_mb``) and ``X[:, j]`` (``csr_gene_cold_ms``,
   ``csr_gene_ms``) on a few genes.
@@ -40,6 +42,16 @@ def _rss_mb() -> float:
     import psutil
 
     return psutil.Process().memory_info().rss / 2**20
+
+
+def _uss_mb() -> float:
+    """Memory private to this process (not shared page cache / file maps)."""
+    import psutil
+
+    try:
+        return psutil.Process().memory_full_info().uss / 2**20
+    except (psutil.Error, AttributeError):  # pragma: no cover
+        return float("nan")
 
 
 def _evict(path: Path) -> bool:
@@ -138,6 +150,11 @@ def _measure(atlas_dir: Path, reads: int, csr_reads: int, seed: int) -> dict:
         store.summary(five)
         out["summary_ms"] = round(1000 * (time.perf_counter() - t), 2)
     out["rss_after_reads_mb"] = round(_rss_mb(), 1)
+    t = time.perf_counter()
+    store.obs()  # every obs column, as the explorer loads them once per worker
+    out["obs_all_s"] = round(time.perf_counter() - t, 3)
+    out["rss_obs_all_mb"] = round(_rss_mb(), 1)
+    out["uss_obs_all_mb"] = round(_uss_mb(), 1)
     store.close()
 
     # ---- the row-oriented alternative: anndata backed h5ad, X[:, j]
@@ -284,6 +301,11 @@ def table(results: dict) -> str:
             lambda r: f"{r.get('summary_first_ms')} / {r.get('summary_ms')}",
         ),
         ("RSS after reads (MB)", lambda r: r.get("rss_after_reads_mb")),
+        ("all obs columns, first load (s)", lambda r: r.get("obs_all_s")),
+        (
+            "RSS / private (USS) after all obs (MB)",
+            lambda r: f"{r.get('rss_obs_all_mb')} / {r.get('uss_obs_all_mb')}",
+        ),
         ("CSR backed h5ad: open (s)", lambda r: r.get("csr_open_s")),
         ("CSR backed h5ad: RSS after open (MB)", lambda r: r.get("csr_rss_open_mb")),
         ("CSR backed h5ad: X[:, j] cold (ms)", lambda r: r.get("csr_gene_cold_ms")),

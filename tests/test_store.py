@@ -598,3 +598,13 @@ def test_bench_store_smoke(tmp_path):
     r = res["sizes"]["1500"]
     for key in ("open_s", "rss_open_mb", "gene_cold_ms", "gene_warm_ms", "csr_gene_ms"):
         assert key in r, key
+
+
+def test_write_atlas_from_backed_adata(atlas_dir, synth, tmp_path):
+    backed = read_atlas_adata(atlas_dir, backed="r")
+    out = write_atlas(backed, tmp_path / "copy")
+    backed.file.close()
+    s = atlas.open(out)
+    assert s.shape == synth.shape
+    j = synth.var_names.get_loc("CD5")
+    assert np.array_equal(s.expression("CD5"), synth.X[:, j].toarray().ravel())
