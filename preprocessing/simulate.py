@@ -1152,8 +1152,32 @@ def simulate(
 ) -> Simulation:
     """Simulate a paired CLL TME cohort (``n_patients`` x ``conditions`` samples).
 
-    Deterministic for a seed. Returns a :class:`Simulation` (counts, truth tables,
-    samplesheet). ``None`` arguments take the defaults (4 patients, 1,100 cells/sample).
+    Parameters
+    ----------
+    seed
+        Seed of everything (profiles, patients, cells); the same seed gives identical
+        counts and truth tables.
+    n_patients, cells_per_sample
+        Cohort size; ``None`` takes the defaults (4 patients, 1,100 cells per sample).
+    species
+        ``"human"`` or ``"mouse"`` (mouse symbols, Emu-TCL1 ``TCL1A`` transgene).
+    conditions
+        Resistance states to sample, drawn from :data:`CONDITIONS`; must include ``NAIVE``.
+    tissue
+        Value of the samplesheet / obs ``tissue`` column.
+
+    Returns
+    -------
+    Simulation
+        ``.adata``: raw counts (CSR int32), obs ``sample_id, patient, condition, tissue,
+        species, barcode, true_cell_type, is_doublet, low_quality, doublet_of``, var
+        ``gene_ids, feature_types``, uns ``simulation`` (parameters); ``.truth``: DataFrames
+        ``cells, de, lr, composition, clones``; ``.samplesheet``.
+
+    Raises
+    ------
+    ValueError
+        Unknown species / condition, no ``NAIVE``, fewer than 1 patient or 10 cells.
     """
     import anndata as ad
 
@@ -1488,12 +1512,33 @@ def write_dataset(
     species: str = "human",
     sim: Simulation | None = None,
 ) -> Path:
-    """Simulate and write the cohort as a user's input; returns ``out``.
+    """Simulate and write the cohort as a user's input.
 
-    ``out/samplesheet.csv``, ``out/samples/<sample_id>/{matrix.mtx.gz, barcodes.tsv.gz,
-    features.tsv.gz}`` and ``out/truth/{cells,de,lr,composition,clones}.csv``. Written to a
-    temporary folder beside ``out`` and renamed at the end. An existing ``out`` is replaced
-    only when empty or an earlier simulation (has ``samplesheet.csv`` and ``truth/``).
+    Writes ``out/samplesheet.csv`` (``sample_id,path,patient,condition,tissue,species``,
+    paths relative to the sheet), ``out/samples/<sample_id>/{matrix.mtx.gz,
+    barcodes.tsv.gz, features.tsv.gz}`` (Cell Ranger v3) and
+    ``out/truth/{cells,de,lr,composition,clones}.csv`` + ``README.md``. Everything is
+    written to a temporary folder beside ``out`` and renamed at the end. An existing
+    ``out`` is replaced only when empty or an earlier simulation.
+
+    Parameters
+    ----------
+    out
+        Output folder.
+    seed, cells_per_sample, n_patients, species
+        As for :func:`simulate`.
+    sim
+        Write this simulation instead of simulating (the other arguments are ignored).
+
+    Returns
+    -------
+    Path
+        ``out``.
+
+    Raises
+    ------
+    InputError
+        ``out`` is a file or a non-empty folder that is not a simulation; bad sizes.
     """
     from atlas.errors import InputError
     from atlas.io import atomic_path
@@ -1509,8 +1554,12 @@ def write_dataset(
                 "choose a new or empty folder"
             )
     if sim is None:
-        sim = simulate(seed=seed, n_patients=n_patients, cells_per_sample=cells_per_sample,
-                       species=species)  # fmt: skip
+        try:
+            sim = simulate(
+                seed=seed, n_patients=n_patients, cells_per_sample=cells_per_sample, species=species
+            )
+        except ValueError as e:
+            raise InputError(f"simulate: {e}") from None
     adata = sim.adata
     X = adata.X.tocsr()
     gene_ids = list(adata.var["gene_ids"])
