@@ -936,35 +936,11 @@ def score_against_truth(
     Composition: ``comp_sign_ok`` / ``comp_shifted`` planted shifts with the right sign and
     ``padj < alpha_comp``; ``comp_stable_ok`` / ``comp_stable`` stable types not called.
     """
-    de = tables[schema.TABLE_DE]
-    tde = truth["de"]
-    key = [schema.COL_CELL_TYPE, schema.COL_GENE, schema.COL_CONDITION]
-    m = tde.merge(de, on=key, how="left", suffixes=("_true", ""))
-    pos = m[
-        (m["kind"] == "planted")
-        & (m["log2fc_true"].abs() >= min_abs_log2fc)
-        & (m["fraction_affected"] >= min_fraction)
-    ]
-    types_ok = de[(de["n_samples_cond"] >= min_samples) & (de["n_samples_ref"] >= min_samples)]
-    ok_pairs = set(zip(types_ok[schema.COL_CELL_TYPE], types_ok[schema.COL_CONDITION]))
-    elig = pos[[(t, c) in ok_pairs for t, c in zip(pos[schema.COL_CELL_TYPE], pos["condition"])]]
-    hit = (elig[schema.COL_PADJ] < alpha_de) & (
-        np.sign(elig[schema.COL_LOG2FC]) == np.sign(elig["log2fc_true"])
-    )
-    nulls = m[m["kind"] == "null"]
-    null_fp = nulls[schema.COL_PADJ] < alpha_de
-    out: dict[str, Any] = {
-        "de_eligible": int(len(elig)),
-        "de_recovered": int(hit.sum()),
-        "de_recovery": float(hit.mean()) if len(elig) else float("nan"),
-        "de_missed": [
-            f"{r.cell_type}|{r.gene}|{r.condition}" for r, h in zip(elig.itertuples(), hit) if not h
-        ],
-        "de_null_n": int(len(nulls)),
-        "de_null_tested": int(nulls[schema.COL_PVALUE].notna().sum()),
-        "de_null_fp": int(null_fp.sum()),
-        "de_null_fp_rate": float(null_fp.mean()) if len(nulls) else float("nan"),
-    }
+    out: dict[str, Any] = {}
+    de = tables.get(schema.TABLE_DE)
+    tde = truth.get("de")
+    if de is not None and tde is not None:
+        out.update(_score_de(de, tde, alpha_de, min_abs_log2fc, min_fraction, min_samples))
     comp = tables.get(schema.TABLE_COMPOSITION)
     tc = truth.get("composition")
     if comp is not None and tc is not None and len(comp):
@@ -994,3 +970,33 @@ def score_against_truth(
             }
         )
     return out
+
+
+def _score_de(de, tde, alpha_de, min_abs_log2fc, min_fraction, min_samples) -> dict[str, Any]:
+    key = [schema.COL_CELL_TYPE, schema.COL_GENE, schema.COL_CONDITION]
+    m = tde.merge(de, on=key, how="left", suffixes=("_true", ""))
+    pos = m[
+        (m["kind"] == "planted")
+        & (m["log2fc_true"].abs() >= min_abs_log2fc)
+        & (m["fraction_affected"] >= min_fraction)
+    ]
+    types_ok = de[(de["n_samples_cond"] >= min_samples) & (de["n_samples_ref"] >= min_samples)]
+    ok_pairs = set(zip(types_ok[schema.COL_CELL_TYPE], types_ok[schema.COL_CONDITION]))
+    elig = pos[[(t, c) in ok_pairs for t, c in zip(pos[schema.COL_CELL_TYPE], pos["condition"])]]
+    hit = (elig[schema.COL_PADJ] < alpha_de) & (
+        np.sign(elig[schema.COL_LOG2FC]) == np.sign(elig["log2fc_true"])
+    )
+    nulls = m[m["kind"] == "null"]
+    null_fp = nulls[schema.COL_PADJ] < alpha_de
+    return {
+        "de_eligible": int(len(elig)),
+        "de_recovered": int(hit.sum()),
+        "de_recovery": float(hit.mean()) if len(elig) else float("nan"),
+        "de_missed": [
+            f"{r.cell_type}|{r.gene}|{r.condition}" for r, h in zip(elig.itertuples(), hit) if not h
+        ],
+        "de_null_n": int(len(nulls)),
+        "de_null_tested": int(nulls[schema.COL_PVALUE].notna().sum()),
+        "de_null_fp": int(null_fp.sum()),
+        "de_null_fp_rate": float(null_fp.mean()) if len(nulls) else float("nan"),
+    }
