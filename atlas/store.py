@@ -50,7 +50,12 @@ Scale (1M cells x 2,000 genes)
 ``write_atlas`` converts CSR to CSC with scipy ``.tocsc()``, which needs a second copy of
 ``data`` + ``indices`` (about 8 bytes x nnz, e.g. 1.4 GB for 175M non-zeros) for the time
 of the conversion; the summary is accumulated in row chunks with ``np.bincount`` (no dense
-matrix is formed). Measured numbers: ``benchmarks/bench_store.py``.
+matrix is formed). Measured with ``python -m benchmarks.bench_store`` on a synthetic
+1M x 2,000 atlas (167M non-zeros; 2 shared cores): ``write_atlas`` 17 s CPU, peak RSS of
+generate + write 5.1 GB; ``expr_csc.h5`` 1.3 GB, ``atlas.h5ad`` 2.9 GB; open 0.15 s at
+119 MB RSS (imports included); one gene for all cells 0.4 ms from the page cache, ~18 ms
+after eviction (backed-CSR ``X[:, j]`` on the h5ad: 2.4 s warm, open 25 s / 2.2 GB).
+``DIR/tables`` is replaced as a whole by ``write_atlas`` (CSV of every ``uns`` table).
 """
 
 from __future__ import annotations
