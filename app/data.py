@@ -131,6 +131,21 @@ class AtlasView:
         """The column as strings (numpy object array), cached."""
         return self._str_column(col)
 
+    def cat(self, col: str) -> pd.Categorical:
+        """The column as a categorical of strings (cached); conditions in atlas order."""
+        cache = self.__dict__.setdefault("_cat_cols", {})
+        if col not in cache:
+            s = self.obs[col]
+            if isinstance(s.dtype, pd.CategoricalDtype):
+                c = s.cat.rename_categories([str(x) for x in s.cat.categories]).array
+            else:
+                c = pd.Categorical(s.astype(str))
+            order = self.conditions if col == schema.OBS_CONDITION else None
+            if order:
+                c = c.set_categories(order + [x for x in c.categories if x not in order])
+            cache[col] = pd.Categorical(c)
+        return cache[col]
+
     def _str_column(self, col: str) -> np.ndarray:
         cache = self.__dict__.setdefault("_str_cols", {})
         if col not in cache:
@@ -264,12 +279,25 @@ class AtlasView:
 
     def genes_matrix(self, genes: Sequence[str], cells: np.ndarray | None = None) -> np.ndarray:
         """Dense cells x genes float32 matrix (rows: ``cells`` positions or all cells)."""
-        m = self.store.expression_matrix(list(genes), cells=cells)
-        return np.asarray(m.to_numpy(), dtype=np.float32)
+        sparse = getattr(self.store, "gene_sparse", None)
+        if sparse is None or cells is None:
+            m = self.store.expression_matrix(list(genes), cells=cells)
+            return np.asarray(m.to_numpy(), dtype=np.float32)
+        # read only the non-zeros of each gene and scatter those of the chosen cells
+        cells = np.asarray(cells, dtype=np.int64)
+        pos = np.full(self.n_cells, -1, dtype=np.int64)
+        pos[cells] = np.arange(len(cells))
+        out = np.zeros((len(cells), len(genes)), dtype=np.float32)
+        for j, g in enumerate(genes):
+            idx, val = sparse(g)
+            p = pos[idx]
+            keep = p >= 0
+            out[p[keep], j] = val[keep]
+        return out
 
     @cached_property
     def variable_genes(self) -> list[str]:
-        """Genes for the quick DE: the atlas's highly variable genes (at most 500)."""
+        """Genes for the quick DE: the atlas's most variable genes (at most 300)."""
         var = self.var
         if var is not None and schema.VAR_HVG in var.columns:
             hv = var[var[schema.VAR_HVG].astype(bool)]
@@ -277,10 +305,10 @@ class AtlasView:
                 if col in hv.columns:
                     hv = hv.sort_values(col, ascending=False)
                     break
-            genes = [str(g) for g in hv.index][:500]
+            genes = [str(g) for g in hv.index][:300]
             if genes:
                 return genes
-        return self.gene_names[:500]
+        return self.gene_names[:300]
 
     @cached_property
     def var(self) -> pd.DataFrame | None:

@@ -119,7 +119,7 @@ def umap_panels(df: pd.DataFrame, panel_order: Sequence[str] | None = None) -> l
     """The panels of a UMAP figure: one per value of ``df["panel"]`` (or a single one)."""
     if "panel" not in df.columns:
         return ["all"]
-    present = set(df["panel"].astype(str).unique())
+    present = {str(v) for v in pd.unique(df["panel"].dropna())}
     order = [str(p) for p in panel_order] if panel_order is not None else sorted(present)
     return [p for p in order if p in present] or ["all"]
 
@@ -137,26 +137,50 @@ def umap_trace_rows(
     points back to cells.
     """
     panels = umap_panels(df, panel_order)
-    panel_vals = df["panel"].astype(str).to_numpy() if "panel" in df.columns else None
     out: list[tuple[str, str | None, np.ndarray]] = []
+    if "panel" in df.columns:
+        pcodes, puniq = _codes(df["panel"])
+        plookup = {str(u): k for k, u in enumerate(puniq)}
     if categorical:
-        vals = df["value"].astype(str).to_numpy()
+        vcodes, vuniq = _codes(df["value"])
+        vlookup = {str(u): k for k, u in enumerate(vuniq)}
         cats = (
             [str(c) for c in category_order]
             if category_order is not None
-            else sorted(pd.unique(vals).tolist())
+            else sorted(str(u) for u in vuniq)
         )
+        # sort once by (panel, category): each trace is then a contiguous slice
+        pk = pcodes if "panel" in df.columns else np.zeros(len(df), dtype=np.int64)
+        key = pk.astype(np.int64) * (len(vuniq) + 1) + vcodes
+        order = np.argsort(key, kind="stable")
+        bounds = np.searchsorted(key[order], np.arange(key.max() + 2 if len(key) else 1))
     for p in panels:
-        rows = np.flatnonzero(panel_vals == p) if panel_vals is not None else np.arange(len(df))
+        if "panel" in df.columns:
+            pc = plookup.get(p, -1)
         if not categorical:
+            rows = np.flatnonzero(pcodes == pc) if "panel" in df.columns else np.arange(len(df))
             out.append((p, None, rows))
             continue
-        sub = vals[rows]
+        base = (pc if "panel" in df.columns else 0) * (len(vuniq) + 1)
         for c in cats:
-            r = rows[sub == c]
+            vc = vlookup.get(c)
+            if vc is None:
+                continue
+            k = base + vc
+            if k + 1 >= len(bounds):
+                continue
+            r = order[bounds[k] : bounds[k + 1]]
             if r.size:
                 out.append((p, c, r))
     return out
+
+
+def _codes(s: pd.Series) -> tuple[np.ndarray, list]:
+    """Integer codes and the unique values of a column (categoricals without copying)."""
+    if isinstance(s.dtype, pd.CategoricalDtype):
+        return s.cat.codes.to_numpy().astype(np.int64), [str(c) for c in s.cat.categories]
+    codes, uniq = pd.factorize(s.astype(str))
+    return codes.astype(np.int64), list(uniq)
 
 
 def umap_figure(
@@ -184,7 +208,7 @@ def umap_figure(
     n = len(panels)
     ncols = _ncols(n)
     nrows = int(np.ceil(n / ncols))
-    counts = df["panel"].astype(str).value_counts() if "panel" in df.columns else None
+    counts = df["panel"].astype(str).value_counts(sort=False) if "panel" in df.columns else None
     titles = [f"{p} ({counts[p]:,} cells)" if counts is not None else "" for p in panels]
     fig = make_subplots(
         rows=nrows,

@@ -365,7 +365,11 @@ def _classify(e: BaseException) -> str:
 
     if isinstance(e, AtlasUnavailableError):
         return "unavailable"
-    if isinstance(e, (UnknownValueError, UnknownAtlasError)):
+    try:  # the explorer's own "unknown value" error (its message is safe to show)
+        from app.data import UnknownValue
+    except ImportError:  # pragma: no cover
+        UnknownValue = UnknownValueError  # noqa: N806
+    if isinstance(e, (UnknownValueError, UnknownAtlasError, UnknownValue)):
         return "bad_value"
     try:
         from dash.exceptions import DependencyException

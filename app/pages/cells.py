@@ -54,7 +54,7 @@ def umap_frame(view, values, split: bool) -> pd.DataFrame:
     xy = view.umap
     df = pd.DataFrame({"x": xy[idx, 0], "y": xy[idx, 1], "value": values})
     if split and schema.OBS_CONDITION in view.obs.columns:
-        df["panel"] = view.codes(schema.OBS_CONDITION)[idx]
+        df["panel"] = view.cat(schema.OBS_CONDITION)[idx]
     return df
 
 
@@ -65,7 +65,7 @@ def colour_values(view, gene: str | None, colour: str | None):
         return view.gene(gene)[idx], False, gene, None
     if colour in view.categorical_columns:
         cats = view.conditions if colour == schema.OBS_CONDITION else view._categories(colour)
-        return view.codes(colour)[idx], True, colour, cats
+        return view.cat(colour)[idx], True, colour, cats
     vals = view.obs[colour].to_numpy(dtype=np.float32)[idx]
     label = (
         colour[len(schema.OBS_SCORE_PREFIX) :]
@@ -85,15 +85,17 @@ def selected_cells(view, selected: dict | None, split: bool) -> np.ndarray:
         mask = np.zeros(view.n_cells, dtype=bool)
         panels = None
         if split and schema.OBS_CONDITION in view.obs.columns:
-            cond = view.codes(schema.OBS_CONDITION)
-            present = set(cond[view.display_idx])
+            cat = view.cat(schema.OBS_CONDITION)
+            cond = cat.codes
+            present = {str(c) for c in pd.unique(cat[view.display_idx])}
             panels = [c for c in view.conditions if c in present]
+            code_of = {str(c): k for k, c in enumerate(cat.categories)}
         for i, kind, vertices in shapes:
             inside = F.points_in_shape(xy[:, 0], xy[:, 1], kind, vertices)
             if panels is not None:
                 if i >= len(panels):
                     continue
-                inside &= cond == panels[i]
+                inside &= cond == code_of[panels[i]]
             mask |= inside
         return np.flatnonzero(mask)
     # a click selection without geometry: the displayed points themselves

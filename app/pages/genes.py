@@ -41,18 +41,25 @@ def violin_frame(view, gene: str, conditions: list[str], seed: int = 0) -> pd.Da
     """Expression of ``gene`` per cell type x condition, at most VIOLIN_MAX_PER_GROUP cells
     per group (a fixed random subset) for drawing."""
     expr = view.gene(gene)
-    ct = view.codes(schema.OBS_CELL_TYPE)
-    cond = view.codes(schema.OBS_CONDITION)
-    keep = np.flatnonzero(np.isin(cond, conditions))
+    ct = view.cat(schema.OBS_CELL_TYPE)
+    cond = view.cat(schema.OBS_CONDITION)
+    cond_codes = [k for k, c in enumerate(cond.categories) if c in set(conditions)]
+    keep = np.flatnonzero(np.isin(cond.codes, cond_codes))
     if keep.size == 0:
         return pd.DataFrame(columns=["group", "condition", "value"])
-    key = pd.factorize(pd.Series(ct[keep]) + "\x1f" + pd.Series(cond[keep]))[0]
+    key = ct.codes[keep].astype(np.int64) * (len(cond.categories) + 1) + cond.codes[keep]
     rng = np.random.default_rng(seed)
     order = rng.permutation(keep.size)
     # rank within group in random order; keep the first VIOLIN_MAX_PER_GROUP of each
     ranks = pd.Series(key[order]).groupby(key[order]).cumcount().to_numpy()
     chosen = np.sort(keep[order[ranks < VIOLIN_MAX_PER_GROUP]])
-    return pd.DataFrame({"group": ct[chosen], "condition": cond[chosen], "value": expr[chosen]})
+    return pd.DataFrame(
+        {
+            "group": np.asarray(ct[chosen]).astype(str),
+            "condition": np.asarray(cond[chosen]).astype(str),
+            "value": expr[chosen],
+        }
+    )
 
 
 def dot_frame(view, genes: list[str], split: bool) -> pd.DataFrame:

@@ -21,10 +21,9 @@ def _counts(view, group: str) -> pd.DataFrame:
     obs = view.obs
     if group not in obs.columns or schema.OBS_CELL_TYPE not in obs.columns:
         return pd.DataFrame(columns=[group, schema.OBS_CELL_TYPE, "n"])
-    d = pd.DataFrame(
-        {group: view.codes(group), schema.OBS_CELL_TYPE: view.codes(schema.OBS_CELL_TYPE)}
-    )
-    return d.groupby([group, schema.OBS_CELL_TYPE]).size().rename("n").reset_index()
+    d = pd.DataFrame({group: view.cat(group), schema.OBS_CELL_TYPE: view.cat(schema.OBS_CELL_TYPE)})
+    out = d.value_counts(sort=False).rename("n").reset_index()
+    return out[out["n"] > 0]
 
 
 def _pick(df: pd.DataFrame, *names: str) -> str | None:
@@ -118,10 +117,13 @@ def qc_section(ctx) -> list:
     # cells per sample from the atlas itself (always available)
     obs = view.obs
     if schema.OBS_SAMPLE in obs.columns:
-        d = pd.DataFrame({schema.OBS_SAMPLE: view.codes(schema.OBS_SAMPLE)})
+        d = pd.DataFrame({schema.OBS_SAMPLE: view.cat(schema.OBS_SAMPLE)})
         if schema.OBS_CONDITION in obs.columns:
-            d[schema.OBS_CONDITION] = view.codes(schema.OBS_CONDITION)
-        per = d.value_counts().rename("cells").reset_index()
+            d[schema.OBS_CONDITION] = view.cat(schema.OBS_CONDITION)
+        per = d.value_counts(sort=False).rename("cells").reset_index()
+        per = per[per["cells"] > 0].astype({schema.OBS_SAMPLE: str})
+        if schema.OBS_CONDITION in per.columns:
+            per[schema.OBS_CONDITION] = per[schema.OBS_CONDITION].astype(str)
         if schema.OBS_CONDITION in per.columns:
             order = {c: i for i, c in enumerate(view.conditions)}
             per["_o"] = per[schema.OBS_CONDITION].map(order)
