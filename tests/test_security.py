@@ -493,3 +493,23 @@ def test_csp_without_unsafe_eval_breaks_webgl(monkeypatch):
     finally:
         srv.shutdown()
     assert any(v.startswith("script-src") and "eval" in v for v in violations), violations
+
+
+@pytest.mark.browser
+def test_csp_no_violations_in_the_explorer(tmp_path_factory):
+    """Every page of the real explorer (synthetic atlas) loads with no CSP violation."""
+    testing = pytest.importorskip("atlas.testing")
+    from app.registry import build_wsgi
+    from atlas.config import load_config
+
+    atlas_dir = tmp_path_factory.mktemp("csp") / "atlas"
+    testing.make_synthetic_atlas(atlas_dir, n_cells=1500, n_genes=300, seed=0)
+    wsgi = build_wsgi(load_config(env={}), atlas_dir)
+    srv, url = _serve_in_thread(wsgi)
+    try:
+        for page in ("/", "/cells", "/genes", "/interactions", "/downloads"):
+            violations, severe = csp_violations(url + page, ".js-plotly-plot, .dash-graph, h1")
+            assert violations == [], (page, violations)
+            assert not [s for s in severe if "Content Security Policy" in s], (page, severe)
+    finally:
+        srv.shutdown()
