@@ -570,28 +570,18 @@ def _programme_genes() -> list[str]:
     return genes
 
 
-def _scanpy_bundled_genes() -> list[str]:
-    """Real symbols of scanpy's bundled pbmc68k_reduced (background genes)."""
-    try:
-        import h5py
-        import scanpy
-
-        path = Path(scanpy.__file__).parent / "datasets" / "10x_pbmc68k_reduced.h5ad"
-        with h5py.File(path, "r") as f:
-            var = f["var"]
-            idx = var.attrs.get("_index", "index")
-            names = [x.decode() if isinstance(x, bytes) else str(x) for x in var[idx][:]]
-    except Exception:  # pragma: no cover - optional background only
-        return []
-    bad = ("RP11-", "RP1-", "RP3-", "RP4-", "RP5-", "CTD-", "CTB-", "CTC-", "AC0", "AL", "AP0")
-    return [n for n in names if not n.startswith(bad) and "." not in n]
+def _background_genes() -> list[str]:
+    """Real symbols expressed in blood (from scanpy's pbmc68k_reduced; shipped in
+    ``references/simulation_background_genes.csv`` so the universe never depends on scanpy)."""
+    path = Path(__file__).resolve().parents[1] / "references" / "simulation_background_genes.csv"
+    return pd.read_csv(path)["gene"].astype(str).tolist()
 
 
 @functools.lru_cache(maxsize=2)
 def human_gene_universe() -> tuple[str, ...]:
     """Internal (human-symbol) gene universe: programmes, LR resource genes, background."""
     genes = _programme_genes() + _resource_genes(_lr_resource("human"))
-    genes += _scanpy_bundled_genes() + FILLER.split()
+    genes += _background_genes() + FILLER.split()
     out: list[str] = []
     seen: set[str] = set()
     for g in genes:
