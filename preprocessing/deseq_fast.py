@@ -12,7 +12,8 @@ solves the same problems for all genes together with numpy:
 * ``irls``: batched IRLS with per-gene convergence (same start, ridge, tolerance);
   genes that diverge (|beta| > 30) or do not converge fall back to pydeseq2's per-gene
   solver;
-* ``wald_test``: batched Wald statistics (same ridge, same formula).
+* ``wald_test``: batched Wald statistics (same ridge, same formula);
+* ``lin_reg_mu``: one least-squares solve for all genes.
 
 Everything else (size factors, trend fit, Cooks, independent filtering) is pydeseq2's.
 """
@@ -112,6 +113,18 @@ class FastInference(DefaultInference):
         return out, np.ones(G, dtype=bool)
 
     # ---------------------------------------------------------------- GLM
+    def lin_reg_mu(  # noqa: D102
+        self,
+        counts: np.ndarray,
+        size_factors: np.ndarray,
+        design_matrix: np.ndarray,
+        min_mu: float,
+    ) -> np.ndarray:
+        X = np.asarray(design_matrix, float)
+        sf = np.asarray(size_factors, float)[:, None]
+        coef = np.linalg.lstsq(X, np.asarray(counts, float) / sf, rcond=None)[0]
+        return np.maximum(sf * (X @ coef), min_mu)
+
     def irls(  # noqa: D102
         self,
         counts: np.ndarray,
