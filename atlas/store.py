@@ -615,7 +615,7 @@ class AtlasStore:
         self._gene_cache: collections.OrderedDict[int, tuple[np.ndarray, np.ndarray]] = (
             collections.OrderedDict()
         )
-        self._summary: pd.DataFrame | None = None
+        self._summary: dict[str, Any] | None = None
         self._obs_names: pd.Index | None = None
         self._var: pd.DataFrame | None = None
         self._open_expression()
@@ -946,16 +946,46 @@ class AtlasStore:
     def has_summary(self) -> bool:
         return bool(self.meta.get("summary_groups"))
 
-    def _summary_frame(self) -> pd.DataFrame:
+    def _summary_arrays(self) -> dict[str, Any]:
+        """summary.parquet as arrays: groups (frame), n (G,), mean / frac (genes x G)."""
         import pyarrow.parquet as pq
 
         if not self.has_summary:
             raise schema.MissingKeyError("obs", schema.OBS_CELL_TYPE)
         with self._lock:
-            if self._summary is None:
-                df = pq.read_table(self.store_path / schema.STORE_SUMMARY_FILE).to_pandas()
-                self._summary_gene_codes = df[schema.COL_GENE].cat.codes.to_numpy()
-                self._summary = df
+            if self._summary is not None:
+                return self._summary
+            df = pq.read_table(self.store_path / schema.STORE_SUMMARY_FILE).to_pandas()
+            gcols = list(self.meta["summary_groups"])
+            gene_codes = df[schema.COL_GENE].cat.codes.to_numpy()
+            genes = list(df[schema.COL_GENE].cat.categories)
+            n_rows, n_genes = len(df), self.n_genes
+            G = n_rows // n_genes if n_genes else 0
+            dense = (
+                genes == self.genes
+                and G * n_genes == n_rows
+                and np.array_equal(gene_codes, np.repeat(np.arange(n_genes), G))
+            )
+            if dense:  # as written by compute_summary: gene-major, every group per gene
+                groups = df.iloc[:G][gcols].reset_index(drop=True)
+                n = df[schema.SUMMARY_N_CELLS].to_numpy()[:G].astype(np.float64)
+                mean = df[schema.SUMMARY_MEAN].to_numpy(np.float64).reshape(n_genes, G)
+                frac = df[schema.SUMMARY_FRAC].to_numpy(np.float64).reshape(n_genes, G)
+            else:  # any long table: pivot (missing gene x group = no cells)
+                grouped = df.groupby(gcols, observed=True, sort=False)
+                code = grouped.ngroup().to_numpy()
+                groups = grouped.size().reset_index()[gcols]
+                G = len(groups)
+                pos = {g: i for i, g in enumerate(self.genes)}
+                rows = np.array([pos.get(g, -1) for g in genes])[gene_codes]
+                ok = rows >= 0
+                n = np.zeros(G)
+                np.maximum.at(n, code, df[schema.SUMMARY_N_CELLS].to_numpy(np.float64))
+                mean = np.zeros((n_genes, G))
+                frac = np.zeros((n_genes, G))
+                mean[rows[ok], code[ok]] = df[schema.SUMMARY_MEAN].to_numpy(np.float64)[ok]
+                frac[rows[ok], code[ok]] = df[schema.SUMMARY_FRAC].to_numpy(np.float64)[ok]
+            self._summary = {"groups": groups, "n": n, "mean": mean, "frac": frac}
             return self._summary
 
     def summary(
@@ -970,68 +1000,78 @@ class AtlasStore:
         """Mean expression and fraction expressing per gene x group, for dot plots/violins.
 
         ``groupby`` is any subset of (cell_type, condition, sample_id); values are
-        n_cells-weighted over the finer groups. Columns: ``gene``, the groupby columns,
-        ``n_cells``, ``mean``, ``frac``, ``mean_expressing`` (mean over expressing cells)
-        and ``n_samples`` (samples with cells in the group).
+        n_cells-weighted over the finer groups (cells of a group, not its samples, weigh).
+        ``cell_types`` / ``conditions`` / ``samples`` restrict the cells. Columns: ``gene``,
+        the groupby columns, ``n_cells``, ``mean``, ``frac``, ``mean_expressing`` (mean over
+        expressing cells; NaN where none) and, unless grouped by sample, ``n_samples``.
+        Rows: genes in the order given (all genes when None), groups in category order.
         """
-        df = self._summary_frame()
-        if isinstance(groupby, str):
-            groupby = [groupby]
-        groupby = list(groupby)
+        arrs = self._summary_arrays()
+        gcols = list(self.meta["summary_groups"])
+        groupby = [groupby] if isinstance(groupby, str) else list(groupby)
         for g in groupby:
-            if g not in self.meta["summary_groups"]:
-                raise ValueError(
-                    f"summary groupby: {g!r} is not one of {self.meta['summary_groups']}"
-                )
-        if genes is not None:
-            if isinstance(genes, str):
-                genes = [genes]
+            if g not in gcols:
+                raise ValueError(f"summary groupby: {g!r} is not one of {gcols}")
+        if genes is None:
+            js = list(range(self.n_genes))
+        else:
+            genes = [genes] if isinstance(genes, str) else list(genes)
             js = [self._gene_pos(g) for g in genes]
-            rows = np.flatnonzero(np.isin(self._summary_gene_codes, js))
-            df = df.iloc[rows]
+        groups: pd.DataFrame = arrs["groups"]
+        keep = np.ones(len(groups), dtype=bool)
         for col, values in (
             (schema.OBS_CELL_TYPE, cell_types),
             (schema.OBS_CONDITION, conditions),
             (schema.OBS_SAMPLE, samples),
         ):
-            if values is not None and col in df.columns:
+            if values is not None and col in groups.columns:
                 values = [values] if isinstance(values, str) else list(values)
-                df = df[df[col].isin(values)]
-        n = df[schema.SUMMARY_N_CELLS].to_numpy(np.float64)
-        work = pd.DataFrame(
-            {
-                schema.COL_GENE: df[schema.COL_GENE],
-                **{g: df[g] for g in groupby},
-                "_n": n,
-                "_sum": df[schema.SUMMARY_MEAN].to_numpy(np.float64) * n,
-                "_pos": df[schema.SUMMARY_FRAC].to_numpy(np.float64) * n,
-                "_has": (n > 0).astype(np.int64),
-            }
-        )
-        keys = [schema.COL_GENE, *groupby]
-        agg = work.groupby(keys, observed=True, sort=False).sum().reset_index()
-        if genes is not None:  # keep the requested gene order
-            order = {self.genes[j]: k for k, j in enumerate(js)}
-            agg["_o"] = agg[schema.COL_GENE].astype(str).map(order)
-            agg = agg.sort_values(["_o", *groupby], kind="stable").drop(columns="_o")
+                keep &= groups[col].isin(values).to_numpy()
+        sel = np.flatnonzero(keep)
+        sub = groups.iloc[sel]
+        if groupby:
+            grouped = sub.groupby(groupby, observed=True, sort=True)
+            code = grouped.ngroup().to_numpy()
+            keys = grouped.size().reset_index()[groupby]
+        else:
+            code = np.zeros(len(sel), dtype=np.int64)
+            keys = pd.DataFrame(index=range(1 if len(sel) else 0))
+        K = len(keys)
+        # aggregate columns by group code with reduceat (no BLAS: no thread pools spun up)
+        order = np.argsort(code, kind="stable")
+        starts = np.searchsorted(code[order], np.arange(K))
+        cols = sel[order]
+        n = arrs["n"][cols]
+
+        def agg(m: np.ndarray) -> np.ndarray:
+            if K == 0:
+                return np.zeros(m.shape[:-1] + (0,))
+            return np.add.reduceat(m, starts, axis=-1)
+
+        n_k = agg(n)
+        sums = agg(arrs["mean"][np.ix_(js, cols)] * n)  # genes x K
+        pos = agg(arrs["frac"][np.ix_(js, cols)] * n)
+        n_gene = len(js)
         with np.errstate(invalid="ignore", divide="ignore"):
             out = pd.DataFrame(
                 {
-                    schema.COL_GENE: agg[schema.COL_GENE].astype(str).to_numpy(),
-                    **{g: agg[g].astype(str).to_numpy() for g in groupby},
-                    schema.SUMMARY_N_CELLS: agg["_n"].to_numpy().astype(np.int64),
-                    schema.SUMMARY_MEAN: agg["_sum"] / agg["_n"],
-                    schema.SUMMARY_FRAC: agg["_pos"] / agg["_n"],
-                    schema.SUMMARY_MEAN_EXPRESSING: np.where(
-                        agg["_pos"] > 0, agg["_sum"] / agg["_pos"], np.nan
-                    ),
+                    schema.COL_GENE: np.repeat(np.array([self.genes[j] for j in js]), K),
+                    **{g: np.tile(keys[g].astype(str).to_numpy(), n_gene) for g in groupby},
+                    schema.SUMMARY_N_CELLS: np.tile(np.rint(n_k).astype(np.int64), n_gene),
+                    schema.SUMMARY_MEAN: (sums / n_k).ravel(),
+                    schema.SUMMARY_FRAC: (pos / n_k).ravel(),
+                    schema.SUMMARY_MEAN_EXPRESSING: np.where(pos > 0, sums / pos, np.nan).ravel(),
                 }
             )
         if schema.OBS_SAMPLE not in groupby:
-            out["n_samples"] = (
-                agg["_has"].to_numpy() if schema.OBS_SAMPLE in self.meta["summary_groups"] else 1
-            )
-        return out.reset_index(drop=True)
+            n_samples = np.ones(K, np.int64)
+            if schema.OBS_SAMPLE in gcols:  # distinct samples per group
+                pairs = pd.DataFrame(
+                    {"k": code, "s": pd.Categorical(sub[schema.OBS_SAMPLE]).codes}
+                ).drop_duplicates()
+                n_samples = np.bincount(pairs["k"].to_numpy(), minlength=K).astype(np.int64)
+            out["n_samples"] = np.tile(n_samples, n_gene)
+        return out
 
     # ------------------------------------------------------------------ tables
     @property

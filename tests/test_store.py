@@ -608,3 +608,34 @@ def test_write_atlas_from_backed_adata(atlas_dir, synth, tmp_path):
     assert s.shape == synth.shape
     j = synth.var_names.get_loc("CD5")
     assert np.array_equal(s.expression("CD5"), synth.X[:, j].toarray().ravel())
+
+
+def test_summary_orders_and_sample_counts(store, synth):
+    s = store.summary(["MKI67", "CD5"], groupby=schema.OBS_CONDITION)
+    assert list(s[schema.COL_GENE]) == ["MKI67"] * 4 + ["CD5"] * 4
+    assert list(s[schema.OBS_CONDITION][:4]) == store.conditions  # sheet order
+    per_cond = synth.obs.groupby(schema.OBS_CONDITION, observed=True)[schema.OBS_SAMPLE].nunique()
+    assert list(s["n_samples"][:4]) == [per_cond[c] for c in store.conditions]
+    assert list(s[schema.SUMMARY_N_CELLS][:4]) == [
+        int((synth.obs[schema.OBS_CONDITION] == c).sum()) for c in store.conditions
+    ]
+    everything = store.summary(groupby=[])
+    assert len(everything) == store.n_genes
+    x = synth.X.toarray()
+    assert np.allclose(everything[schema.SUMMARY_MEAN], x.mean(axis=0), rtol=1e-4, atol=1e-6)
+    assert np.allclose(everything[schema.SUMMARY_FRAC], (x > 0).mean(axis=0), rtol=1e-5)
+
+
+def test_summary_of_a_non_dense_table(atlas_dir, synth, tmp_path):
+    """A long summary table in another row order / with missing rows still aggregates."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d = tmp_path / "a"
+    shutil.copytree(atlas_dir, d)
+    f = d / schema.STORE_DIR / schema.STORE_SUMMARY_FILE
+    df = pq.read_table(f).to_pandas()
+    df = df.sample(frac=1.0, random_state=0)
+    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), f)
+    a, b = atlas.open(atlas_dir), atlas.open(d)
+    pd.testing.assert_frame_equal(a.summary(["CD5", "BCL2"]), b.summary(["CD5", "BCL2"]))
