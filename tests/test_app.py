@@ -458,3 +458,13 @@ def test_serve_uses_config(app_atlas_dir, monkeypatch):
 
     with pytest.raises(InputError):
         serve(app_atlas_dir / "missing", config=small_config())
+
+
+def test_volcano_click_selects_gene(dash_app):
+    res = dispatch(
+        dash_app,
+        "genes-gene.value@",
+        {"genes-volcano.clickData": {"points": [{"text": "CD19"}]}},
+        triggered="genes-volcano.clickData",
+    )
+    assert res["response"]["genes-gene"]["value"] == "CD19"

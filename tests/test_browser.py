@@ -218,6 +218,16 @@ def test_shared_url_restores_view(browser, live_server, vocab):
     assert severe_logs(browser) == []
 
 
+def test_svg_button_downloads_the_figure(browser, live_server):
+    browser.get_log("browser")
+    open_page(browser, live_server.url + "/")
+    figure(browser, "overview-comp-condition")
+    btn = browser.find_element("css selector", "button[id*='overview-comp-condition']")
+    btn.click()
+    wait_for(lambda: btn.get_attribute("title").startswith("SVG saved"), what="SVG export")
+    assert severe_logs(browser) == []
+
+
 def test_unknown_url_values_give_a_message(browser, live_server):
     browser.get_log("browser")
     open_page(browser, live_server.url + "/genes?gene=NOT_A_GENE&condition=nope")

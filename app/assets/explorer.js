@@ -8,8 +8,9 @@ window.dash_clientside = Object.assign({}, window.dash_clientside, {
       var gd = el && (el.classList.contains("js-plotly-plot") ? el : el.querySelector(".js-plotly-plot"));
       if (gd && window.Plotly) {
         window.Plotly.downloadImage(gd, { format: "svg", filename: id.index });
+        return "SVG saved (" + id.index + ".svg)";
       }
-      return "Download this figure as SVG";
+      return "SVG export is not available for this figure";
     }
   }
 });

@@ -262,8 +262,9 @@ def layout(ctx, params: dict) -> html.Div:
             C.card(
                 *de_block,
                 title="Pseudobulk differential expression",
-                subtitle="Per cell type, each condition against the reference "
-                "(filter the table by typing in the header row)",
+                subtitle="Per cell type, each condition against the reference. Filter the table "
+                "by typing in its header row (e.g. < 0.05 under padj); click a gene in the "
+                "volcano or the table to show it above.",
             ),
         ],
         className="page",
@@ -394,6 +395,28 @@ def register(app, ctx) -> None:
             else F.empty_figure("DE table lacks log2fc / padj columns")
         )
         return fig, C.table_records(sub), C.table_columns(sub)
+
+    @app.callback(
+        Output("genes-gene", "value", allow_duplicate=True),
+        Output("genes-gene", "options", allow_duplicate=True),
+        Input("genes-volcano", "clickData"),
+        Input("genes-de-table", "active_cell"),
+        State("genes-de-table", "derived_viewport_data"),
+        prevent_initial_call=True,
+    )
+    def _inspect_gene(click, active, rows):
+        from dash import ctx as dash_ctx
+
+        gene = None
+        if dash_ctx.triggered_id == "genes-volcano" and click and click.get("points"):
+            gene = click["points"][0].get("text")
+        elif active and rows and active.get("row", 0) < len(rows):
+            gene = rows[active["row"]].get("gene")
+        try:
+            gene = ctx.view.resolve_gene(gene)
+        except UnknownValue:
+            return no_update, no_update
+        return gene, [{"label": gene, "value": gene}]
 
     @app.callback(
         Output("url", "search", allow_duplicate=True),
