@@ -726,23 +726,34 @@ class AtlasStore:
             return self._obs_names
 
     def _read_obs_column(self, column: str) -> pd.Series:
+        return self._read_obs_columns([column])[column]
+
+    def _read_obs_columns(self, columns: list[str]) -> dict[str, pd.Series]:
         import pyarrow.parquet as pq
 
         table = pq.read_table(
-            self.store_path / schema.STORE_OBS_FILE, columns=[column], memory_map=True
+            self.store_path / schema.STORE_OBS_FILE, columns=columns, memory_map=True
         )
-        return table.column(column).to_pandas()
+        out = {}
+        for c in columns:
+            s = table.column(c).to_pandas()
+            s.name = c
+            out[c] = s
+        return out
+
+    def _load_obs(self, names: list[str]) -> dict[str, pd.Series]:
+        for name in names:
+            if not self.has_obs(name):
+                raise schema.MissingKeyError("obs", name)
+        with self._lock:  # one parquet read for every column not cached yet
+            missing = [c for c in dict.fromkeys(names) if c not in self._obs_cache]
+            if missing:
+                self._obs_cache.update(self._read_obs_columns(missing))
+            return {c: self._obs_cache[c] for c in names}
 
     def column(self, name: str, cells=None) -> pd.Series:
         """One ``.obs`` column (a Series on a RangeIndex of cell positions)."""
-        if not self.has_obs(name):
-            raise schema.MissingKeyError("obs", name)
-        with self._lock:
-            s = self._obs_cache.get(name)
-            if s is None:
-                s = self._read_obs_column(name)
-                s.name = name
-                self._obs_cache[name] = s
+        s = self._load_obs([name])[name]
         if cells is None:
             return s
         idx = self._cell_positions(cells)
@@ -750,11 +761,11 @@ class AtlasStore:
 
     def obs(self, columns: Iterable[str] | None = None, cells=None) -> pd.DataFrame:
         """Several ``.obs`` columns (all when ``columns`` is None); index = cell position."""
-        cols = self.obs_columns if columns is None else list(columns)
         if isinstance(columns, str):
-            cols = [columns]
-        data = {c: self.column(c) for c in cols}
-        df = pd.DataFrame(data, index=pd.RangeIndex(self.n_cells))
+            columns = [columns]
+        cols = self.obs_columns if columns is None else list(columns)
+        data = self._load_obs(cols)
+        df = pd.DataFrame({c: data[c] for c in cols}, index=pd.RangeIndex(self.n_cells))
         if cells is None:
             return df
         return df.iloc[self._cell_positions(cells)]
