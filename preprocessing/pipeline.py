@@ -281,7 +281,7 @@ def _stage_annotate(adata, ctx: BuildContext):
     from .annotate import annotate
     from .integrate import integration_metrics
 
-    out = annotate(adata, ctx.config.annotate)
+    out = annotate(adata, ctx.config.annotate, species=ctx.species)
     adata = adata if out is None else out
     # integration metrics need labels: there is no truth at build time, so the annotation
     metrics = integration_metrics(

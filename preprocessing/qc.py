@@ -267,8 +267,9 @@ def run_qc(
         c = sp.csr_matrix(
             out.layers[schema.LAYER_COUNTS] if schema.LAYER_COUNTS in out.layers else out.X
         )
-        keep_mask = out.obs[schema.OBS_QC_PASS].to_numpy()
-        n_cells = np.bincount(c[keep_mask].indices, minlength=out.n_vars)
+        c = c.copy()
+        c.eliminate_zeros()
+        n_cells = np.bincount(c.indices, minlength=out.n_vars)
         genes = n_cells >= cfg.min_cells_gene
         if not genes.all():
             log.info(

@@ -1,0 +1,212 @@
+"""QC: planted low-quality cells and doublets of the simulator are found; flags, report."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from atlas import schema
+from atlas.errors import InputError
+
+SUMMARY_COLUMNS = [
+    "sample_id",
+    "n_cells_in",
+    "n_cells_out",
+    "n_low_quality",
+    "n_doublets",
+    "median_counts",
+    "median_genes",
+]
+
+
+def _raw(adata):
+    a = adata.copy()
+    a.X = sp.csr_matrix(a.X, dtype=np.float32)
+    a.layers[schema.LAYER_COUNTS] = a.X.copy()
+    a.uns[schema.UNS_SPECIES] = "human"
+    return a
+
+
+@pytest.fixture(scope="module")
+def qc_small(small_sim):
+    """run_qc on the small simulation, all cells kept (flags only)."""
+    from preprocessing.qc import run_qc
+
+    return run_qc(_raw(small_sim.adata), keep_all=True, seed=0)
+
+
+def test_planted_low_quality_cells_removed(qc_small):
+    _, _, obs = qc_small
+    lq = obs["low_quality"].to_numpy(bool)
+    removed = ~obs[schema.OBS_QC_PASS].to_numpy(bool)
+    assert lq.sum() >= 50
+    recall = (removed & lq).sum() / lq.sum()
+    print(f"low-quality removed: {recall:.3f} ({lq.sum()} planted)")
+    assert recall >= 0.9
+    # most good cells survive
+    good = ~lq & ~obs["is_doublet"].to_numpy(bool)
+    assert (removed & good).sum() / good.sum() < 0.1
+
+
+def test_planted_doublets_flagged(qc_small):
+    _, _, obs = qc_small
+    db = obs["is_doublet"].to_numpy(bool)
+    called = obs[schema.OBS_PREDICTED_DOUBLET].to_numpy(bool)
+    recall = (called & db).sum() / db.sum()
+    precision = (called & db).sum() / max(called.sum(), 1)
+    print(f"doublets: recall {recall:.3f}, precision {precision:.3f} ({db.sum()} planted)")
+    assert recall >= 0.5
+    assert precision >= 0.5
+    score = obs[schema.OBS_DOUBLET_SCORE].to_numpy(float)
+    ok = np.isfinite(score)
+    assert np.nanmean(score[db & ok]) > np.nanmean(score[~db & ok])
+
+
+def test_flags_in_obs_and_summary(qc_small, small_sim):
+    out, summary, obs = qc_small
+    for key in (
+        schema.OBS_TOTAL_COUNTS,
+        schema.OBS_N_GENES,
+        schema.OBS_PCT_MITO,
+        schema.OBS_QC_OUTLIER,
+        schema.OBS_QC_REASON,
+        schema.OBS_DOUBLET_SCORE,
+        schema.OBS_PREDICTED_DOUBLET,
+        schema.OBS_QC_PASS,
+    ):
+        assert key in out.obs, key
+    assert out.n_obs == small_sim.adata.n_obs  # keep_all
+    passed = obs[schema.OBS_QC_PASS].to_numpy(bool)
+    reasons = obs[schema.OBS_QC_REASON].astype(str)
+    assert (reasons[passed] == "").all()
+    assert (reasons[~passed] != "").all()
+    assert list(summary.columns[: len(SUMMARY_COLUMNS)]) == SUMMARY_COLUMNS
+    assert summary["n_cells_in"].sum() == small_sim.adata.n_obs
+    assert summary["n_cells_out"].sum() == passed.sum()
+    from atlas.tables import get_table
+
+    t = get_table(out, schema.TABLE_QC_SUMMARY)
+    assert list(t.columns[: len(SUMMARY_COLUMNS)]) == SUMMARY_COLUMNS
+    assert schema.UNS_PARAMS_PREFIX + "qc" in out.uns
+
+
+def test_failing_cells_removed_by_default(small_sim):
+    from preprocessing.qc import run_qc
+
+    a = _raw(small_sim.adata[small_sim.adata.obs[schema.OBS_SAMPLE].isin(["P01_NAIVE"])])
+    out, summary, obs = run_qc(a, doublet_free_config(), keep_all=False)
+    assert out.n_obs == int(obs[schema.OBS_QC_PASS].sum()) < a.n_obs
+    assert out.obs[schema.OBS_QC_PASS].all()
+    assert out.obs["low_quality"].sum() == 0
+
+
+def doublet_free_config(**kw):
+    from atlas.config import QCConfig
+
+    return QCConfig(doublets=False, **kw)
+
+
+def _toy(species: str = "human", n: int = 300, seed: int = 0):
+    """A toy sample: good cells plus a few dying cells (high mito, low counts)."""
+    import anndata as ad
+
+    rng = np.random.default_rng(seed)
+    mt = "MT-" if species == "human" else "mt-"
+    genes = [f"{mt}CO{i}" for i in range(5)] + [f"G{i}" for i in range(995)]
+    lam = rng.gamma(0.5, 2.0, size=1000)
+    lam[:5] = 0.5
+    X = rng.poisson(lam, size=(n, 1000)).astype(np.float32)
+    bad = np.arange(10)
+    X[bad, 5:] = rng.poisson(lam[5:] * 0.1, size=(10, 995))
+    X[bad, :5] = rng.poisson(60, size=(10, 5))
+    a = ad.AnnData(X=sp.csr_matrix(X))
+    a.var_names = genes
+    a.obs_names = [f"c{i}" for i in range(n)]
+    a.obs[schema.OBS_SAMPLE] = "S1"
+    a.obs[schema.OBS_PATIENT] = "P1"
+    a.obs[schema.OBS_CONDITION] = "NAIVE"
+    a.layers[schema.LAYER_COUNTS] = a.X.copy()
+    return a, bad
+
+
+@pytest.mark.parametrize("species", ["human", "mouse"])
+def test_mito_prefix_is_species_aware(species):
+    from preprocessing.qc import run_qc
+
+    a, bad = _toy(species)
+    out, _, obs = run_qc(
+        a, doublet_free_config(min_genes=0, min_counts=0), species=species, keep_all=True
+    )
+    assert obs[schema.OBS_PCT_MITO].iloc[bad].min() > 20
+    assert obs[schema.OBS_PCT_MITO].iloc[20:].median() < 5
+    hm = obs[schema.OBS_QC_REASON].str.contains("high_mito").to_numpy()
+    assert hm[bad].all()
+    assert out.uns[schema.UNS_PARAMS_PREFIX + "qc"]["mito_prefix"] == (
+        "MT-" if species == "human" else "mt-"
+    )
+
+
+def test_hard_floors_are_configurable():
+    from preprocessing.qc import run_qc
+
+    a, _ = _toy()
+    med_genes = float(np.median(np.asarray((a.X > 0).sum(1)).ravel()))
+    _, _, obs = run_qc(a.copy(), doublet_free_config(min_genes=int(med_genes) + 1), keep_all=True)
+    low = obs[schema.OBS_QC_REASON].str.contains("low_genes")
+    assert low.mean() >= 0.5
+    _, _, obs = run_qc(a.copy(), doublet_free_config(min_genes=0, min_counts=0), keep_all=True)
+    assert obs[schema.OBS_QC_REASON].str.contains("low_genes").mean() < 0.1
+
+
+def test_sample_with_no_cells_left_is_an_error(tmp_path):
+    import anndata as ad
+
+    from preprocessing.qc import run_qc
+
+    a, _ = _toy()
+    b, _ = _toy(seed=1)
+    b.obs[schema.OBS_SAMPLE] = "EMPTY"
+    b.obs_names = [f"e{i}" for i in range(b.n_obs)]
+    both = ad.concat([a, b])
+    both.layers[schema.LAYER_COUNTS] = both.X.copy()
+    # a floor only sample EMPTY misses: give sample S1 many more counts
+    s1 = both.obs[schema.OBS_SAMPLE].to_numpy() == "S1"
+    both.X = sp.csr_matrix(both.X.multiply(np.where(s1, 20, 1)[:, None]))
+    both.layers[schema.LAYER_COUNTS] = both.X.copy()
+    total_empty = float(np.asarray(both.X[~s1].sum(1)).max())
+    cfg = doublet_free_config(min_counts=int(total_empty) + 1, min_genes=0)
+    with pytest.raises(InputError) as ei:
+        run_qc(both.copy(), cfg, report_dir=tmp_path / "qc")
+    assert len(ei.value.problems) == 1
+    assert "EMPTY" in ei.value.problems[0] and "no cells left" in ei.value.problems[0]
+    assert (tmp_path / "qc" / "report.html").is_file()  # the report explains why
+    out, summary, _ = run_qc(both.copy(), cfg, keep_all=True)  # --keep-all: a warning only
+    assert out.n_obs == both.n_obs
+
+
+def test_mad_bounds():
+    from preprocessing.qc import mad_bounds
+
+    v = np.array([1.0, 2, 3, 4, 5, 100])
+    lo, hi = mad_bounds(v, 3)
+    assert lo < 1 and 5 < hi < 100
+    assert mad_bounds(np.ones(10), 3) == (-np.inf, np.inf)
+
+
+def test_report_is_self_contained(qc_small, tmp_path):
+    from preprocessing.qc import write_qc_report
+
+    _, summary, obs = qc_small
+    path = write_qc_report(obs, summary, tmp_path / "qc")
+    html = path.read_text(encoding="utf-8")
+    assert "cdn.plot.ly" not in html and "https://cdn" not in html  # works offline
+    assert html.count("Plotly.newPlot") >= 3
+    # plotly.js is inlined once, not per figure
+    assert html.count("plotly.js v") <= 2 and len(html) > 3_000_000 // 2
+    for sid in summary[schema.OBS_SAMPLE]:
+        assert sid in html
+    csv = pd.read_csv(tmp_path / "qc" / "summary.csv")
+    assert list(csv.columns[: len(SUMMARY_COLUMNS)]) == SUMMARY_COLUMNS
+    assert len(csv) == len(summary)
