@@ -53,7 +53,7 @@ of the conversion; the summary is accumulated in row chunks with ``np.bincount``
 matrix is formed). Measured with ``python -m benchmarks.bench_store`` on a synthetic
 1M x 2,000 atlas (167M non-zeros; 2 shared cores): ``write_atlas`` 17 s CPU, peak RSS of
 generate + write 5.1 GB; ``expr_csc.h5`` 1.3 GB, ``atlas.h5ad`` 2.9 GB; open 0.15 s at
-119 MB RSS (imports included); one gene for all cells 0.4 ms from the page cache, ~18 ms
+119 MB RSS (imports included); one gene for all cells 0.4 ms from the page cache, 18-30 ms
 after eviction (backed-CSR ``X[:, j]`` on the h5ad: 2.4 s warm, open 25 s / 2.2 GB).
 ``DIR/tables`` is replaced as a whole by ``write_atlas`` (CSV of every ``uns`` table).
 """
