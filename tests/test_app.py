@@ -468,3 +468,29 @@ def test_volcano_click_selects_gene(dash_app):
         triggered="genes-volcano.clickData",
     )
     assert res["response"]["genes-gene"]["value"] == "CD19"
+
+
+def test_large_export_is_a_one_time_link(dash_app, vocab, monkeypatch):
+    pytest.importorskip("atlas.export")
+    import app.pages.downloads as dl
+
+    monkeypatch.setattr(dl, "INLINE_MAX_BYTES", 0)
+    res = dispatch(
+        dash_app,
+        "dl-export-msg.children",
+        {"dl-export-btn.n_clicks": 1, "dl-conditions.value": [vocab["reference"]]},
+    )
+    out = res["response"]
+    assert "dl-export-download" not in out
+    href = next(
+        c["props"]["href"]
+        for c in out["dl-export-msg"]["children"]["props"]["children"]
+        if isinstance(c, dict) and "href" in c.get("props", {})
+    )
+    c = dash_app.server.test_client()
+    r = c.get(href)
+    assert r.status_code == 200 and len(r.data) > 1000
+    assert "attachment" in r.headers["Content-Disposition"]
+    r.close()
+    assert c.get(href).status_code == 404  # one download only
+    assert c.get(href.rsplit("/", 1)[0] + "/forged").status_code == 404

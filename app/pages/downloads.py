@@ -146,6 +146,8 @@ def register(app, ctx) -> None:
         return chosen, n
 
     present = [k for k in keys if cols[k] in ctx.view.obs.columns]
+    exports = ExportFiles()
+    ctx.exports = exports
 
     @app.callback(
         Output("dl-subset-count", "children"),
@@ -196,8 +198,6 @@ def register(app, ctx) -> None:
         running=[(Output("dl-export-btn", "disabled"), True, False)],
     )
     def _export(n, *vals):
-        from dash import dcc as _dcc
-
         try:
             chosen, count = _subset(dict(zip(present, vals)))
         except UnknownValue as e:
@@ -214,13 +214,102 @@ def register(app, ctx) -> None:
         except ImportError:
             return no_update, C.message("Export is not available in this installation.", "error")
         tmp = Path(tempfile.mkdtemp(prefix="tme-export-"))
+        out = tmp / EXPORT_NAME
         try:
-            out = tmp / "atlas_subset.h5ad"
             export_atlas(ctx.atlas_path, out, **chosen)
-            data = _dcc.send_file(str(out), filename="atlas_subset.h5ad")
         except Exception:  # noqa: BLE001 - report, never a traceback in the browser
+            shutil.rmtree(tmp, ignore_errors=True)
             log.exception("export failed")
             return no_update, C.message("The export failed; the error was logged.", "error")
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return data, C.message(f"Exported {count:,} cells.", "info")
+        size = out.stat().st_size
+        if size <= INLINE_MAX_BYTES:  # small: straight to the browser's downloads
+            try:
+                data = dcc.send_file(str(out), filename=EXPORT_NAME)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            return data, C.message(f"Exported {count:,} cells ({size / 1e6:.1f} MB).", "info")
+        # large: a one-time link streamed by Flask (no base64 through the callback)
+        token = exports.add(out)
+        href = app.get_relative_path(f"/{EXPORT_ROUTE}/{token}")
+        link = html.A(
+            f"Download {EXPORT_NAME} ({size / 1e6:,.0f} MB)",
+            href=href,
+            className="btn",
+            download=EXPORT_NAME,
+        )
+        return no_update, html.Div(
+            [
+                C.message(
+                    f"Exported {count:,} cells. The link works once, for "
+                    f"{EXPORT_TTL_S // 60} minutes.",
+                    "info",
+                ),
+                link,
+            ]
+        )
+
+    _add_export_route(app, exports)
+
+
+EXPORT_NAME = "atlas_subset.h5ad"
+EXPORT_ROUTE = "_tme_export"
+EXPORT_TTL_S = 3600
+INLINE_MAX_BYTES = 20_000_000
+
+
+class ExportFiles:
+    """Finished exports waiting to be downloaded: token -> file; one download each,
+    removed after EXPORT_TTL_S."""
+
+    def __init__(self):
+        import threading
+
+        self._files: dict[str, tuple[Path, float]] = {}
+        self._lock = threading.Lock()
+
+    def add(self, path: Path) -> str:
+        import secrets
+        import time
+
+        self.cleanup()
+        token = secrets.token_urlsafe(24)
+        with self._lock:
+            self._files[token] = (path, time.time())
+        return token
+
+    def take(self, token: str) -> Path | None:
+        with self._lock:
+            item = self._files.pop(token, None)
+        return item[0] if item else None
+
+    def cleanup(self) -> None:
+        import time
+
+        now = time.time()
+        with self._lock:
+            old = [t for t, (_, t0) in self._files.items() if now - t0 > EXPORT_TTL_S]
+            paths = [self._files.pop(t)[0] for t in old]
+        for p in paths:
+            shutil.rmtree(p.parent, ignore_errors=True)
+
+
+def _add_export_route(app, exports: ExportFiles) -> None:
+    import flask
+
+    server = app.server
+    endpoint = "tme_export_download"
+    if endpoint in server.view_functions:
+        return
+    prefix = app.config.routes_pathname_prefix or "/"
+
+    def download(token: str):
+        path = exports.take(token) if len(token) < 100 else None
+        if path is None or not path.is_file():
+            flask.abort(404)
+        resp = flask.send_file(
+            path, as_attachment=True, download_name=EXPORT_NAME, mimetype="application/octet-stream"
+        )
+        resp.call_on_close(lambda: shutil.rmtree(path.parent, ignore_errors=True))
+        return resp
+
+    server.add_url_rule(f"{prefix}{EXPORT_ROUTE}/<token>", endpoint, download, methods=["GET"])
