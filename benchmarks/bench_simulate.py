@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -70,6 +71,8 @@ def run(n_cells_list=DEFAULT_SIZES, *, keep: bool = False) -> dict:
             env={"OMP_NUM_THREADS": "1", "TME_ATLAS_NO_PROGRESS": "1"},
         )
         entry = {"seconds": m["seconds"], "peak_mb": m["peak_mb"], "rc": m["rc"]}
+        # a shared machine inflates wall time: record how busy it was
+        entry["load_avg_1m_after"] = round(os.getloadavg()[0], 2)
         if m["rc"] == 0:
             entry.update(json.loads(info.read_text()))
         results[str(n)] = entry
