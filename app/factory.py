@@ -152,7 +152,10 @@ def _register_router(app: dash.Dash, ctx: AppContext) -> None:
         State("url", "search"),
     )
     def _route(pathname: str | None, search: str | None):
-        path = "/" + (app.strip_relative_path(pathname or "/") or "").strip("/")
+        try:
+            path = "/" + (app.strip_relative_path(pathname or "/") or "").strip("/")
+        except Exception:  # noqa: BLE001 - hostile pathname ('../..', not a str): not found
+            path = "/" + str(pathname)[:60].strip("/")
         page = by_path.get(path, overview if path in ("/", "/overview") else None)
         classes = ["nav-link active" if p is page else "nav-link" for p in PAGES]
         if page is None:

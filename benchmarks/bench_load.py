@@ -515,11 +515,23 @@ def run_load(
     rec = Recorder()
     # warm-up: every worker opens the store and fills its caches before the RSS baseline
     warm = Recorder()
-    _drive(model, warm, clients=min(clients, 8), duration=warmup, seed=seed + 1000, think=think)
+    _drive(model, warm, clients=clients, duration=warmup, seed=seed + 1000, think=think)
     rss_start = server.worker_rss_mb() if server else {}
+    timeline: list[tuple[float, float]] = []  # (seconds, total worker RSS MB)
+    done = threading.Event()
     t0 = time.monotonic()
+
+    def sample() -> None:
+        while server is not None and not done.wait(max(1.0, duration / 12)):
+            rss = server.worker_rss_mb()
+            timeline.append((round(time.monotonic() - t0, 1), round(sum(rss.values()), 1)))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     _drive(model, rec, clients=clients, duration=duration, seed=seed, think=think)
     elapsed = time.monotonic() - t0
+    done.set()
+    sampler.join(timeout=10)
     rss_end = server.worker_rss_mb() if server else {}
     out = rec.summary()
     out.update(
@@ -539,7 +551,11 @@ def run_load(
             "rss_end_mb": rss_end,
             "replaced": sorted(set(rss_start) ^ set(rss_end)),
             "max_growth_mb": max((rss_end[p] - rss_start[p] for p in same), default=0.0),
+            "total_rss_timeline_mb": timeline,
         }
+        half = [mb for t, mb in timeline if t >= elapsed / 2]
+        if half:  # growth over the second half of the run (after caches have filled)
+            out["workers"]["growth_second_half_mb"] = round(sum(rss_end.values()) - half[0], 1)
     return out
 
 
@@ -593,6 +609,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=4)
     p.add_argument("--cells", type=int, default=17_000, help="synthetic atlas size")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup", type=float, default=20.0, help="seconds before the RSS baseline")
     p.add_argument("--quick", action="store_true", help="10 s, for a smoke run")
     p.add_argument("--out", help="JSON result file (default benchmarks/results/load_<tag>.json)")
     args = p.parse_args(argv)
@@ -607,7 +624,14 @@ def main(argv: list[str] | None = None) -> int:
     WORK.mkdir(parents=True, exist_ok=True)
     log = WORK / "bench_load_gunicorn.log"
     with Server(atlas_dir, workers=args.workers, threads=args.threads, log_path=log) as srv:
-        res = run_load(srv.url, clients=args.clients, duration=duration, seed=args.seed, server=srv)
+        res = run_load(
+            srv.url,
+            clients=args.clients,
+            duration=duration,
+            seed=args.seed,
+            server=srv,
+            warmup=min(args.warmup, duration),
+        )
     res.update(
         {
             "atlas": str(atlas_dir),

@@ -513,3 +513,122 @@ def test_csp_no_violations_in_the_explorer(tmp_path_factory):
             assert not [s for s in severe if "Content Security Policy" in s], (page, severe)
     finally:
         srv.shutdown()
+
+
+# ----------------------------------------------------------------------------- fuzzing
+MALICIOUS = [
+    "../../../../etc/passwd",
+    "<script>alert(1)</script>",
+    "__import__('os').system('id')",
+    {"__class__": "x"},
+    ["CD19"] * 5000,
+    "A" * 100_000,
+    -1,
+    None,
+]
+
+
+@pytest.fixture(scope="module")
+def explorer_client(tmp_path_factory):
+    testing = pytest.importorskip("atlas.testing")
+    from werkzeug.test import Client
+
+    from app.registry import build_wsgi
+    from atlas.config import load_config
+
+    atlas_dir = tmp_path_factory.mktemp("fuzz") / "atlas"
+    testing.make_synthetic_atlas(atlas_dir, n_cells=800, n_genes=200, seed=2)
+    return Client(build_wsgi(load_config(env={}), atlas_dir))
+
+
+def _payload(cb: dict, values: dict) -> dict:
+    def parse(spec):
+        if spec.startswith("..") and spec.endswith(".."):
+            parts = spec[2:-2].split("...")
+        else:
+            parts = [spec]
+        return [p.rpartition(".")[::2] for p in parts]
+
+    outs = parse(cb["output"])
+    multi = cb["output"].startswith("..")
+    return {
+        "output": cb["output"],
+        "outputs": [{"id": i, "property": p} for i, p in outs]
+        if multi
+        else {"id": outs[0][0], "property": outs[0][1]},
+        "inputs": [
+            {"id": d["id"], "property": d["property"], "value": values.get(d["id"])}
+            for d in cb["inputs"]
+        ],
+        "changedPropIds": [f"{d['id']}.{d['property']}" for d in cb["inputs"][:1]],
+        "state": [
+            {"id": d["id"], "property": d["property"], "value": values.get(d["id"])}
+            for d in cb.get("state", [])
+        ],
+    }
+
+
+# props a URL, a dropdown or a search box can carry: hostile *strings* there must never 5xx
+USER_STRING_PROPS = {"value", "pathname", "search", "search_value"}
+
+
+def test_callbacks_survive_malicious_values(explorer_client):
+    """Every server callback, every input set to hostile values: never a traceback or a
+    file's content, the server keeps serving; hostile strings in user-facing props are
+    messages or 4xx, never a 5xx (validated against the atlas's values).
+
+    Type-confused payloads (a dict where the renderer always sends a string, ...) that no
+    browser sends may still answer a plain 500 (no details): listed, not failed."""
+    c = explorer_client
+    deps = [
+        cb
+        for cb in c.get("/_dash-dependencies").get_json()
+        if not cb.get("clientside_function") and "{" not in cb["output"]
+    ]
+    assert deps
+    failures, type_confused = [], []
+    for cb in deps:
+        props = {}
+        for d in cb["inputs"] + cb.get("state", []):
+            props.setdefault(d["id"], set()).add(d["property"])
+        for target, tprops in props.items():
+            for bad in MALICIOUS:
+                r = c.post("/_dash-update-component", json=_payload(cb, {target: bad}))
+                body = r.get_data(as_text=True)
+                what = f"{cb['output'][:50]} {target}={str(bad)[:30]!r}: {r.status_code}"
+                if "Traceback" in body or "root:x:0:0" in body or 'File "' in body:
+                    failures.append("LEAK " + what)
+                elif r.status_code >= 500:
+                    user_string = (
+                        bad is None or isinstance(bad, str)
+                    ) and tprops <= USER_STRING_PROPS
+                    (failures if user_string else type_confused).append(what)
+    assert c.get("/healthz").status_code == 200
+    if type_confused:
+        print(f"{len(type_confused)} type-confused payloads answered 500 (plain):")
+        print("\n".join(type_confused))
+    assert not failures, "\n".join(failures[:40]) + f"\n({len(failures)} in all)"
+
+
+@pytest.mark.parametrize(
+    "search",
+    [
+        "?gene=../../etc/passwd",
+        "?gene=%3Cscript%3Ealert(1)%3C/script%3E&condition=x,y",
+        "?colour=__class__&split=1e309",
+        "?" + "a=1&" * 3000,
+        "?atlas=../../secret",
+    ],
+)
+def test_pages_with_hostile_url_parameters(explorer_client, search):
+    c = explorer_client
+    router = c.get("/_dash-dependencies").get_json()[0]
+    assert any(i["property"] == "pathname" for i in router["inputs"])
+    for page in ("/", "/cells", "/genes", "/interactions", "/downloads"):
+        payload = _payload(router, {"url": page})
+        payload["inputs"] = [{"id": "url", "property": "pathname", "value": page}]
+        payload["state"] = [{"id": "url", "property": "search", "value": search}]
+        r = c.post("/_dash-update-component", json=payload)
+        body = r.get_data(as_text=True)
+        assert r.status_code == 200, (page, search, r.status_code)
+        assert "Traceback" not in body and "<script>alert" not in body
