@@ -129,8 +129,10 @@ def read_samplesheet(
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
         raise InputError(
-            f"sample sheet {sheet}: not UTF-8 text (byte {e.start}); save it as UTF-8 CSV"
+            f"sample sheet {sheet}: not UTF-8 text (line {line}, byte {e.start}); "
+            "save it as UTF-8 CSV"
         ) from None
     if "\x00" in text:
         raise InputError(f"sample sheet {sheet}: contains NUL bytes; is it a CSV file?")
@@ -570,7 +572,7 @@ def ingest(samplesheet: str | Path, *, allow_outside_paths: bool = False) -> Ing
     for s in samples:
         label = f"sample '{s.sample_id}' ({s.raw_path})"
         if not s.path.exists():
-            problems.append(f"{label}: file not found")
+            problems.append(f"{label}: file or folder not found ({s.path})")
             continue
         try:
             s.fmt = detect_format(s.path)

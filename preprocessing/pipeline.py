@@ -453,6 +453,18 @@ def _validate(
     return res, res.species, list(res.conditions), reference
 
 
+def _up_to_date(out: Path, build_hash: str) -> bool:
+    """``out`` holds a finished atlas built from the same inputs with the same config."""
+    prov_file = out / schema.PROVENANCE_FILE
+    if not ((out / schema.ATLAS_FILE).is_file() and prov_file.is_file()):
+        return False
+    try:
+        prov = json.loads(prov_file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+    return prov.get("build_hash") == build_hash and (out / schema.STORE_DIR).is_dir()
+
+
 def _check_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: exists and is not a folder")
@@ -525,6 +537,13 @@ def run_build(
     cells_in = {str(s): int(n) for s, n in adata.obs[schema.OBS_SAMPLE].value_counts().items()}
 
     hashes = stage_hashes(ctx)
+    if resume and _up_to_date(out, hashes["write"]):
+        log.info(
+            "resume: %s is up to date (same inputs and config); nothing to do",
+            out / schema.ATLAS_FILE,
+        )
+        shutil.rmtree(ctx.work, ignore_errors=True)
+        return out
     stages = [s for s in schema.STAGES if s not in NO_CHECKPOINT]
     start_at = 0
     if resume:
@@ -585,6 +604,7 @@ def run_build(
         with PeakRSS() as mem:
             prov = _provenance(ctx, adata, started, time.perf_counter() - t_build)
             prov["cells_in"] = int(sum(cells_in.values()))
+            prov["build_hash"] = hashes["write"]
             adata.uns[schema.UNS_PROVENANCE] = _provenance_uns(prov)
             _write_outputs(adata, ctx, prov)
         ctx.timings["write"] = {

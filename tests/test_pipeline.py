@@ -405,3 +405,17 @@ def test_resume_with_real_stages(small_sim_dir, small_atlas_dir_session, tmp_pat
     )
     assert ran == ["programs", "analyses", "crosstalk"]
     _same_atlas(_read(out), _read(small_atlas_dir_session))
+
+
+def test_resume_of_a_finished_atlas_does_nothing(tiny, tmp_path, stand_ins):
+    """``make demo`` runs ``build --resume`` each time: an up-to-date atlas is kept."""
+    out = _build(tiny, tmp_path / "atlas")
+    mtime = (out / schema.ATLAS_FILE).stat().st_mtime_ns
+    stand_ins.calls.clear()
+    _build(tiny, out, resume=True)
+    assert stand_ins.calls == []
+    assert (out / schema.ATLAS_FILE).stat().st_mtime_ns == mtime
+    # a changed config rebuilds
+    _build(tiny, out, resume=True, config=tiny_config(cluster={"n_neighbors": 9}))
+    assert stand_ins.calls[0] == "integrate"
+    assert (out / schema.ATLAS_FILE).stat().st_mtime_ns != mtime
