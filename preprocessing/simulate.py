@@ -19,7 +19,7 @@ Generative model, per sample:
 * planted condition effects (``truth/de.csv``) multiply the mean of a gene in a cell type,
   in a ``fraction_affected`` of that type's cells;
 * composition: baseline proportions with planted log2 shifts per state
-  (``truth/composition.csv``) and Dirichlet noise per sample;
+  (``truth/composition.csv``) and log-normal noise per sample and type;
 * library size per cell log-normal around a per-type median; counts are negative binomial
   (gamma-Poisson) with gene-wise dispersion;
 * nuisance: ~5% heterotypic doublets (sum of two cells of different types), ~5% low-quality
@@ -1305,7 +1305,9 @@ def simulate(
         f_base = f / f.sum(axis=1, keepdims=True)
         f = f_base * cond_mult[c]
         lib_factor = np.exp(r.normal(0, 0.1))
-        props = r.dirichlet(comp_p[c] * 300.0 + 1e-3)
+        # per-sample composition noise: log-normal on every type's share (sd 0.25)
+        props = comp_p[c] * np.exp(r.normal(0, 0.25, K))
+        props /= props.sum()
         types = r.choice(K, size=n, p=props)
         is_dbl = r.random(n) < DOUBLET_RATE
         is_lq = (~is_dbl) & (r.random(n) < LOW_QUALITY_RATE / (1 - DOUBLET_RATE))

@@ -451,3 +451,33 @@ def test_neighbors_at_8192_cells_or_more():
     sc.pp.neighbors(a, n_neighbors=15)
     assert a.obsp["connectivities"].shape == (a.n_obs, a.n_obs)
     assert a.obsp["connectivities"].nnz > a.n_obs
+
+
+def test_ambient_rna_and_clonal_ig_drive_patient_structure(small_sim):
+    """Ambient RNA leaks CLL transcripts into other cells; clonal IGHV genes are top HVGs."""
+    import scanpy as sc
+
+    a = small_sim.adata
+    obs = a.obs
+    ok = (~obs["is_doublet"] & ~obs["low_quality"]).to_numpy()
+    t = obs["true_cell_type"].astype(str).to_numpy()
+    tcl1a = a.var_names.get_loc("TCL1A")
+    det = {k: (a.X[ok & (t == k)][:, tcl1a] > 0).mean() for k in ("CLL resting", "CD4 naive")}
+    assert 0.05 < det["CD4 naive"] < 0.5 < det["CLL resting"]
+    cll = a[ok & (t == "CLL resting")].copy()
+    hvg = sc.pp.highly_variable_genes(
+        cll, n_top_genes=200, flavor="seurat_v3", inplace=False, layer=None
+    )
+    top = set(cll.var_names[hvg["highly_variable"].to_numpy()])
+    clonal = set(small_sim.truth["clones"]["ighv"])
+    assert clonal <= top
+
+
+def test_every_sample_has_the_major_types():
+    s = simulate(seed=11, n_patients=2, cells_per_sample=1100)
+    obs = s.adata.obs
+    counts = pd.crosstab(obs["sample_id"], obs["true_cell_type"])
+    for t in CELL_TYPES:
+        assert (counts[t] >= 1).all(), t
+    major = [t for t in CELL_TYPES if simmod.BASE_PROPORTIONS[t] >= 0.02]
+    assert (counts[major] >= 5).all().all()
