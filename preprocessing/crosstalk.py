@@ -1,0 +1,940 @@
+"""Ligand-receptor crosstalk between CLL cells and their microenvironment (stage ``crosstalk``).
+
+What it computes, on the atlas grouped by ``config.crosstalk.groupby`` (the cell type):
+
+1. **Interactions per condition** -- LIANA+ ``rank_aggregate`` (consensus of CellPhoneDB,
+   Connectome, log2FC, NATMI and SingleCellSignalR) on the log-normalised ``X``
+   (``use_raw=False``), one run per resistance state. The LR resource ships inside liana
+   (``consensus`` for human, ``mouseconsensus`` for mouse) and is passed explicitly as a
+   DataFrame, so nothing is fetched. Table ``interactions``: per condition the ``top_n``
+   interactions by ``magnitude_rank`` plus every curated CLL interaction.
+2. **Interactions per sample** -- the same consensus run by sample
+   (``rank_aggregate.by_sample``), restricted to the interactions kept in (1); table
+   ``interactions_by_sample`` (every kept interaction gets a score in every sample where both
+   partners are expressed).
+3. **Differential interactions** (each condition vs the reference), from the pseudobulk DE
+   table ``de`` of the analyses stage -- a targeted-contrast scheme equivalent to LIANA+'s
+   ``df_to_lr``:
+
+   * for every LR pair of the resource and every sender -> receiver pair of cell types in
+     which both partners are expressed (fraction of cells with non-zero expression
+     >= ``expr_prop`` in the condition *or* the reference; for complexes every subunit),
+   * a complex is represented by its *limiting subunit*, the one with the smallest
+     |log2FC| (the conservative analogue of liana's minimum-expression rule),
+   * ``score = (ligand_log2fc[sender] + receptor_log2fc[receiver]) / 2``
+     (= liana's ``interaction_stat`` with ``stat_keys=["log2fc"]``),
+   * ``pvalue``: Stouffer combination of the two DE p-values as signed z-scores,
+     ``z = sign(log2fc) * Phi^-1(1 - p / 2)``, ``Z = (z_L + z_R) / sqrt(2)``,
+     ``p = 2 * (1 - Phi(|Z|))``; a missing DE p-value counts as ``p = 1``,
+   * ``padj``: Benjamini-Hochberg within each condition.
+
+   Table ``interactions_diff``: rows with ``padj <= diff_max_padj``, plus the ``top_n`` by
+   |score| per condition, plus every curated interaction.
+4. **Independent check** with ``squidpy.gr.ligrec`` (CellPhoneDB-style permutation test,
+   same resource passed explicitly, single-gene pairs, ``use_raw=False``, same seed) per
+   condition, compared with liana's CellPhoneDB component: Jaccard / overlap of the
+   significant interactions (p <= ``alpha``) and Spearman correlation of the LR means;
+   table ``ligrec_agreement`` and one log line per condition.
+
+Every result carries ``curated`` (bool) and ``curated_source`` (literature) from
+``references/lr_curated.csv``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from atlas import schema
+from atlas.tables import get_table, put_table
+from preprocessing.log import get_logger
+
+log = get_logger("crosstalk")
+
+DEFAULT_RESOURCE = {"human": "consensus", "mouse": "mouseconsensus"}
+CURATED_FILE = "lr_curated.csv"
+COMPLEX_SEP = "_"
+PARAMS_KEY = f"{schema.UNS_PARAMS_PREFIX}crosstalk"
+XSUM = "_tme_xsum"  # working AnnData: row sums of the full log-normalised X
+N_GENES_FULL = "_tme_n_genes_full"
+
+# per-method scores of liana's rank_aggregate (CellPhoneDB, Connectome, log2FC, NATMI, SCA)
+LIANA_SCORES = (
+    "lr_means",  # CellPhoneDB magnitude
+    "cellphone_pvals",  # CellPhoneDB specificity (permutations)
+    "expr_prod",  # NATMI / Connectome magnitude
+    "scaled_weight",  # Connectome specificity
+    "lr_logfc",  # log2FC specificity
+    "spec_weight",  # NATMI specificity
+    "lrscore",  # SingleCellSignalR magnitude
+)
+KEY_COLS = ["source", "target", "ligand", "receptor"]
+INTERACTIONS_COLUMNS = [
+    "condition",
+    *KEY_COLS,
+    "magnitude_rank",
+    "specificity_rank",
+    *LIANA_SCORES,
+    "curated",
+    "curated_source",
+]
+BY_SAMPLE_COLUMNS = [
+    schema.OBS_SAMPLE,
+    schema.OBS_PATIENT,
+    "condition",
+    *KEY_COLS,
+    "magnitude_rank",
+    "specificity_rank",
+    "lr_means",
+    "lrscore",
+    "curated",
+]
+DIFF_COLUMNS = [
+    "condition",
+    "reference",
+    *KEY_COLS,
+    "ligand_log2fc",
+    "receptor_log2fc",
+    "score",
+    "z",
+    "pvalue",
+    "padj",
+    "direction",
+    "ligand_pvalue",
+    "receptor_pvalue",
+    "ligand_gene",
+    "receptor_gene",
+    "ligand_prop",
+    "receptor_prop",
+    "curated",
+    "curated_source",
+]
+AGREEMENT_COLUMNS = [
+    "condition",
+    "n_compared",
+    "n_sig_liana",
+    "n_sig_squidpy",
+    "n_sig_both",
+    "jaccard",
+    "spearman_means",
+    "alpha",
+    "n_perms",
+]
+
+
+# ----------------------------------------------------------------------------- inputs
+def _crosstalk_config(config):
+    from atlas.config import Config, CrosstalkConfig
+
+    if config is None:
+        return CrosstalkConfig()
+    if isinstance(config, CrosstalkConfig):
+        return config
+    if isinstance(config, Config):
+        return config.crosstalk
+    raise TypeError(f"config must be a Config or CrosstalkConfig, not {type(config).__name__}")
+
+
+def infer_species(adata) -> str:
+    """``human`` or ``mouse``: from ``uns``, then ``obs``, then the case of the gene symbols."""
+    value = adata.uns.get(schema.UNS_SPECIES)
+    if isinstance(value, str) and value in schema.SPECIES:
+        return value
+    if schema.OBS_SPECIES in adata.obs:
+        values = pd.unique(adata.obs[schema.OBS_SPECIES].astype(str))
+        if len(values) == 1 and values[0] in schema.SPECIES:
+            return str(values[0])
+    names = [n for n in adata.var_names[:5000] if any(c.isalpha() for c in n)]
+    upper = np.mean([n == n.upper() for n in names]) if names else 1.0
+    return "human" if upper >= 0.5 else "mouse"
+
+
+def load_resource(species: str = "human", name: str | None = None) -> pd.DataFrame:
+    """The ligand-receptor resource as a ``ligand, receptor`` DataFrame (complexes ``A_B``).
+
+    ``name``: one of liana's shipped resources (default ``consensus`` for human,
+    ``mouseconsensus`` for mouse) or the path of a CSV/TSV with ``ligand`` and ``receptor``
+    columns. Read from files inside the installed packages; never from the network.
+    """
+    from atlas.config import ConfigError
+
+    name = name or DEFAULT_RESOURCE[species]
+    path = Path(name)
+    if path.suffix.lower() in (".csv", ".tsv", ".txt"):
+        if not path.is_file():
+            raise ConfigError(f"config crosstalk.resource: file not found: {path}")
+        df = pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",", dtype=str)
+        missing = {"ligand", "receptor"} - set(df.columns)
+        if missing:
+            raise ConfigError(
+                f"config crosstalk.resource: {path} lacks column(s) {', '.join(sorted(missing))}"
+            )
+    else:
+        import liana as li
+
+        available = li.rs.show_resources()
+        if name.lower() not in available:
+            raise ConfigError(
+                f"config crosstalk.resource: unknown resource {name!r}; "
+                f"use one of {', '.join(available)} or a CSV with ligand,receptor columns"
+            )
+        df = li.rs.select_resource(name.lower())
+    df = df[["ligand", "receptor"]].dropna().astype(str)
+    return df.drop_duplicates().reset_index(drop=True)
+
+
+def references_path(name: str) -> Path:
+    """Path of a file shipped in ``references/``."""
+    from references import path
+
+    return path(name)
+
+
+def load_curated(species: str = "human") -> pd.DataFrame:
+    """Curated CLL interactions (``references/lr_curated.csv``) in the species' symbols.
+
+    Columns: ligand, receptor, sender, receiver, axis, pmid, source, curated_source.
+    """
+    df = pd.read_csv(references_path(CURATED_FILE), dtype=str).fillna("")
+    if species == "mouse":
+        df = df.assign(ligand=df["ligand_mouse"], receptor=df["receptor_mouse"])
+    df = df[(df["ligand"] != "") & (df["receptor"] != "")].copy()
+    df["curated_source"] = [
+        f"{src} (PMID {pmid})" if pmid else src for src, pmid in zip(df["source"], df["pmid"])
+    ]
+    cols = ["ligand", "receptor", "sender", "receiver", "axis", "pmid", "source", "curated_source"]
+    return df[cols].drop_duplicates(["ligand", "receptor"]).reset_index(drop=True)
+
+
+def annotate_curated(df: pd.DataFrame, curated: pd.DataFrame) -> pd.DataFrame:
+    """Add ``curated`` (bool) and ``curated_source`` (str) by (ligand, receptor)."""
+    out = df.drop(columns=[c for c in ("curated", "curated_source") if c in df.columns])
+    cur = curated[["ligand", "receptor", "curated_source"]]
+    out = out.merge(cur, on=["ligand", "receptor"], how="left")
+    out["curated"] = out["curated_source"].notna()
+    out["curated_source"] = out["curated_source"].fillna("").astype(str)
+    return out
+
+
+def _resource_genes(resource: pd.DataFrame) -> set[str]:
+    genes: set[str] = set()
+    for col in ("ligand", "receptor"):
+        for name in resource[col].unique():
+            genes.update(name.split(COMPLEX_SEP))
+    return genes
+
+
+def _usable_cells(adata, groupby: str) -> np.ndarray:
+    """Cells with a real label (not Unassigned / doublet-like / QC-failed)."""
+    obs = adata.obs
+    labels = obs[groupby].astype(str)
+    mask = obs[groupby].notna().to_numpy() & ~labels.isin(["", "nan", schema.UNASSIGNED]).to_numpy()
+    if schema.OBS_DOUBLET_CLUSTER in obs:
+        mask &= ~obs[schema.OBS_DOUBLET_CLUSTER].astype(bool).to_numpy()
+    if schema.OBS_QC_PASS in obs:
+        mask &= obs[schema.OBS_QC_PASS].astype(bool).to_numpy()
+    return mask
+
+
+def _looks_like_counts(X) -> bool:
+    data = X.data if sp.issparse(X) else np.asarray(X).ravel()
+    sample = np.asarray(data[: min(data.size, 200_000)], dtype=np.float64)
+    if sample.size == 0:
+        return False
+    return bool(sample.max() > 30 and np.all(np.mod(sample, 1) == 0))
+
+
+def working_adata(adata, genes: set[str], groupby: str):
+    """A small AnnData for the LR tools: usable cells x resource genes, X log-normalised.
+
+    X must be log1p(normalize_total 1e4) (the atlas contract); if it holds raw counts it is
+    normalised here (totals over all genes).
+    """
+    import anndata as ad
+
+    mask = _usable_cells(adata, groupby)
+    keep = [g for g in adata.var_names if g in genes]
+    if not keep:
+        raise ValueError("no gene of the ligand-receptor resource is in the atlas")
+    gidx = adata.var_names.get_indexer(keep)
+    Xm = adata.X[mask]
+    if _looks_like_counts(Xm):
+        log.warning("crosstalk: atlas X looks like raw counts; log-normalising (1e4) here")
+        Xm = sp.csr_matrix(Xm, dtype=np.float32)
+        totals = np.asarray(Xm.sum(axis=1)).ravel()
+        totals[totals == 0] = 1
+        Xm = sp.diags((1e4 / totals).astype(np.float32)) @ Xm
+        Xm.data = np.log1p(Xm.data)
+    # row sums over *all* genes: liana's SingleCellSignalR score uses the matrix mean
+    xsum = np.asarray(Xm.sum(axis=1), dtype=np.float64).ravel()
+    Xs = sp.csr_matrix(Xm[:, gidx], dtype=np.float32)
+    Xs.eliminate_zeros()
+    cols = [
+        c
+        for c in (groupby, schema.OBS_CONDITION, schema.OBS_SAMPLE, schema.OBS_PATIENT)
+        if c in adata.obs
+    ]
+    obs = adata.obs.loc[mask, cols].copy()
+    for c in cols:
+        obs[c] = pd.Categorical(obs[c].astype(str))
+    obs[XSUM] = xsum
+    w = ad.AnnData(X=Xs, obs=obs, var=pd.DataFrame(index=pd.Index(keep, dtype=str)))
+    w.uns[N_GENES_FULL] = int(adata.n_vars)
+    return w
+
+
+def _correct_lrscore(res: pd.DataFrame, w, cfg) -> pd.DataFrame:
+    """Rescale liana's ``lrscore`` to the mean of the *whole* log-normalised matrix.
+
+    SingleCellSignalR's score is ``s = sqrt(LR) / (sqrt(LR) + mu)`` with ``mu`` the mean of
+    the matrix liana receives; we pass only the expressed resource genes, so liana used
+    ``mu'``. ``sqrt(LR) = s mu' / (1 - s)`` gives back the score with the atlas-wide ``mu``
+    (same cells: those of cell types with >= ``min_cells`` cells). Ranks are unchanged.
+    """
+    if "lrscore" not in res or res.empty:
+        return res
+    counts = w.obs[cfg.groupby].value_counts()
+    cells = w.obs[cfg.groupby].isin(counts.index[counts >= cfg.min_cells]).to_numpy()
+    mu_used = float(w.X[cells].mean(dtype=np.float64))
+    mu_true = float(w.obs[XSUM].to_numpy()[cells].sum() / (cells.sum() * w.uns[N_GENES_FULL]))
+    s = res["lrscore"].to_numpy(dtype=np.float64)
+    x = s * mu_used / np.clip(1 - s, 1e-12, None)
+    res = res.copy()
+    res["lrscore"] = x / (x + mu_true)
+    return res
+
+
+def condition_order(adata, conditions) -> list[str]:
+    present = [str(c) for c in pd.unique(pd.Series(conditions).astype(str))]
+    order = adata.uns.get(schema.UNS_CONDITION_ORDER)
+    if order is not None:
+        order = [str(c) for c in list(order)]
+        return [c for c in order if c in present] + [c for c in present if c not in order]
+    return sorted(present)
+
+
+# ----------------------------------------------------------------------------- liana
+def _groups_ok(obs: pd.DataFrame, groupby: str, min_cells: int) -> int:
+    counts = obs[groupby].value_counts()
+    return int((counts >= min_cells).sum())
+
+
+def _liana_kwargs(cfg, resource: pd.DataFrame) -> dict[str, Any]:
+    return dict(
+        groupby=cfg.groupby,
+        resource=resource,
+        use_raw=False,
+        expr_prop=cfg.expr_prop,
+        min_cells=cfg.min_cells,
+        n_perms=cfg.n_perms if cfg.n_perms > 0 else None,
+        seed=cfg.seed,
+        verbose=False,
+    )
+
+
+def _tidy_liana(res: pd.DataFrame) -> pd.DataFrame:
+    res = res.rename(columns={"ligand_complex": "ligand", "receptor_complex": "receptor"})
+    res = res.loc[:, ~res.columns.duplicated()]
+    for c in ("source", "target", "ligand", "receptor"):
+        res[c] = res[c].astype(str)
+    return res
+
+
+def expressed_resource(w, resource: pd.DataFrame, cfg, by: str | None = None):
+    """The resource pairs liana can keep on ``w``, and ``w`` restricted to their genes.
+
+    A pair survives liana's ``expr_prop`` filter only if, in some cell type (of some
+    ``by`` group) with >= ``min_cells`` cells, every ligand subunit is expressed in >=
+    ``expr_prop`` of the cells, and likewise the receptor in some cell type. Dropping the
+    other pairs first gives the same result (liana drops them anyway) but keeps liana's
+    per-interaction pandas work small: ~10x faster on 16 cell types.
+    """
+    keys = [by, cfg.groupby] if by else [cfg.groupby]
+    obs = w.obs[keys].astype(str)
+    key = obs.agg("\x1f".join, axis=1) if by else obs[cfg.groupby]
+    codes, uniques = pd.factorize(key)
+    n = np.bincount(codes, minlength=len(uniques))
+    ok = n >= cfg.min_cells
+    G = sp.csr_matrix(
+        (np.ones(len(codes), dtype=np.float32), (codes, np.arange(len(codes)))),
+        shape=(len(uniques), len(codes)),
+    )
+    B = w.X.copy()
+    B.data = (B.data > 0).astype(np.float32)
+    props = np.asarray((G @ B).todense())[ok] / n[ok][:, None]
+    expressed = props >= cfg.expr_prop  # groups x genes
+    gpos = {g: i for i, g in enumerate(w.var_names)}
+
+    def complex_ok(name: str) -> bool:
+        idx = [gpos.get(g) for g in name.split(COMPLEX_SEP)]
+        if any(i is None for i in idx):
+            return False
+        return bool(expressed[:, idx].all(axis=1).any())
+
+    lig_ok = {x: complex_ok(x) for x in resource["ligand"].unique()}
+    rec_ok = {x: complex_ok(x) for x in resource["receptor"].unique()}
+    keep = resource["ligand"].map(lig_ok) & resource["receptor"].map(rec_ok)
+    res = resource[keep.to_numpy()].reset_index(drop=True)
+    genes = _resource_genes(res)
+    return res, w[:, [g in genes for g in w.var_names]]
+
+
+@contextlib.contextmanager
+def _fast_liana_positions():
+    """Within the block, liana looks up gene positions with an index instead of a scan.
+
+    liana 1.10's ``_get_positions`` runs ``np.where(var_names == g)`` once per *row* of the
+    interaction table (O(rows x genes); a quarter of the run time at 16 cell types). The
+    replacement returns the same dictionaries (first position of each name) in O(rows).
+    """
+    from liana.method._pipe_utils import _get_mean_perms as gmp
+
+    original = gmp._get_positions
+
+    def positions(adata, lr_res):
+        labels = adata.obs["@label"].cat.categories
+        names = pd.Index(adata.var_names)
+        first = ~names.duplicated()
+        lookup = pd.Series(np.flatnonzero(first), index=names[first])
+        ligand_pos = {g: int(lookup[g]) for g in pd.unique(lr_res["ligand"])}
+        receptor_pos = {g: int(lookup[g]) for g in pd.unique(lr_res["receptor"])}
+        labels_pos = {labels[i]: i for i in range(labels.shape[0])}
+        return ligand_pos, receptor_pos, labels_pos
+
+    gmp._get_positions = positions
+    try:
+        yield
+    finally:
+        gmp._get_positions = original
+
+
+def liana_by_condition(w, resource: pd.DataFrame, cfg, conditions: list[str]) -> pd.DataFrame:
+    """``rank_aggregate`` per condition on the working AnnData; long table with ``condition``."""
+    import liana as li
+
+    out = []
+    for cond in conditions:
+        sub = w[(w.obs[schema.OBS_CONDITION] == cond).to_numpy()].copy()
+        if _groups_ok(sub.obs, cfg.groupby, cfg.min_cells) < 2:
+            log.warning(
+                "crosstalk: condition %s has < 2 cell types with >= %d cells; skipped",
+                cond,
+                cfg.min_cells,
+            )
+            continue
+        sub.obs[cfg.groupby] = sub.obs[cfg.groupby].cat.remove_unused_categories()
+        res_c, sub = expressed_resource(sub, resource, cfg)
+        if res_c.empty:
+            log.warning("crosstalk: condition %s: no expressed ligand-receptor pair", cond)
+            continue
+        with _fast_liana_positions():
+            res = li.mt.rank_aggregate(sub.copy(), inplace=False, **_liana_kwargs(cfg, res_c))
+        res = _tidy_liana(_correct_lrscore(res, sub, cfg))
+        res.insert(0, "condition", cond)
+        out.append(res)
+    if not out:
+        return pd.DataFrame(columns=["condition", *KEY_COLS, "magnitude_rank"])
+    return pd.concat(out, ignore_index=True)
+
+
+def liana_by_sample(w, resource: pd.DataFrame, cfg) -> pd.DataFrame:
+    """``rank_aggregate.by_sample`` over the samples with >= 2 usable cell types."""
+    import liana as li
+
+    obs = w.obs
+    ok = [
+        s
+        for s, grp in obs.groupby(schema.OBS_SAMPLE, observed=True)
+        if _groups_ok(grp, cfg.groupby, cfg.min_cells) >= 2
+    ]
+    skipped = sorted(set(obs[schema.OBS_SAMPLE].astype(str)) - set(ok))
+    if skipped:
+        log.warning(
+            "crosstalk: samples without 2 cell types of >= %d cells skipped: %s",
+            cfg.min_cells,
+            ", ".join(skipped),
+        )
+    if not ok:
+        return pd.DataFrame(columns=[schema.OBS_SAMPLE, *KEY_COLS, "magnitude_rank"])
+    sub = w[obs[schema.OBS_SAMPLE].isin(ok).to_numpy()].copy()
+    sub.obs[schema.OBS_SAMPLE] = sub.obs[schema.OBS_SAMPLE].cat.remove_unused_categories()
+    resource, sub = expressed_resource(sub, resource, cfg, by=schema.OBS_SAMPLE)
+    sub = sub.copy()
+    with _fast_liana_positions():
+        res = li.mt.rank_aggregate.by_sample(
+            sub,
+            sample_key=schema.OBS_SAMPLE,
+            key_added="_tme_liana_by_sample",
+            inplace=False,
+            **_liana_kwargs(cfg, resource),
+        )
+    res[schema.OBS_SAMPLE] = res[schema.OBS_SAMPLE].astype(str)
+    parts = []
+    for sample, part in res.groupby(schema.OBS_SAMPLE, sort=False):
+        ws = sub[(sub.obs[schema.OBS_SAMPLE] == sample).to_numpy()]
+        parts.append(_correct_lrscore(part, ws, cfg))
+    res = _tidy_liana(pd.concat(parts, ignore_index=True))
+    meta_cols = [c for c in (schema.OBS_PATIENT, schema.OBS_CONDITION) if c in obs]
+    meta = obs.drop_duplicates(schema.OBS_SAMPLE)[[schema.OBS_SAMPLE, *meta_cols]].astype(str)
+    return res.merge(meta, on=schema.OBS_SAMPLE, how="left")
+
+
+def keep_top(res: pd.DataFrame, top_n: int, by: str, *, ascending: bool = True) -> pd.DataFrame:
+    """Per condition the ``top_n`` rows by ``by`` plus every curated row."""
+    if res.empty:
+        return res
+    key = res[by].abs() if not ascending else res[by]
+    order = res.assign(_k=key).sort_values(["condition", "_k"], ascending=[True, ascending])
+    rank = order.groupby("condition", sort=False).cumcount()
+    keep = (rank < top_n) | order["curated"]
+    return order.loc[keep].drop(columns="_k").reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------- differential
+def expression_props(w, groupby: str) -> pd.DataFrame:
+    """Fraction of cells expressing each gene per (condition, cell type): long table."""
+    obs = w.obs
+    key = obs[schema.OBS_CONDITION].astype(str) + "\x1f" + obs[groupby].astype(str)
+    codes, uniques = pd.factorize(key)
+    G = sp.csr_matrix(
+        (np.ones(len(codes), dtype=np.float32), (codes, np.arange(len(codes)))),
+        shape=(len(uniques), len(codes)),
+    )
+    B = w.X.copy()
+    B.data = (B.data > 0).astype(np.float32)
+    n = np.asarray(G.sum(axis=1)).ravel()
+    props = np.asarray((G @ B).todense()) / n[:, None]
+    cond = [u.split("\x1f")[0] for u in uniques]
+    ctype = [u.split("\x1f")[1] for u in uniques]
+    df = pd.DataFrame(props, columns=w.var_names)
+    df["condition"] = cond
+    df["cell_type"] = ctype
+    return df.melt(id_vars=["condition", "cell_type"], var_name="gene", value_name="prop")
+
+
+def _stouffer(lfc_l, p_l, lfc_r, p_r) -> tuple[np.ndarray, np.ndarray]:
+    from scipy.stats import norm
+
+    def z(lfc, p):
+        p = np.clip(np.nan_to_num(np.asarray(p, dtype=float), nan=1.0), 1e-300, 1.0)
+        return np.sign(np.asarray(lfc, dtype=float)) * norm.isf(p / 2)
+
+    Z = (z(lfc_l, p_l) + z(lfc_r, p_r)) / np.sqrt(2.0)
+    return Z, 2 * norm.sf(np.abs(Z))
+
+
+def _bh(p: np.ndarray) -> np.ndarray:
+    p = np.asarray(p, dtype=float)
+    out = np.full_like(p, np.nan)
+    ok = ~np.isnan(p)
+    n = int(ok.sum())
+    if n:
+        pv = p[ok]
+        order = np.argsort(pv)
+        ranked = pv[order] * n / np.arange(1, n + 1)
+        ranked = np.minimum.accumulate(ranked[::-1])[::-1]
+        adj = np.empty(n)
+        adj[order] = np.minimum(ranked, 1.0)
+        out[ok] = adj
+    return out
+
+
+def _side(names, de_ct: pd.DataFrame, expr_prop: float, prefix: str, group_col: str):
+    """Per (cell type, complex): limiting subunit's DE stats, if every subunit is expressed."""
+    ex = pd.DataFrame({prefix: pd.unique(np.asarray(names, dtype=object))})
+    ex["gene"] = ex[prefix].str.split(COMPLEX_SEP)
+    ex = ex.explode("gene")
+    n_sub = ex.groupby(prefix)["gene"].nunique()
+    m = ex.merge(de_ct, on="gene", how="inner")
+    if m.empty:
+        return pd.DataFrame(columns=[group_col, prefix])
+    grp = m.groupby(["cell_type", prefix])
+    m = m[grp["gene"].transform("nunique").to_numpy() == n_sub.loc[m[prefix]].to_numpy()]
+    m = m[m.groupby(["cell_type", prefix])["prop"].transform("min") >= expr_prop]
+    m = m.assign(_abs=m["log2fc"].abs()).sort_values("_abs", kind="mergesort")
+    m = m.groupby(["cell_type", prefix], sort=False).head(1)
+    return m.rename(
+        columns={
+            "cell_type": group_col,
+            "gene": f"{prefix}_gene",
+            "log2fc": f"{prefix}_log2fc",
+            "pvalue": f"{prefix}_pvalue",
+            "prop": f"{prefix}_prop",
+        }
+    )[
+        [
+            group_col,
+            prefix,
+            f"{prefix}_gene",
+            f"{prefix}_log2fc",
+            f"{prefix}_pvalue",
+            f"{prefix}_prop",
+        ]
+    ]
+
+
+def differential_interactions(
+    de: pd.DataFrame,
+    resource: pd.DataFrame,
+    props: pd.DataFrame,
+    *,
+    expr_prop: float = 0.1,
+    curated: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    """Differential LR interactions of every (condition, reference) contrast of ``de``.
+
+    ``de``: the analyses stage's pseudobulk table (cell_type, gene, condition, reference,
+    log2fc, pvalue, ...). ``props``: :func:`expression_props` (condition, cell_type, gene,
+    prop). See the module docstring for the score and the p-value. Returns every tested
+    sender -> receiver interaction (no filtering), columns :data:`DIFF_COLUMNS`.
+    """
+    need = {"cell_type", "gene", "condition", "reference", "log2fc", "pvalue"}
+    missing = need - set(de.columns)
+    if missing:
+        raise ValueError(f"DE table lacks column(s): {', '.join(sorted(missing))}")
+    de = de.copy()
+    for c in ("cell_type", "gene", "condition", "reference"):
+        de[c] = de[c].astype(str)
+    de = de[np.isfinite(pd.to_numeric(de["log2fc"], errors="coerce"))]
+    props = props.copy()
+    for c in ("cell_type", "gene", "condition"):
+        props[c] = props[c].astype(str)
+    out = []
+    contrasts = de[["condition", "reference"]].drop_duplicates().itertuples(index=False)
+    for cond, ref in contrasts:
+        d = de[(de["condition"] == cond) & (de["reference"] == ref)]
+        d = d[["cell_type", "gene", "log2fc", "pvalue"]].astype({"log2fc": float, "pvalue": float})
+        pc = props[props["condition"] == cond][["cell_type", "gene", "prop"]]
+        pr = props[props["condition"] == ref][["cell_type", "gene", "prop"]]
+        p = pc.merge(pr, on=["cell_type", "gene"], how="outer", suffixes=("_c", "_r"))
+        p["prop"] = p[["prop_c", "prop_r"]].max(axis=1)
+        d = d.merge(p[["cell_type", "gene", "prop"]], on=["cell_type", "gene"], how="inner")
+        L = _side(resource["ligand"], d, expr_prop, "ligand", "source")
+        R = _side(resource["receptor"], d, expr_prop, "receptor", "target")
+        res = resource.merge(L, on="ligand").merge(R, on="receptor")
+        if res.empty:
+            continue
+        res["score"] = (res["ligand_log2fc"] + res["receptor_log2fc"]) / 2
+        z, pval = _stouffer(
+            res["ligand_log2fc"],
+            res["ligand_pvalue"],
+            res["receptor_log2fc"],
+            res["receptor_pvalue"],
+        )
+        res["z"] = z
+        res["pvalue"] = pval
+        res["padj"] = _bh(pval)
+        res["direction"] = np.where(
+            res["score"] > 0, "up", np.where(res["score"] < 0, "down", "none")
+        )
+        res.insert(0, "reference", ref)
+        res.insert(0, "condition", cond)
+        out.append(res)
+    if not out:
+        res = pd.DataFrame(columns=DIFF_COLUMNS)
+        res["curated"] = res["curated"].astype(bool)
+        return res
+    res = pd.concat(out, ignore_index=True)
+    res = annotate_curated(res, curated if curated is not None else _no_curated())
+    return res[DIFF_COLUMNS].sort_values(["condition", "pvalue"], ignore_index=True)
+
+
+def _no_curated() -> pd.DataFrame:
+    return pd.DataFrame(columns=["ligand", "receptor", "curated_source"])
+
+
+# ----------------------------------------------------------------------------- squidpy check
+def ligrec_agreement(
+    w, resource: pd.DataFrame, liana_res: pd.DataFrame, cfg, conditions: list[str], alpha=0.05
+) -> pd.DataFrame:
+    """squidpy ``ligrec`` per condition vs liana's CellPhoneDB component (single-gene pairs)."""
+    import squidpy as sq
+    from scipy.stats import spearmanr
+
+    simple = resource[
+        ~resource["ligand"].str.contains(COMPLEX_SEP)
+        & ~resource["receptor"].str.contains(COMPLEX_SEP)
+    ]
+    simple = simple[simple["ligand"].isin(w.var_names) & simple["receptor"].isin(w.var_names)]
+    interactions = simple.rename(columns={"ligand": "source", "receptor": "target"})
+    n_perms = cfg.n_perms if cfg.n_perms > 0 else 100
+    rows = []
+    for cond in conditions:
+        sub = w[(w.obs[schema.OBS_CONDITION] == cond).to_numpy()]
+        counts = sub.obs[cfg.groupby].value_counts()
+        types = counts.index[counts >= cfg.min_cells]
+        if len(types) < 2 or interactions.empty:
+            continue
+        sub = sub[sub.obs[cfg.groupby].isin(types).to_numpy()].copy()
+        sub.obs[cfg.groupby] = sub.obs[cfg.groupby].cat.remove_unused_categories()
+        r = sq.gr.ligrec(
+            sub,
+            cluster_key=cfg.groupby,
+            interactions=interactions,
+            use_raw=False,
+            n_perms=n_perms,
+            seed=cfg.seed,
+            threshold=cfg.expr_prop,
+            corr_method=None,
+            copy=True,
+            n_jobs=1,
+            show_progress_bar=False,
+        )
+        means = r["means"].stack([0, 1], future_stack=True).rename("sq_means")
+        pvals = r["pvalues"].stack([0, 1], future_stack=True).rename("sq_pvals")
+        sqd = pd.concat([means, pvals], axis=1).reset_index()
+        sqd.columns = ["ligand", "receptor", "source", "target", "sq_means", "sq_pvals"]
+        for c in KEY_COLS:
+            sqd[c] = sqd[c].astype(str)
+        lr = liana_res[liana_res["condition"] == cond]
+        lr = lr[~lr["ligand"].str.contains(COMPLEX_SEP) & ~lr["receptor"].str.contains(COMPLEX_SEP)]
+        merged = lr.merge(sqd, on=KEY_COLS, how="inner")
+        tested = sqd[sqd["sq_pvals"].notna()]
+        sig_s = set(map(tuple, tested.loc[tested["sq_pvals"] <= alpha, KEY_COLS].to_numpy()))
+        if "cellphone_pvals" in lr:
+            sig_l = set(map(tuple, lr.loc[lr["cellphone_pvals"] <= alpha, KEY_COLS].to_numpy()))
+        else:  # no permutations: liana has no CellPhoneDB p-values
+            sig_l = set()
+        both = len(sig_l & sig_s)
+        union = len(sig_l | sig_s)
+        rho = np.nan
+        if len(merged) > 2:
+            rho = float(spearmanr(merged["lr_means"], merged["sq_means"]).statistic)
+        rows.append(
+            dict(
+                condition=cond,
+                n_compared=int(len(merged)),
+                n_sig_liana=len(sig_l),
+                n_sig_squidpy=len(sig_s),
+                n_sig_both=both,
+                jaccard=both / union if union else np.nan,
+                spearman_means=rho,
+                alpha=float(alpha),
+                n_perms=int(n_perms),
+            )
+        )
+        log.info(
+            "crosstalk: ligrec check %s: liana/squidpy significant %d/%d, both %d "
+            "(Jaccard %.2f), Spearman of means %.3f over %d interactions",
+            cond,
+            len(sig_l),
+            len(sig_s),
+            both,
+            rows[-1]["jaccard"],
+            rho,
+            len(merged),
+        )
+    return pd.DataFrame(rows, columns=AGREEMENT_COLUMNS)
+
+
+# ----------------------------------------------------------------------------- stage
+def run_crosstalk(adata, *, config=None) -> dict[str, pd.DataFrame]:
+    """Run the crosstalk stage on an annotated atlas with the ``de`` table; store the tables.
+
+    Adds to ``adata.uns`` (h5ad-safe): tables ``interactions``, ``interactions_by_sample``,
+    ``interactions_diff``, ``ligrec_agreement`` and the parameters under
+    ``tme_params_crosstalk``. Returns the stored tables plus ``interactions_diff_all``
+    (every tested differential interaction, not stored).
+    """
+    cfg = _crosstalk_config(config)
+    schema.require_obs(adata, cfg.groupby, schema.OBS_CONDITION, schema.OBS_SAMPLE)
+    schema.require_table(adata, schema.TABLE_DE)
+    timings: dict[str, float] = {}
+    t0 = t = time.perf_counter()
+
+    species = infer_species(adata)
+    resource = load_resource(species, cfg.resource)
+    resource_name = cfg.resource or DEFAULT_RESOURCE[species]
+    curated = load_curated(species)
+    w = working_adata(adata, _resource_genes(resource), cfg.groupby)
+    conditions = condition_order(adata, w.obs[schema.OBS_CONDITION])
+    log.info(
+        "crosstalk: %d cells, %d cell types, %d conditions, resource %s (%d pairs, %d genes "
+        "in atlas), %d permutations",
+        w.n_obs,
+        w.obs[cfg.groupby].nunique(),
+        len(conditions),
+        resource_name,
+        len(resource),
+        w.n_vars,
+        cfg.n_perms,
+    )
+    timings["prepare"] = time.perf_counter() - t
+
+    # 1. per condition
+    t = time.perf_counter()
+    liana_all = annotate_curated(liana_by_condition(w, resource, cfg, conditions), curated)
+    interactions = keep_top(liana_all, cfg.top_n, "magnitude_rank")
+    interactions = _select(interactions, INTERACTIONS_COLUMNS)
+    timings["liana_conditions"] = time.perf_counter() - t
+    log.info(
+        "crosstalk: liana rank_aggregate: %d interactions over %d conditions, kept %d "
+        "(top %d per condition by magnitude_rank + curated) in %.1fs",
+        len(liana_all),
+        len(conditions),
+        len(interactions),
+        cfg.top_n,
+        timings["liana_conditions"],
+    )
+
+    # 2. per sample
+    t = time.perf_counter()
+    if cfg.by_sample:
+        by_sample = liana_by_sample(w, resource, cfg)
+        kept = interactions[KEY_COLS].drop_duplicates()
+        by_sample = by_sample.merge(kept, on=KEY_COLS, how="inner")
+        by_sample = annotate_curated(by_sample, curated)
+        by_sample = _select(by_sample, BY_SAMPLE_COLUMNS)
+    else:
+        by_sample = _select(pd.DataFrame(), BY_SAMPLE_COLUMNS)
+    timings["liana_samples"] = time.perf_counter() - t
+    log.info(
+        "crosstalk: liana by sample: %d rows in %.1fs", len(by_sample), timings["liana_samples"]
+    )
+
+    # 3. differential
+    t = time.perf_counter()
+    de = get_table(adata, schema.TABLE_DE)
+    props = expression_props(w, cfg.groupby)
+    diff_all = differential_interactions(
+        de, resource, props, expr_prop=cfg.expr_prop, curated=curated
+    )
+    diff = _keep_diff(diff_all, cfg)
+    timings["differential"] = time.perf_counter() - t
+    log.info(
+        "crosstalk: differential: %d interactions tested, %d at padj <= %.2f, kept %d in %.1fs",
+        len(diff_all),
+        int((diff_all["padj"] <= cfg.diff_max_padj).sum()) if len(diff_all) else 0,
+        cfg.diff_max_padj,
+        len(diff),
+        timings["differential"],
+    )
+
+    # 4. squidpy check
+    t = time.perf_counter()
+    if cfg.ligrec_check:
+        agreement = ligrec_agreement(w, resource, liana_all, cfg, conditions, alpha=cfg.alpha)
+    else:
+        agreement = pd.DataFrame(columns=AGREEMENT_COLUMNS)
+    timings["ligrec_check"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+
+    tables = {
+        schema.TABLE_INTERACTIONS: interactions,
+        schema.TABLE_INTERACTIONS_BY_SAMPLE: by_sample,
+        schema.TABLE_INTERACTIONS_DIFF: diff,
+        schema.TABLE_LIGREC_AGREEMENT: agreement,
+    }
+    for name, df in tables.items():
+        put_table(adata, name, df)
+    adata.uns[PARAMS_KEY] = {
+        "species": species,
+        "resource": str(resource_name),
+        "n_resource_pairs": int(len(resource)),
+        "groupby": cfg.groupby,
+        "methods": "rank_aggregate: CellPhoneDB, Connectome, log2FC, NATMI, SingleCellSignalR",
+        "n_perms": int(cfg.n_perms),
+        "expr_prop": float(cfg.expr_prop),
+        "min_cells": int(cfg.min_cells),
+        "seed": int(cfg.seed),
+        "conditions": list(conditions),
+        "interactions_cutoff": f"top {cfg.top_n} per condition by magnitude_rank, plus curated",
+        "top_n": int(cfg.top_n),
+        "n_interactions_total": int(len(liana_all)),
+        "diff_method": (
+            "score = mean(ligand log2FC in sender, receptor log2FC in receiver) from the "
+            "pseudobulk DE table; complexes: subunit with the smallest |log2FC|; pvalue: "
+            "Stouffer of signed z = sign(lfc)*Phi^-1(1-p/2); padj: BH per condition"
+        ),
+        "diff_cutoff": (
+            f"padj <= {cfg.diff_max_padj} or top {cfg.top_n} by |score| per condition, plus curated"
+        ),
+        "diff_max_padj": float(cfg.diff_max_padj),
+        "n_diff_total": int(len(diff_all)),
+        "ligrec_alpha": float(cfg.alpha),
+        "timings_s": {k: round(float(v), 3) for k, v in timings.items()},
+    }
+    log.info(
+        "crosstalk: done in %.1fs (prepare %.1f, liana conditions %.1f, liana samples %.1f, "
+        "differential %.1f, ligrec %.1f)",
+        timings["total"],
+        timings["prepare"],
+        timings["liana_conditions"],
+        timings["liana_samples"],
+        timings["differential"],
+        timings["ligrec_check"],
+    )
+    return {**tables, "interactions_diff_all": diff_all}
+
+
+def _select(df: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """``df`` with exactly ``columns`` (missing ones added empty), rows kept."""
+    out = df.copy()
+    for c in columns:
+        if c not in out.columns:
+            out[c] = False if c == "curated" else ("" if c in KEY_COLS else np.nan)
+    return out[columns].reset_index(drop=True)
+
+
+def _keep_diff(diff: pd.DataFrame, cfg) -> pd.DataFrame:
+    if diff.empty:
+        return diff
+    top = keep_top(diff, cfg.top_n, "score", ascending=False)
+    sig = diff[diff["padj"] <= cfg.diff_max_padj]
+    out = pd.concat([top, sig], ignore_index=True).drop_duplicates(
+        ["condition", "reference", *KEY_COLS]
+    )
+    return out[DIFF_COLUMNS].sort_values(["condition", "pvalue"], ignore_index=True)
+
+
+# ----------------------------------------------------------------------------- directory
+def _read_atlas(atlas_dir: Path):
+    try:
+        from atlas.store import read_atlas_adata
+    except ImportError:
+        read_atlas_adata = None
+    if read_atlas_adata is not None:
+        return read_atlas_adata(atlas_dir)
+    import anndata as ad
+
+    path = atlas_dir / schema.ATLAS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(2, "no atlas here (run tme-atlas build first)", str(path))
+    return ad.read_h5ad(path)
+
+
+def _write_atlas(adata, atlas_dir: Path) -> None:
+    try:
+        from atlas.store import write_atlas
+    except ImportError:
+        write_atlas = None
+    if write_atlas is not None:
+        write_atlas(adata, atlas_dir)
+        return
+    from atlas.io import write_h5ad_atomic
+    from atlas.tables import write_tables_csv
+
+    write_h5ad_atomic(adata, atlas_dir / schema.ATLAS_FILE)
+    write_tables_csv(adata, atlas_dir / schema.TABLES_DIR)
+
+
+def run_crosstalk_dir(atlas_dir, *, config=None) -> dict[str, pd.DataFrame]:
+    """``tme-atlas crosstalk DIR``: run :func:`run_crosstalk` on the atlas in ``DIR``.
+
+    Needs the ``de`` table (``tme-atlas analyse DIR``). Rewrites ``DIR/atlas.h5ad`` (and the
+    read store) and writes ``DIR/tables/*.csv``.
+    """
+    atlas_dir = Path(atlas_dir)
+    adata = _read_atlas(atlas_dir)
+    cfg = _crosstalk_config(config)
+    schema.require_obs(adata, cfg.groupby)
+    schema.require_table(adata, schema.TABLE_DE)
+    tables = run_crosstalk(adata, config=config)
+    _write_atlas(adata, atlas_dir)
+    return tables

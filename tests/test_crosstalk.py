@@ -1,0 +1,400 @@
+"""Ligand-receptor crosstalk (preprocessing.crosstalk): schemas, curated flags, the
+differential score, no network, and recovery of the simulator's planted LR changes."""
+
+from __future__ import annotations
+
+import socket
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import fast_config
+
+from atlas import schema
+from atlas.tables import get_table
+from preprocessing import crosstalk as ct
+
+# ----------------------------------------------------------------------------- helpers
+COARSE = {
+    "CLL resting": "CLL",
+    "CLL activated": "CLL",
+    "CLL proliferating": "CLL",
+    "CD4 naive": "CD4 T",
+    "CD4 Tfh": "CD4 T",
+    "CD4 Treg": "CD4 T",
+    "CD8 effector": "CD8 T",
+    "CD8 exhausted": "CD8 T",
+    "Classical monocyte": "Myeloid",
+    "Non-classical monocyte": "Myeloid",
+    "cDC": "Myeloid",
+    "pDC": schema.UNASSIGNED,
+    "Platelet": schema.UNASSIGNED,
+}
+
+
+def true_label_atlas(sim, coarse: bool = False):
+    """The simulation as an annotated atlas: singlets of good quality, true labels, X lognorm.
+
+    ``coarse``: 7 broad types (+ Unassigned) instead of 16, for fast tests.
+    """
+    import scanpy as sc
+
+    a = sim.adata
+    keep = (
+        ~a.obs["is_doublet"].astype(bool).to_numpy() & ~a.obs["low_quality"].astype(bool).to_numpy()
+    )
+    a = a[keep].copy()
+    labels = a.obs["true_cell_type"].astype(str)
+    if coarse:
+        labels = labels.map(lambda t: COARSE.get(t, t))
+    a.obs[schema.OBS_CELL_TYPE] = labels.astype("category")
+    a.layers[schema.LAYER_COUNTS] = a.X.copy()
+    sc.pp.normalize_total(a, target_sum=1e4)
+    sc.pp.log1p(a)
+    from preprocessing.simulate import CONDITIONS, REFERENCE
+
+    conds = [c for c in CONDITIONS if c in set(a.obs[schema.OBS_CONDITION].astype(str))]
+    a.uns[schema.UNS_CONDITION_ORDER] = conds
+    a.uns[schema.UNS_REFERENCE_CONDITION] = REFERENCE
+    a.uns[schema.UNS_SPECIES] = (
+        str(a.obs[schema.OBS_SPECIES].iloc[0]) if schema.OBS_SPECIES in a.obs else "human"
+    )
+    return a
+
+
+class _NoNetwork:
+    """Any attempt to open a network connection fails the test."""
+
+    def __enter__(self):
+        self.mp = pytest.MonkeyPatch()
+
+        def refuse(*args, **kwargs):
+            raise AssertionError(f"crosstalk tried to reach the network: {args[1:]!r}")
+
+        self.mp.setattr(socket.socket, "connect", refuse)
+        self.mp.setattr(socket.socket, "connect_ex", refuse)
+        self.mp.setattr(socket, "create_connection", refuse)
+        return self
+
+    def __exit__(self, *exc):
+        self.mp.undo()
+
+
+@pytest.fixture(scope="session")
+def small_crosstalk(small_sim):
+    """Small sim with true labels, DE from the analyses stage, crosstalk run offline."""
+    from preprocessing.analyses import run_analyses
+
+    a = true_label_atlas(small_sim, coarse=True)
+    cfg = fast_config()
+    run_analyses(a, config=cfg)
+    with _NoNetwork():
+        tables = ct.run_crosstalk(a, config=cfg)
+    return a, tables
+
+
+# ----------------------------------------------------------------------------- curated table
+def test_curated_table_shipped_and_in_resources():
+    cur = pd.read_csv(ct.references_path(ct.CURATED_FILE), dtype=str).fillna("")
+    for col in (
+        "ligand",
+        "receptor",
+        "ligand_mouse",
+        "receptor_mouse",
+        "sender",
+        "receiver",
+        "pmid",
+        "source",
+    ):
+        assert col in cur.columns
+    assert (cur["source"] != "").all() and cur["pmid"].str.fullmatch(r"\d+").all()
+    human = ct.load_resource("human")
+    pairs = set(zip(human["ligand"], human["receptor"]))
+    assert set(zip(cur["ligand"], cur["receptor"])) <= pairs
+    for need in [
+        ("CXCL12", "CXCR4"),
+        ("CXCL13", "CXCR5"),
+        ("TNFSF13B", "TNFRSF13C"),
+        ("CD40LG", "CD40"),
+        ("CD274", "PDCD1"),
+    ]:
+        assert need in set(zip(cur["ligand"], cur["receptor"]))
+    mouse = ct.load_resource("mouse")
+    mpairs = set(zip(mouse["ligand"], mouse["receptor"]))
+    in_mouse = [p in mpairs for p in zip(cur["ligand_mouse"], cur["receptor_mouse"])]
+    assert np.mean(in_mouse) >= 0.75
+    m = ct.load_curated("mouse")
+    assert "Cxcl12" in set(m["ligand"]) and m["curated_source"].str.contains("PMID").all()
+
+
+def test_resources_ship_inside_liana_and_unknown_name_fails():
+    from atlas.config import ConfigError
+
+    with _NoNetwork():
+        h = ct.load_resource("human")
+        m = ct.load_resource("mouse")
+    assert list(h.columns) == ["ligand", "receptor"] and len(h) > 1000
+    assert len(m) > 1000 and m["ligand"].str.match(r"^[A-Z][a-z0-9]").mean() > 0.9
+    with pytest.raises(ConfigError, match="unknown resource"):
+        ct.load_resource("human", "no_such_resource")
+
+
+# ----------------------------------------------------------------------------- differential math
+def _toy_de():
+    rows = [
+        # cell_type, gene, lfc, p
+        ("A", "LIG", 2.0, 1e-6),
+        ("A", "X", 0.0, 0.9),
+        ("B", "REC", 0.1, 0.8),
+        ("B", "R1", 1.0, 0.01),
+        ("B", "R2", -0.2, 0.5),
+        ("B", "LIG", -3.0, 1e-8),  # B expresses LIG but too rarely (see props)
+    ]
+    de = pd.DataFrame(rows, columns=["cell_type", "gene", "log2fc", "pvalue"])
+    de["condition"], de["reference"] = "RES", "NAIVE"
+    return de
+
+
+def _toy_props(lig_in_b=0.01):
+    rows = []
+    for cond in ("RES", "NAIVE"):
+        for ctype, gene, p in [
+            ("A", "LIG", 0.5),
+            ("A", "X", 0.5),
+            ("B", "REC", 0.3),
+            ("B", "R1", 0.4),
+            ("B", "R2", 0.2),
+            ("B", "LIG", lig_in_b),
+        ]:
+            rows.append((cond, ctype, gene, p))
+    return pd.DataFrame(rows, columns=["condition", "cell_type", "gene", "prop"])
+
+
+def test_differential_score_pvalue_and_complexes():
+    from scipy.stats import norm
+
+    resource = pd.DataFrame({"ligand": ["LIG", "LIG"], "receptor": ["REC", "R1_R2"]})
+    cur = pd.DataFrame({"ligand": ["LIG"], "receptor": ["REC"], "curated_source": ["paper"]})
+    d = ct.differential_interactions(_toy_de(), resource, _toy_props(), expr_prop=0.1, curated=cur)
+    assert list(d.columns) == ct.DIFF_COLUMNS
+    # B's LIG is below expr_prop: only A is a sender; A has no receptor -> only A -> B
+    assert set(zip(d["source"], d["target"])) == {("A", "B")}
+    simple = d[d["receptor"] == "REC"].iloc[0]
+    assert simple["score"] == pytest.approx((2.0 + 0.1) / 2)
+    z = (norm.isf(1e-6 / 2) + norm.isf(0.8 / 2)) / np.sqrt(2)
+    assert simple["pvalue"] == pytest.approx(2 * norm.sf(z))
+    assert simple["direction"] == "up" and simple["curated"] and simple["curated_source"] == "paper"
+    cplx = d[d["receptor"] == "R1_R2"].iloc[0]  # limiting subunit: smallest |log2fc| = R2
+    assert cplx["receptor_gene"] == "R2" and cplx["receptor_log2fc"] == pytest.approx(-0.2)
+    assert cplx["receptor_prop"] == pytest.approx(0.2) and not cplx["curated"]
+    assert (d["padj"] >= d["pvalue"]).all() and d["padj"].le(1).all()
+
+
+def test_differential_expression_filter_uses_condition_or_reference():
+    resource = pd.DataFrame({"ligand": ["LIG"], "receptor": ["REC"]})
+    props = _toy_props(lig_in_b=0.01)
+    # B expresses LIG in the condition only: it becomes a sender (B -> B)
+    props.loc[
+        (props["condition"] == "RES") & (props["cell_type"] == "B") & (props["gene"] == "LIG"),
+        "prop",
+    ] = 0.5
+    d = ct.differential_interactions(_toy_de(), resource, props, expr_prop=0.1)
+    assert set(zip(d["source"], d["target"])) == {("A", "B"), ("B", "B")}
+    bb = d[d["source"] == "B"].iloc[0]
+    assert bb["direction"] == "down" and bb["score"] == pytest.approx((-3.0 + 0.1) / 2)
+
+
+def test_bh_matches_scipy():
+    from scipy.stats import false_discovery_control
+
+    p = np.random.default_rng(0).uniform(size=200) ** 3
+    assert np.allclose(ct._bh(p), false_discovery_control(p))
+
+
+# ----------------------------------------------------------------------------- the stage
+def test_tables_schema_and_params(small_crosstalk):
+    a, tables = small_crosstalk
+    inter = get_table(a, schema.TABLE_INTERACTIONS)
+    assert list(inter.columns) == ct.INTERACTIONS_COLUMNS and len(inter) > 0
+    assert inter["curated"].dtype == bool
+    assert set(inter["condition"]) == set(a.obs[schema.OBS_CONDITION].astype(str))
+    assert schema.UNASSIGNED not in set(inter["source"]) | set(inter["target"])
+    params = a.uns[ct.PARAMS_KEY]
+    assert params["resource"] == "consensus" and params["n_perms"] == 20
+    per_cond = inter[~inter["curated"]].groupby("condition").size()
+    assert (per_cond <= params["top_n"]).all()
+    bys = get_table(a, schema.TABLE_INTERACTIONS_BY_SAMPLE)
+    assert list(bys.columns) == ct.BY_SAMPLE_COLUMNS and len(bys) > 0
+    kept = set(map(tuple, inter[ct.KEY_COLS].to_numpy()))
+    assert set(map(tuple, bys[ct.KEY_COLS].to_numpy())) <= kept
+    assert bys[schema.OBS_SAMPLE].nunique() > 1
+    diff = get_table(a, schema.TABLE_INTERACTIONS_DIFF)
+    assert list(diff.columns) == ct.DIFF_COLUMNS and len(diff) > 0
+    assert set(diff["reference"]) == {a.uns[schema.UNS_REFERENCE_CONDITION]}
+    assert diff["padj"].between(0, 1).all()
+    agree = get_table(a, schema.TABLE_LIGREC_AGREEMENT)
+    assert list(agree.columns) == ct.AGREEMENT_COLUMNS and len(agree) >= 1
+    # both tools implement the CellPhoneDB statistic on the same data: the means agree
+    assert (agree["spearman_means"] > 0.95).all()
+    assert (agree["jaccard"] > 0.5).all()
+
+
+def test_curated_flags(small_crosstalk):
+    a, tables = small_crosstalk
+    cur = ct.load_curated("human")
+    cpairs = set(zip(cur["ligand"], cur["receptor"]))
+    for name in (schema.TABLE_INTERACTIONS, schema.TABLE_INTERACTIONS_DIFF):
+        df = get_table(a, name)
+        pairs = list(zip(df["ligand"], df["receptor"]))
+        assert (df["curated"].to_numpy() == np.array([p in cpairs for p in pairs])).all()
+        assert (df.loc[df["curated"], "curated_source"].str.len() > 0).all()
+        assert (df.loc[~df["curated"], "curated_source"] == "").all()
+    inter = get_table(a, schema.TABLE_INTERACTIONS)
+    assert inter["curated"].any(), "no curated CLL interaction found in the small simulation"
+
+
+def test_h5ad_roundtrip(small_crosstalk, tmp_path):
+    import anndata as ad
+
+    a, _ = small_crosstalk
+    path = tmp_path / "a.h5ad"
+    a.write_h5ad(path)
+    b = ad.read_h5ad(path)
+    for name in (
+        schema.TABLE_INTERACTIONS,
+        schema.TABLE_INTERACTIONS_BY_SAMPLE,
+        schema.TABLE_INTERACTIONS_DIFF,
+        schema.TABLE_LIGREC_AGREEMENT,
+    ):
+        pd.testing.assert_frame_equal(get_table(a, name), get_table(b, name), check_dtype=False)
+    assert b.uns[ct.PARAMS_KEY]["resource"] == "consensus"
+
+
+def test_missing_de_table_names_the_command(small_sim, tmp_path):
+    from atlas.io import write_h5ad_atomic
+    from preprocessing.cli import main
+
+    a = true_label_atlas(small_sim, coarse=True)
+    with pytest.raises(schema.MissingKeyError, match="tme-atlas analyse DIR"):
+        ct.run_crosstalk(a, config=fast_config())
+    write_h5ad_atomic(a, tmp_path / schema.ATLAS_FILE)
+    with pytest.raises(schema.MissingKeyError, match="tme-atlas analyse DIR"):
+        ct.run_crosstalk_dir(tmp_path, config=fast_config())
+    assert main(["crosstalk", str(tmp_path)]) == 2
+
+
+def test_run_crosstalk_dir_writes_tables(small_crosstalk, tmp_path):
+    import anndata as ad
+
+    from atlas.io import write_h5ad_atomic
+
+    a, _ = small_crosstalk
+    write_h5ad_atomic(a, tmp_path / schema.ATLAS_FILE)
+    cfg = fast_config(crosstalk={"by_sample": False, "ligrec_check": False})
+    with _NoNetwork():
+        ct.run_crosstalk_dir(tmp_path, config=cfg)
+    for name in ("interactions", "interactions_diff"):
+        df = pd.read_csv(tmp_path / schema.TABLES_DIR / f"{name}.csv")
+        assert len(df) > 0
+    b = ad.read_h5ad(tmp_path / schema.ATLAS_FILE)
+    assert len(get_table(b, schema.TABLE_INTERACTIONS_BY_SAMPLE)) == 0
+
+
+def test_mouse_uses_mouseconsensus():
+    from preprocessing.analyses import run_analyses
+    from preprocessing.simulate import simulate
+
+    sim = simulate(
+        seed=2, n_patients=2, cells_per_sample=150, species="mouse", conditions=("NAIVE", "IBR_RES")
+    )
+    a = true_label_atlas(sim, coarse=True)
+    a.uns[schema.UNS_SPECIES] = "mouse"
+    cfg = fast_config(crosstalk={"by_sample": False, "ligrec_check": False})
+    run_analyses(a, config=cfg)
+    with _NoNetwork():
+        ct.run_crosstalk(a, config=cfg)
+    assert a.uns[ct.PARAMS_KEY]["resource"] == "mouseconsensus"
+    inter = get_table(a, schema.TABLE_INTERACTIONS)
+    assert len(inter) > 0
+    mouse = ct.load_resource("mouse")
+    assert set(zip(inter["ligand"], inter["receptor"])) <= set(
+        zip(mouse["ligand"], mouse["receptor"])
+    )
+    assert len(get_table(a, schema.TABLE_INTERACTIONS_DIFF)) > 0
+
+
+# ----------------------------------------------------------------------------- truth recovery
+def score_against_truth(diff_all: pd.DataFrame, lr_truth: pd.DataFrame, seed: int = 0) -> dict:
+    """AUROC (|score|) of planted changes vs planted nulls + random pairs, direction accuracy
+    and null false-positive rate, for every (condition, source, target, ligand, receptor)."""
+    from sklearn.metrics import roc_auc_score
+
+    key = ["condition", "source", "target", "ligand", "receptor"]
+    m = lr_truth.merge(diff_all, on=key, how="left", suffixes=("_truth", ""))
+    pos = m[m["kind"] == "planted"]
+    null = m[m["kind"] == "null"]
+    rand = diff_all.merge(lr_truth[key], on=key, how="left", indicator=True)
+    rand = rand[rand["_merge"] == "left_only"].sample(n=min(2000, len(rand)), random_state=seed)
+    neg = np.r_[null["score"].abs().fillna(0).to_numpy(), rand["score"].abs().to_numpy()]
+    posv = pos["score"].abs().fillna(0).to_numpy()  # not tested = no evidence
+    y = np.r_[np.ones(len(posv)), np.zeros(len(neg))]
+    want = np.where(pos["direction_truth"] == "up", 1, -1)
+    tested_null = null[null["padj"].notna()]
+    return {
+        "auroc": float(roc_auc_score(y, np.r_[posv, neg])),
+        "direction": float(np.mean(np.sign(pos["score"].fillna(0)) == want)),
+        "null_fp": float((tested_null["padj"] < 0.05).mean()) if len(tested_null) else 0.0,
+        "n_planted": int(len(pos)),
+        "n_planted_tested": int(pos["score"].notna().sum()),
+        "n_null_tested": int(len(tested_null)),
+    }
+
+
+@pytest.mark.slow
+def test_recovers_planted_lr_changes_default_sim():
+    """Default demo simulation, true labels, analyses' pseudobulk DE, default config."""
+    import time
+
+    from atlas.config import load_config
+    from preprocessing.analyses import run_analyses
+    from preprocessing.simulate import simulate
+
+    sim = simulate(seed=0)
+    a = true_label_atlas(sim)
+    cfg = load_config(env={})
+    run_analyses(a, config=cfg)
+    t = time.perf_counter()
+    with _NoNetwork():
+        tables = ct.run_crosstalk(a, config=cfg)
+    elapsed = time.perf_counter() - t
+    res = score_against_truth(tables["interactions_diff_all"], sim.truth["lr"])
+    print(f"crosstalk on the default sim: {elapsed:.0f}s; {res}")
+    assert res["auroc"] >= 0.85, res
+    assert res["direction"] >= 0.80, res
+    assert res["null_fp"] <= 0.10, res
+    assert elapsed < 240
+
+
+@pytest.mark.slow
+def test_demo_atlas_crosstalk(demo_atlas_dir, demo_sim_dir):
+    """The full build (own annotation): tables present; planted changes still recovered."""
+    import anndata as ad
+
+    b = ad.read_h5ad(demo_atlas_dir / schema.ATLAS_FILE)
+    for name in (
+        schema.TABLE_INTERACTIONS,
+        schema.TABLE_INTERACTIONS_BY_SAMPLE,
+        schema.TABLE_INTERACTIONS_DIFF,
+        schema.TABLE_LIGREC_AGREEMENT,
+    ):
+        assert len(get_table(b, name)) > 0, name
+        assert (demo_atlas_dir / schema.TABLES_DIR / f"{name}.csv").is_file()
+    lr = pd.read_csv(demo_sim_dir / "truth" / "lr.csv")
+    cfg_types = set(b.obs[schema.OBS_CELL_TYPE].astype(str))
+    lr = lr[lr["source"].isin(cfg_types) & lr["target"].isin(cfg_types)]
+    if lr["kind"].eq("planted").sum() < 10:
+        pytest.skip("annotation labels do not match the simulator's cell types")
+    diff = get_table(b, schema.TABLE_INTERACTIONS_DIFF)
+    res = score_against_truth(diff, lr)
+    print(f"demo atlas (stored rows only): {res}")
+    assert res["direction"] >= 0.7, res
