@@ -286,6 +286,26 @@ def test_one_atlas_served_at_root(host_atlas):
     assert c.get("/_dash-layout").status_code == 200
 
 
+def test_served_under_a_sub_path(host_atlas, host_atlas_b):
+    """Behind a proxy at https://host/tme/: serve.url_base_pathname = /tme/."""
+    c = _client(build_wsgi(_config(serve={"url_base_pathname": "/tme/"}), host_atlas))
+    r = c.get("/tme/")
+    assert r.status_code == 200 and "\\u002ftme\\u002f" in r.get_data(as_text=True)
+    assert c.get("/tme/_dash-layout").status_code == 200
+    assert c.get("/healthz").status_code == 200
+    assert c.get("/").status_code == 404
+    cfg = _config(
+        serve={
+            "url_base_pathname": "/tme/",
+            "atlases": {"A": str(host_atlas), "B": str(host_atlas_b)},
+        }
+    )
+    c = _client(build_wsgi(cfg))
+    assert c.get("/tme/").status_code == 200
+    assert c.get("/tme/?atlas=B").headers["Location"].endswith("/tme/atlas/b/")
+    assert c.get("/tme/atlas/b/_dash-layout").status_code == 200
+
+
 def test_several_atlases_by_name(host_atlas, host_atlas_b):
     cfg = _config(
         serve={"atlases": {"CLL patients": str(host_atlas), "TCL1 mouse": str(host_atlas_b)}}
