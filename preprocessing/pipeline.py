@@ -584,7 +584,18 @@ def run_build(
             t0 = time.perf_counter()
             n_in = int(adata.n_obs)
             with PeakRSS() as mem:
-                adata = STAGE_FUNCS[stage](adata, ctx)
+                try:
+                    adata = STAGE_FUNCS[stage](adata, ctx)
+                except InputError as e:
+                    for line in e.problems:
+                        log.error("stage %s: %s", stage, line)
+                    raise
+                except KeyboardInterrupt:
+                    log.error("stage %s interrupted; run again with --resume to go on", stage)
+                    raise
+                except Exception:
+                    log.exception("stage %s failed; fix and run again with --resume", stage)
+                    raise
             secs = time.perf_counter() - t0
             timing = {
                 "seconds": round(secs, 2),
@@ -597,6 +608,9 @@ def run_build(
             ctx.timings[stage] = timing
             log.info("stage %s done in %.1fs (peak RSS %.0f MiB)", stage, secs, mem.peak_mb)
             _write_checkpoint(adata, ctx, stage, hashes[stage], {"timing": timing})
+            # go on from the checkpoint itself: a resumed build sees exactly the same data
+            del adata
+            adata = _read_checkpoint(ctx, stage)
             bar.update(1)
 
         # ---- write
