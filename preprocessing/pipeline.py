@@ -46,8 +46,8 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "hvg": ("hvg",),
     "integrate": ("scvi",),
     "cluster": ("cluster",),
-    "annotate": ("annotate",),
-    "programs": (),
+    "annotate": ("annotate", "seed"),
+    "programs": ("seed",),
     "analyses": ("analyses",),
     "crosstalk": ("crosstalk",),
     "write": (),
@@ -297,7 +297,7 @@ def _stage_annotate(adata, ctx: BuildContext):
 def _stage_programs(adata, ctx: BuildContext):
     from .programs import score_programs
 
-    out = score_programs(adata)
+    out = score_programs(adata, species=ctx.species, seed=ctx.config.seed)
     return adata if out is None else out
 
 
@@ -667,6 +667,6 @@ def _closing_summary(ctx: BuildContext, adata, cells_in: dict, prov: dict) -> No
         lines.append(f"{stage:<24}{col}{memc}{extra}")
     lines.append(f"total {prov['total_seconds']:.1f}s")
     for ln in lines:
-        log.info("%s", ln)
+        log.debug("%s", ln)  # the log file; the console gets the print below
     if os.environ.get("TME_ATLAS_QUIET_SUMMARY") is None:
         print("\n".join(lines))
