@@ -389,6 +389,32 @@ def _reason(e: BaseException) -> str:
     return f"{e.__class__.__name__}: {msg}" if msg else e.__class__.__name__
 
 
+def _gene_expression_only(raw: _Raw, label: str) -> _Raw:
+    """Drop antibody-capture / CRISPR / custom features (10x ``feature_types``)."""
+    if raw.feature_types is None:
+        return raw
+    ft = np.asarray(raw.feature_types, dtype=object)
+    gex = ft == "Gene Expression"
+    if not gex.any() or gex.all():
+        return raw
+    log.info(
+        "%s: keeping %d Gene Expression features, dropping %d others (%s)",
+        label,
+        int(gex.sum()),
+        int((~gex).sum()),
+        ", ".join(sorted(set(ft[~gex].astype(str)))),
+    )
+    idx = np.flatnonzero(gex)
+    return _Raw(
+        X=raw.X[:, idx].tocsr(),
+        barcodes=raw.barcodes,
+        symbols=[raw.symbols[i] for i in idx],
+        gene_ids=[raw.gene_ids[i] for i in idx],
+        feature_types=[raw.feature_types[i] for i in idx],
+        source=raw.source,
+    )
+
+
 def read_counts(path: Path, fmt: str) -> _Raw:
     if fmt in (FMT_10X_V3, FMT_10X_V2):
         return _read_10x_folder(path, fmt)
@@ -590,6 +616,7 @@ def ingest(samplesheet: str | Path, *, allow_outside_paths: bool = False) -> Ing
         except _READ_ERRORS as e:
             problems.append(f"{label}: cannot read: {_reason(e)}")
             continue
+        raw = _gene_expression_only(raw, label)
         where = f"{label} {raw.source}".rstrip() if raw.source else label
         bad = count_problems(raw.X, where)
         if raw.X.shape[0] == 0:
@@ -640,6 +667,33 @@ def ingest(samplesheet: str | Path, *, allow_outside_paths: bool = False) -> Ing
         checksums=checksums,
         source=str(sheet),
     )
+
+
+_DERIVED_OBS = {
+    schema.OBS_TOTAL_COUNTS,
+    schema.OBS_N_GENES,
+    schema.OBS_PCT_MITO,
+    schema.OBS_QC_OUTLIER,
+    schema.OBS_QC_REASON,
+    schema.OBS_DOUBLET_SCORE,
+    schema.OBS_PREDICTED_DOUBLET,
+    schema.OBS_QC_PASS,
+    schema.OBS_LEIDEN,
+    schema.OBS_CELL_TYPE,
+    schema.OBS_CELL_TYPE_CONFIDENCE,
+    schema.OBS_LINEAGE,
+    schema.OBS_DOUBLET_CLUSTER,
+}
+_DERIVED_PREFIXES = (
+    schema.OBS_LEIDEN_PREFIX,
+    schema.OBS_SCORE_PREFIX,
+    schema.OBS_MARKER_SCORE_PREFIX,
+)
+
+
+def _is_derived(col: str) -> bool:
+    """An ``.obs`` column a build writes (stale when an atlas is fed back as input)."""
+    return col in _DERIVED_OBS or col.startswith(_DERIVED_PREFIXES)
 
 
 def ingest_h5ad(path: str | Path) -> IngestResult:
@@ -716,6 +770,14 @@ def ingest_h5ad(path: str | Path) -> IngestResult:
     import anndata as ad
 
     obs = a.obs.copy()
+    derived = [c for c in obs.columns if _is_derived(str(c))]
+    if derived:
+        log.warning(
+            "h5ad: %d .obs column(s) are written by the build itself; kept as input_<name> (%s)",
+            len(derived),
+            ", ".join(map(str, derived[:8])) + (", ..." if len(derived) > 8 else ""),
+        )
+        obs = obs.rename(columns={c: f"input_{c}" for c in derived})
     obs_cols = [c for c in obs.columns]
     for c in required:
         obs[c] = obs[c].astype(str).str.strip()

@@ -321,3 +321,42 @@ def test_count_problems():
     text = " ".join(count_problems(m, "x"))
     for word in ("NaN", "negative", "non-integer", "infinite"):
         assert word in text
+
+
+def test_h5ad_derived_columns_renamed(tmp_path):
+    """An atlas fed back as input: columns the build writes are kept as input_<name>."""
+    import anndata as ad
+
+    from preprocessing.ingest import ingest_h5ad
+
+    obs = pd.DataFrame(
+        {
+            "sample_id": "S1",
+            "patient": "P1",
+            "condition": "NAIVE",
+            "tissue": "PB",
+            "species": "human",
+            "cell_type": "NK",
+            "leiden_r0.5": "3",
+        },
+        index=barcodes(),
+    )
+    a = ad.AnnData(X=sp.csr_matrix(counts(0).astype(np.float32)), obs=obs)
+    a.var_names = genes()
+    a.write_h5ad(tmp_path / "m.h5ad")
+    b = ingest_h5ad(tmp_path / "m.h5ad").adata
+    assert "cell_type" not in b.obs and "leiden_r0.5" not in b.obs
+    assert (b.obs["input_cell_type"] == "NK").all()
+
+
+def test_antibody_features_dropped(tmp_path):
+    from preprocessing.ingest import ingest
+
+    folder = write_10x(tmp_path / "S1", counts(0), genes(), barcodes(), gz=False)
+    lines = (folder / "features.tsv").read_text().splitlines()
+    lines[-3:] = [ln.replace("Gene Expression", "Antibody Capture") for ln in lines[-3:]]
+    (folder / "features.tsv").write_text("\n".join(lines) + "\n")
+    sheet(tmp_path, ["S1,S1,P1,NAIVE,PB,human"])
+    a = ingest(tmp_path / "samplesheet.csv").adata
+    assert a.n_vars == N_GENES - 3
+    assert (a.var[schema.VAR_FEATURE_TYPE] == "Gene Expression").all()
