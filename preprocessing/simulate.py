@@ -143,9 +143,9 @@ BASE_PROPORTIONS: dict[str, float] = {
 
 # planted composition shifts: log2 fold change of the (pre-normalisation) proportion
 COMPOSITION_SHIFTS: dict[str, dict[str, float]] = {
-    "IBR_EARLY": {CLL_ACTIVATED: -1.5, CLL_PROLIFERATING: -1.0},
-    "IBR_RES": {NLC: 1.5, CD8_EXHAUSTED: 1.0, CLL_PROLIFERATING: 0.8},
-    "VEN_RES": {NLC: 1.3, CD8_EXHAUSTED: 1.0, CD4_TFH: 1.0},
+    "IBR_EARLY": {CLL_ACTIVATED: -1.8, CLL_PROLIFERATING: -1.2},
+    "IBR_RES": {NLC: 1.6, CD8_EXHAUSTED: 1.2, CLL_PROLIFERATING: 1.0},
+    "VEN_RES": {NLC: 1.5, CD8_EXHAUSTED: 1.2, CD4_TFH: 1.2},
 }
 
 # median UMIs per cell type
@@ -432,7 +432,7 @@ def _plant(types, genes, condition, lfc, frac=1.0, programme=""):
 _plant(_CLL, "PSMB5", "IBR_RES", 1.8, programme="proteasome")
 _plant(_CLL, ["PSMB6", "PSMB7", "PSMA1", "PSMA3", "PSMA5", "PSMD4", "PSMC3"], "IBR_RES", 1.0,
        programme="proteasome")  # fmt: skip
-_plant(_CLL, ["PSMB2", "PSMD11"], "IBR_RES", 1.2, 0.5, programme="proteasome")
+_plant(_CLL, ["PSMB2", "PSMD11"], "IBR_RES", 1.8, 0.5, programme="proteasome")
 # CLL, venetoclax-resistant: anti-apoptotic BCL2 family up
 _plant(_CLL, "BCL2L1", "VEN_RES", 1.6, programme="bcl2_family")
 _plant(_CLL, "BCL2A1", "VEN_RES", 2.4, 0.5, programme="bcl2_family")
@@ -442,7 +442,7 @@ _plant(_CLL, ["CCL3", "CCL4"], "IBR_EARLY", -2.0, programme="bcr_nfkb")
 _plant(_CLL, ["EGR1", "EGR2", "NR4A1", "MYC", "CD83"], "IBR_EARLY", -1.5, programme="bcr_nfkb")
 _plant(_CLL, ["NFKBIA", "EGR3", "CD69", "DUSP2", "TNFAIP3"], "IBR_EARLY", -1.0,
        programme="bcr_nfkb")  # fmt: skip
-_plant(_CLL, ["NFKB2", "RELB"], "IBR_EARLY", -1.0, 0.5, programme="bcr_nfkb")
+_plant(_CLL, ["NFKB2", "RELB"], "IBR_EARLY", -2.0, 0.7, programme="bcr_nfkb")
 _plant(_CLL, "MS4A1", "IBR_EARLY", -1.0, programme="cd20")
 _plant(_CLL, "MS4A1", "IBR_RES", -1.0, programme="cd20")
 # NLC: niche factors up in resistance
@@ -454,10 +454,10 @@ for _c in ("IBR_RES", "VEN_RES"):
     _plant([NLC], ["CD274", "LGALS9"], _c, 1.2, programme="nlc_checkpoint")
     # exhaustion up in CD8 exhausted
     _plant([CD8_EXHAUSTED], ["PDCD1", "HAVCR2"], _c, 1.2, programme="exhaustion")
-    _plant([CD8_EXHAUSTED], ["LAG3", "TOX"], _c, 1.0, programme="exhaustion")
+    _plant([CD8_EXHAUSTED], ["LAG3", "TOX"], _c, 1.3, programme="exhaustion")
 # Tfh: CD40LG and IL21 up under venetoclax resistance
 _plant([CD4_TFH], "CD40LG", "VEN_RES", 1.5, programme="tfh_help")
-_plant([CD4_TFH], "IL21", "VEN_RES", 1.0, programme="tfh_help")
+_plant([CD4_TFH], "IL21", "VEN_RES", 1.3, programme="tfh_help")
 
 # planted LR axes (human symbols, resource receptor strings): ligand, receptor, sources, targets
 LR_AXES: list[tuple[str, str, tuple[str, ...], tuple[str, ...]]] = [
@@ -1305,8 +1305,8 @@ def simulate(
         f_base = f / f.sum(axis=1, keepdims=True)
         f = f_base * cond_mult[c]
         lib_factor = np.exp(r.normal(0, 0.1))
-        # per-sample composition noise: log-normal on every type's share (sd 0.25)
-        props = comp_p[c] * np.exp(r.normal(0, 0.25, K))
+        # per-sample composition noise: log-normal on every type's share (sd 0.15)
+        props = comp_p[c] * np.exp(r.normal(0, 0.15, K))
         props /= props.sum()
         types = r.choice(K, size=n, p=props)
         is_dbl = r.random(n) < DOUBLET_RATE
@@ -1607,7 +1607,9 @@ _TRUTH_README = """# Simulation truth
 * `lr.csv`: ligand, receptor (LIANA resource strings), source, target, condition, reference,
   direction (up/down/none), expected_log2fc, kind (planted / unchanged_axis / null).
 * `composition.csv`: cell_type, condition, reference, proportion (expected, among singlets),
-  log2fc_vs_reference, planted_log2_shift, direction (up/down/none).
+  log2fc_vs_reference, planted_log2_shift, direction (up/down/none). `none` means no planted
+  shift; by closure (proportions sum to 1) such types still move a little
+  (`log2fc_vs_reference` ~ -0.3..+0.2), which is the exact expected value.
 * `clones.csv`: the clonal immunoglobulin of each patient's leukaemia.
 """
 
