@@ -139,7 +139,32 @@ def create_app(
     from .security import install_security  # headers, CSP, plain error pages, auth
 
     install_security(app.server, config, app=app)
+    _guard_callbacks(app)
     return app
+
+
+def _guard_callbacks(app: dash.Dash) -> None:
+    """Inputs of the wrong type (a payload no browser sends: a number where a list is
+    expected, ...) end the callback with "no update" (HTTP 204) and a log line, not a 500.
+    Unknown *values* are handled by each callback and shown as messages."""
+    import functools
+
+    from dash.exceptions import PreventUpdate
+
+    def guard(key, fn):
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+                log.warning("callback %s rejected its input (%s)", key[:80], type(e).__name__)
+                raise PreventUpdate from None
+
+        return inner
+
+    for key, cb in app.callback_map.items():
+        if callable(cb.get("callback")):
+            cb["callback"] = guard(key, cb["callback"])
 
 
 def _register_router(app: dash.Dash, ctx: AppContext) -> None:

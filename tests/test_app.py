@@ -494,3 +494,21 @@ def test_large_export_is_a_one_time_link(dash_app, vocab, monkeypatch):
     r.close()
     assert c.get(href).status_code == 404  # one download only
     assert c.get(href.rsplit("/", 1)[0] + "/forged").status_code == 404
+
+
+def test_wrong_types_are_no_update_not_500(dash_app):
+    key = next(k for k in dash_app.callback_map if "genes-violin.figure" in k)
+    cb = dash_app.callback_map[key]
+    payload = {
+        "output": key,
+        "outputs": _outputs(key),
+        "inputs": [
+            {"id": "genes-gene", "property": "value", "value": "CD5"},
+            {"id": "genes-conditions", "property": "value", "value": -1},
+        ],
+        "state": [],
+        "changedPropIds": ["genes-conditions.value"],
+    }
+    assert len(cb["inputs"]) == 2
+    r = dash_app.server.test_client().post("/_dash-update-component", json=payload)
+    assert r.status_code == 204
