@@ -1000,3 +1000,51 @@ def _score_de(de, tde, alpha_de, min_abs_log2fc, min_fraction, min_samples) -> d
         "de_null_fp": int(null_fp.sum()),
         "de_null_fp_rate": float(null_fp.mean()) if len(nulls) else float("nan"),
     }
+
+
+def recovery_vs_ceiling(
+    de: pd.DataFrame,
+    de_ceiling: pd.DataFrame,
+    truth_de: pd.DataFrame,
+    *,
+    alpha: float = 0.05,
+    min_abs_log2fc: float = 1.0,
+    min_fraction: float = 0.5,
+    min_samples: int = 3,
+) -> dict[str, Any]:
+    """Planted DE recovered by ``de`` relative to a ceiling run (e.g. the true labels).
+
+    The eligible effects are those of the ceiling run: ``|log2fc| >= min_abs_log2fc`` in
+    ``>= min_fraction`` of the cells of a type tested there with ``>= min_samples``
+    samples per condition. ``ratio`` = effects recovered by ``de`` (right sign,
+    ``padj < alpha``; untested = missed) / effects recovered by the ceiling.
+    """
+    key = [schema.COL_CELL_TYPE, schema.COL_GENE, schema.COL_CONDITION]
+    planted = truth_de[
+        (truth_de["kind"] == "planted")
+        & (truth_de[schema.COL_LOG2FC].abs() >= min_abs_log2fc)
+        & (truth_de["fraction_affected"] >= min_fraction)
+    ][[*key, schema.COL_LOG2FC]].rename(columns={schema.COL_LOG2FC: "log2fc_true"})
+
+    def hits(table: pd.DataFrame) -> pd.DataFrame:
+        m = planted.merge(table, on=key, how="left")
+        m["hit"] = (m[schema.COL_PADJ] < alpha) & (
+            np.sign(m[schema.COL_LOG2FC]) == np.sign(m["log2fc_true"])
+        )
+        return m
+
+    ceil = hits(de_ceiling)
+    ceil = ceil[(ceil["n_samples_cond"] >= min_samples) & (ceil["n_samples_ref"] >= min_samples)]
+    own = hits(de).set_index(key)["hit"].reindex(pd.MultiIndex.from_frame(ceil[key]))
+    own = own.fillna(False).to_numpy(bool)
+    n_ceil = int(ceil["hit"].sum())
+    lost = ceil["hit"].to_numpy() & ~own
+    return {
+        "eligible": int(len(ceil)),
+        "recovered_ceiling": n_ceil,
+        "recovered": int(own.sum()),
+        "ratio": float(own.sum() / n_ceil) if n_ceil else float("nan"),
+        "lost": [
+            f"{r.cell_type}|{r.gene}|{r.condition}" for r, x in zip(ceil.itertuples(), lost) if x
+        ],
+    }
