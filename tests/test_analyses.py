@@ -203,6 +203,30 @@ def test_planted_de_found_in_small_sim(small_run, small_sim):
     assert score["de_null_fp_rate"] <= 0.05
 
 
+def test_recovery_vs_ceiling_counts_untested_as_missed():
+    truth = pd.DataFrame(
+        {
+            "cell_type": ["T", "T", "T", "U"],
+            "gene": ["a", "b", "c", "a"],
+            "condition": "X",
+            "log2fc": [1.5, -2.0, 0.0, 1.2],
+            "fraction_affected": [1.0, 1.0, 0.0, 0.5],
+            "kind": ["planted", "planted", "null", "planted"],
+        }
+    )
+
+    def table(rows):
+        df = pd.DataFrame(rows, columns=["cell_type", "gene", "log2fc", "padj", "n"])
+        return df.assign(condition="X", n_samples_cond=df["n"], n_samples_ref=df["n"])
+
+    ceiling = table([("T", "a", 1.4, 0.01, 4), ("T", "b", -1.9, 0.01, 4), ("U", "a", 1, 0.01, 4)])
+    own = table([("T", "a", 1.3, 0.02, 4), ("T", "b", 1.0, 0.01, 4)])  # b: wrong sign; U untested
+    r = A.recovery_vs_ceiling(own, ceiling, truth)
+    assert (r["eligible"], r["recovered_ceiling"], r["recovered"]) == (3, 3, 1)
+    assert r["ratio"] == pytest.approx(1 / 3)
+    assert sorted(r["lost"]) == ["T|b|X", "U|a|X"]
+
+
 # ----------------------------------------------------------------------------- errors
 def test_bad_reference_and_contrast_name_the_choices(small):
     a = small.copy()
