@@ -267,13 +267,19 @@ def test_resume_after_a_crash_gives_the_same_atlas(tiny, tmp_path, stand_ins):
     assert (out / schema.QC_REPORT_FILE).is_file() and (out / "model" / "model.pt").is_file()
 
 
-def test_resume_redoes_a_stage_whose_config_changed(tiny, tmp_path, stand_ins):
-    out = tmp_path / "atlas"
-    stand_ins.fail_at = "programs"
-    with pytest.raises(RuntimeError):
+def _crash(tiny, out, stand_ins, stage):
+    """A build that dies in ``stage``; the stand-ins are reset for the next build."""
+    stand_ins.fail_at = stage
+    with pytest.raises(RuntimeError, match=f"killed in {stage}"):
         _build(tiny, out)
+    assert not (out / schema.ATLAS_FILE).exists()  # never a half-written atlas
     stand_ins.fail_at = None
     stand_ins.calls.clear()
+    return out
+
+
+def test_resume_redoes_a_stage_whose_config_changed(tiny, tmp_path, stand_ins):
+    out = _crash(tiny, tmp_path / "atlas", stand_ins, "programs")
     cfg = tiny_config(cluster={"n_neighbors": 16})
     _build(tiny, out, resume=True, config=cfg)
     # integrate is upstream of cluster and kept; cluster and everything after are redone
@@ -281,13 +287,8 @@ def test_resume_redoes_a_stage_whose_config_changed(tiny, tmp_path, stand_ins):
 
 
 def test_resume_redoes_everything_when_an_input_changed(tiny, tmp_path, stand_ins):
-    out = tmp_path / "atlas"
-    stand_ins.fail_at = "programs"
-    with pytest.raises(RuntimeError):
-        _build(tiny, out)
+    out = _crash(tiny, tmp_path / "atlas", stand_ins, "programs")
     write_10x(tiny / "S2", _sample_counts(99), _genes(), barcodes(120, tag="S2"))
-    stand_ins.fail_at = None
-    stand_ins.calls.clear()
     _build(tiny, out, resume=True)
     assert stand_ins.calls[0] == "integrate"  # qc.. were redone too (not stand-ins)
     prov = json.loads((out / schema.PROVENANCE_FILE).read_text())
@@ -295,12 +296,7 @@ def test_resume_redoes_everything_when_an_input_changed(tiny, tmp_path, stand_in
 
 
 def test_without_resume_checkpoints_are_discarded(tiny, tmp_path, stand_ins):
-    out = tmp_path / "atlas"
-    stand_ins.fail_at = "programs"
-    with pytest.raises(RuntimeError):
-        _build(tiny, out)
-    stand_ins.fail_at = None
-    stand_ins.calls.clear()
+    out = _crash(tiny, tmp_path / "atlas", stand_ins, "programs")
     _build(tiny, out)
     assert stand_ins.calls[0] == "integrate"
 
