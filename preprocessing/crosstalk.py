@@ -20,9 +20,12 @@ What it computes, on the atlas grouped by ``config.crosstalk.groupby`` (the cell
      which both partners are expressed (fraction of cells with non-zero expression
      >= ``expr_prop`` in the condition *or* the reference; for complexes every subunit),
    * a complex is represented by its *limiting subunit*, the one with the smallest
-     |log2FC| (the conservative analogue of liana's minimum-expression rule),
-   * ``score = (ligand_log2fc[sender] + receptor_log2fc[receiver]) / 2``
-     (= liana's ``interaction_stat`` with ``stat_keys=["log2fc"]``),
+     |shrunk log2FC| (the conservative analogue of liana's minimum-expression rule),
+   * ``score = (ligand_log2fc[sender] + receptor_log2fc[receiver]) / 2`` (liana's
+     ``interaction_stat`` with ``stat_keys=["log2fc"]``), on log2FCs shrunk towards 0 with a
+     zero-centred normal prior (posterior mean ``lfc * tau^2 / (tau^2 + lfcse^2)``, ``tau``
+     per contrast by DESeq2's betaPrior rule) so that noisy fold changes of weakly expressed
+     genes do not dominate the ranking (the raw log2FCs are reported alongside),
    * ``pvalue``: Stouffer combination of the two DE p-values as signed z-scores,
      ``z = sign(log2fc) * Phi^-1(1 - p / 2)``, ``Z = (z_L + z_R) / sqrt(2)``,
      ``p = 2 * (1 - Phi(|Z|))``; a missing DE p-value counts as ``p = 1``,
@@ -101,6 +104,8 @@ DIFF_COLUMNS = [
     *KEY_COLS,
     "ligand_log2fc",
     "receptor_log2fc",
+    "ligand_log2fc_shrunk",
+    "receptor_log2fc_shrunk",
     "score",
     "z",
     "pvalue",
@@ -557,13 +562,14 @@ def _side(names, de_ct: pd.DataFrame, expr_prop: float, prefix: str, group_col: 
     grp = m.groupby(["cell_type", prefix])
     m = m[grp["gene"].transform("nunique").to_numpy() == n_sub.loc[m[prefix]].to_numpy()]
     m = m[m.groupby(["cell_type", prefix])["prop"].transform("min") >= expr_prop]
-    m = m.assign(_abs=m["log2fc"].abs()).sort_values("_abs", kind="mergesort")
+    m = m.assign(_abs=m["lfc_shrunk"].abs()).sort_values("_abs", kind="mergesort")
     m = m.groupby(["cell_type", prefix], sort=False).head(1)
     return m.rename(
         columns={
             "cell_type": group_col,
             "gene": f"{prefix}_gene",
             "log2fc": f"{prefix}_log2fc",
+            "lfc_shrunk": f"{prefix}_log2fc_shrunk",
             "pvalue": f"{prefix}_pvalue",
             "prop": f"{prefix}_prop",
         }
@@ -573,10 +579,37 @@ def _side(names, de_ct: pd.DataFrame, expr_prop: float, prefix: str, group_col: 
             prefix,
             f"{prefix}_gene",
             f"{prefix}_log2fc",
+            f"{prefix}_log2fc_shrunk",
             f"{prefix}_pvalue",
             f"{prefix}_prop",
         ]
     ]
+
+
+def prior_sd(log2fc) -> float:
+    """Sd of the zero-centred normal prior on the log2FCs of one contrast (DESeq2's
+    betaPrior rule: the 95% quantile of |MLE log2FC| matched to a normal's; Love 2014)."""
+    from scipy.stats import norm
+
+    lfc = np.abs(np.asarray(log2fc, dtype=float))
+    lfc = lfc[np.isfinite(lfc)]
+    if lfc.size == 0:
+        return float("nan")
+    return float(max(np.quantile(lfc, 0.95), 1e-3) / norm.isf(0.025))
+
+
+def shrink_log2fc(d: pd.DataFrame, *, shrink: bool = True) -> np.ndarray:
+    """Posterior-mean log2FCs of one contrast under the prior of :func:`prior_sd`:
+    ``lfc * tau^2 / (tau^2 + lfcse^2)``, so noisy fold changes of weakly expressed genes go
+    towards 0 (as DESeq2 ``lfcShrink(type="normal")``). Without an ``lfcse`` column (or with
+    ``shrink=False``) the MLE log2FCs; a missing ``lfcse`` value gives 0 (no evidence)."""
+    lfc = pd.to_numeric(d["log2fc"], errors="coerce").to_numpy(dtype=float)
+    if not shrink or "lfcse" not in d:
+        return lfc
+    se = pd.to_numeric(d["lfcse"], errors="coerce").to_numpy(dtype=float)
+    tau2 = prior_sd(lfc) ** 2
+    out = lfc * tau2 / (tau2 + se**2)
+    return np.where(np.isfinite(out), out, 0.0)
 
 
 def differential_interactions(
@@ -586,6 +619,7 @@ def differential_interactions(
     *,
     expr_prop: float = 0.1,
     curated: pd.DataFrame | None = None,
+    shrink: bool = True,
 ) -> pd.DataFrame:
     """Differential LR interactions of every (condition, reference) contrast of ``de``.
 
@@ -609,7 +643,10 @@ def differential_interactions(
     contrasts = de[["condition", "reference"]].drop_duplicates().itertuples(index=False)
     for cond, ref in contrasts:
         d = de[(de["condition"] == cond) & (de["reference"] == ref)]
-        d = d[["cell_type", "gene", "log2fc", "pvalue"]].astype({"log2fc": float, "pvalue": float})
+        d = d.assign(lfc_shrunk=shrink_log2fc(d, shrink=shrink))
+        d = d[["cell_type", "gene", "log2fc", "lfc_shrunk", "pvalue"]].astype(
+            {"log2fc": float, "lfc_shrunk": float, "pvalue": float}
+        )
         pc = props[props["condition"] == cond][["cell_type", "gene", "prop"]]
         pr = props[props["condition"] == ref][["cell_type", "gene", "prop"]]
         p = pc.merge(pr, on=["cell_type", "gene"], how="outer", suffixes=("_c", "_r"))
@@ -620,7 +657,7 @@ def differential_interactions(
         res = resource.merge(L, on="ligand").merge(R, on="receptor")
         if res.empty:
             continue
-        res["score"] = (res["ligand_log2fc"] + res["receptor_log2fc"]) / 2
+        res["score"] = (res["ligand_log2fc_shrunk"] + res["receptor_log2fc_shrunk"]) / 2
         z, pval = _stouffer(
             res["ligand_log2fc"],
             res["ligand_pvalue"],
@@ -786,7 +823,10 @@ def run_crosstalk(adata, *, config=None) -> dict[str, pd.DataFrame]:
     # 2. per sample
     t = time.perf_counter()
     if cfg.by_sample:
-        by_sample = liana_by_sample(w, resource, cfg)
+        # only the LR pairs of the kept interactions: their scores per sample are what the
+        # table stores; liana's cost grows with the number of pairs
+        kept_pairs = interactions[["ligand", "receptor"]].drop_duplicates()
+        by_sample = liana_by_sample(w, kept_pairs.reset_index(drop=True), cfg)
         kept = interactions[KEY_COLS].drop_duplicates()
         by_sample = by_sample.merge(kept, on=KEY_COLS, how="inner")
         by_sample = annotate_curated(by_sample, curated)
@@ -806,6 +846,10 @@ def run_crosstalk(adata, *, config=None) -> dict[str, pd.DataFrame]:
         de, resource, props, expr_prop=cfg.expr_prop, curated=curated
     )
     diff = _keep_diff(diff_all, cfg)
+    taus = {
+        f"{c} vs {r}": round(prior_sd(g["log2fc"]), 4)
+        for (c, r), g in de.groupby(["condition", "reference"], observed=True)
+    }
     timings["differential"] = time.perf_counter() - t
     log.info(
         "crosstalk: differential: %d interactions tested, %d at padj <= %.2f, kept %d in %.1fs",
@@ -845,17 +889,24 @@ def run_crosstalk(adata, *, config=None) -> dict[str, pd.DataFrame]:
         "seed": int(cfg.seed),
         "conditions": list(conditions),
         "interactions_cutoff": f"top {cfg.top_n} per condition by magnitude_rank, plus curated",
+        "by_sample_scope": (
+            "rank_aggregate per sample on the ligand-receptor pairs of the kept interactions "
+            "(ranks are relative to those pairs; lr_means / lrscore are per-pair values)"
+        ),
         "top_n": int(cfg.top_n),
         "n_interactions_total": int(len(liana_all)),
         "diff_method": (
-            "score = mean(ligand log2FC in sender, receptor log2FC in receiver) from the "
-            "pseudobulk DE table; complexes: subunit with the smallest |log2FC|; pvalue: "
-            "Stouffer of signed z = sign(lfc)*Phi^-1(1-p/2); padj: BH per condition"
+            "score = mean(ligand log2FC in sender, receptor log2FC in receiver), log2FCs of "
+            "the pseudobulk DE table shrunk to a zero-centred normal prior (DESeq2 betaPrior "
+            "rule, sd per contrast in diff_prior_sd); complexes: subunit with the smallest "
+            "|shrunk log2FC|; pvalue: Stouffer of signed z = sign(lfc)*Phi^-1(1-p/2) of the "
+            "two DE p-values; padj: BH per condition"
         ),
         "diff_cutoff": (
             f"padj <= {cfg.diff_max_padj} or top {cfg.top_n} by |score| per condition, plus curated"
         ),
         "diff_max_padj": float(cfg.diff_max_padj),
+        "diff_prior_sd": taus,
         "n_diff_total": int(len(diff_all)),
         "ligrec_alpha": float(cfg.alpha),
         "timings_s": {k: round(float(v), 3) for k, v in timings.items()},

@@ -204,6 +204,18 @@ def test_differential_expression_filter_uses_condition_or_reference():
     assert bb["direction"] == "down" and bb["score"] == pytest.approx((-3.0 + 0.1) / 2)
 
 
+def test_shrinkage_pulls_noisy_fold_changes_to_zero():
+    rng = np.random.default_rng(0)
+    d = pd.DataFrame({"log2fc": rng.normal(0, 1, 1000), "lfcse": 0.5})
+    d.loc[0, ["log2fc", "lfcse"]] = [3.0, 0.1]  # precise
+    d.loc[1, ["log2fc", "lfcse"]] = [3.0, 3.0]  # noisy
+    s = ct.shrink_log2fc(d)
+    assert s[0] == pytest.approx(3.0, rel=0.05) and abs(s[1]) < 0.5
+    assert np.all(np.abs(s) <= np.abs(d["log2fc"]) + 1e-12)
+    assert np.array_equal(ct.shrink_log2fc(d, shrink=False), d["log2fc"].to_numpy())
+    assert np.array_equal(ct.shrink_log2fc(d.drop(columns="lfcse")), d["log2fc"].to_numpy())
+
+
 def test_bh_matches_scipy():
     from scipy.stats import false_discovery_control
 
