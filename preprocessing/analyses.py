@@ -38,9 +38,10 @@ Pseudobulk differential expression (table ``de``)
 
 Programmes (table ``programs``)
     the per-cell programme scores (``obs["score_*"]``) averaged per sample x cell type
-    (groups with at least ``min_cells`` cells), then per cell type and contrast an OLS
-    ``score ~ patient + condition`` (paired) or ``~ condition`` (Welch-free pooled t);
-    BH across cell types x programmes per contrast.
+    (groups with at least ``min_cells`` cells), then per cell type one linear model
+    ``score ~ patient + condition`` (paired) or ``~ condition`` over all its samples,
+    variances moderated across cell types x programmes (limma eBayes), moderated t per
+    condition vs reference; BH across cell types x programmes per contrast.
 """
 
 from __future__ import annotations
@@ -678,7 +679,14 @@ def compare_programs(
     min_samples: int = 2,
     exclude: Sequence[str] = (schema.UNASSIGNED,),
 ) -> pd.DataFrame | None:
-    """Programme scores compared per cell type on sample means; ``None`` without scores."""
+    """Programme scores compared per cell type on sample means; ``None`` without scores.
+
+    Sample means of each ``obs["score_*"]`` per sample x cell type (groups with at least
+    ``min_cells`` cells); per cell type one linear model ``~ patient + condition``
+    (paired) or ``~ condition`` over the reference and every condition with at least
+    ``min_samples`` samples; residual variances moderated across all cell type x
+    programme fits (limma eBayes); BH per contrast.
+    """
     scores = schema.score_columns(adata.obs.columns)
     if not scores:
         log.info(
@@ -696,36 +704,50 @@ def compare_programs(
     means = means[sizes >= min_cells].reset_index()
     means[schema.OBS_PATIENT] = means["_s"].map(samples[schema.OBS_PATIENT])
     means[schema.OBS_CONDITION] = means["_s"].map(samples[schema.OBS_CONDITION])
-    rows = []
+    # one linear model per cell type over the reference and every testable condition
+    fits = []
     for ctype, sub in means.groupby("_ct", observed=True):
-        for c in contrasts:
-            m = sub[sub[schema.OBS_CONDITION].isin([reference, c])].set_index("_s")
-            n_c = int((m[schema.OBS_CONDITION] == c).sum())
-            n_r = int((m[schema.OBS_CONDITION] == reference).sum())
-            if n_c < min_samples or n_r < min_samples:
-                continue
-            X, paired = _design(m, reference, [reference, c])
-            if X.shape[0] - X.shape[1] < 1:
-                continue
-            Y = m[scores].to_numpy(float)
-            est, _, pvals = linear_fit(X, Y).t_test(f"cond_{c}")
-            in_c = (m[schema.OBS_CONDITION] == c).to_numpy()
+        n_per = sub[schema.OBS_CONDITION].value_counts()
+        testable = [c for c in contrasts if int(n_per.get(c, 0)) >= min_samples]
+        if int(n_per.get(reference, 0)) < min_samples or not testable:
+            continue
+        m = sub[sub[schema.OBS_CONDITION].isin([reference, *testable])].set_index("_s")
+        X, paired = _design(m, reference, [reference, *testable])
+        if X.shape[0] - X.shape[1] < 1:
+            continue
+        Y = m[scores].to_numpy(float)
+        fits.append((ctype, m, Y, testable, paired, linear_fit(X, Y)))
+    if not fits:
+        return pd.DataFrame(columns=PROGRAMS_COLUMNS)
+    # limma eBayes: residual variances moderated across all cell type x programme fits
+    s2 = np.concatenate([f[-1].s2 for f in fits])
+    dfs = np.concatenate([np.full(len(scores), f[-1].df) for f in fits])
+    post, d0, _ = squeeze_var(s2, dfs)
+    pooled = float(dfs.sum())
+    rows = []
+    for n, (ctype, m, Y, testable, paired, fit) in enumerate(fits):
+        sl = slice(n * len(scores), (n + 1) * len(scores))
+        df_total = min(fit.df + d0, pooled) if np.isfinite(d0) else pooled
+        fit = LinearFit(fit.beta, post[sl], df_total, fit.unscaled, fit.columns, d0)
+        cond = m[schema.OBS_CONDITION].to_numpy()
+        for c in testable:
+            est, _, pvals = fit.t_test(f"cond_{c}")
+            in_c, in_r = cond == c, cond == reference
             for k, sc in enumerate(scores):
-                y, p = Y[:, k], float(pvals[k])
                 rows.append(
                     {
                         schema.COL_CELL_TYPE: ctype,
                         "program": sc[len(schema.OBS_SCORE_PREFIX) :],
                         schema.COL_CONDITION: c,
                         schema.COL_REFERENCE: reference,
-                        "mean": float(y[in_c].mean()),
-                        "mean_ref": float(y[~in_c].mean()),
+                        "mean": float(Y[in_c, k].mean()),
+                        "mean_ref": float(Y[in_r, k].mean()),
                         "diff": float(est[k]),
-                        schema.COL_PVALUE: p,
+                        schema.COL_PVALUE: float(pvals[k]),
                         schema.COL_PADJ: np.nan,
-                        "n_samples": n_c + n_r,
-                        "n_samples_cond": n_c,
-                        "n_samples_ref": n_r,
+                        "n_samples": int(in_c.sum() + in_r.sum()),
+                        "n_samples_cond": int(in_c.sum()),
+                        "n_samples_ref": int(in_r.sum()),
                         "paired": bool(paired),
                     }
                 )
@@ -886,8 +908,8 @@ def run_analyses(
             "de_skipped_groups": list(de_info["skipped_groups"]),
             "de_skipped_contrasts": list(de_info["skipped_contrasts"]),
             "programs_method": (
-                "sample-mean score per cell type, OLS ~ patient + condition (paired) or "
-                "~ condition, BH per contrast"
+                "sample-mean score per cell type, linear model ~ patient + condition (paired) "
+                "or ~ condition, limma empirical-Bayes moderated t, BH per contrast"
             ),
             "programs_skipped": progs is None,
             "timings_s": {k: float(v) for k, v in timings.items()},
