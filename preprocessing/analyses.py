@@ -21,8 +21,8 @@ Composition (table ``composition``; per-sample table ``proportions``)
     reports credible effects, not p-values; propeller is an established frequentist
     method, takes milliseconds and handles the paired design as a block in its linear
     model. Being proportion-based, a large shift of one type moves the others slightly
-    (compositional spill-over); with few samples such calls are rare (0/200 stable calls
-    over five seeds of an earlier simulator version, 2/40 on the current one).
+    (compositional spill-over), which can occasionally be called for an abundant or
+    low-variance type.
 
 Pseudobulk differential expression (table ``de``)
     raw counts (``layers["counts"]``) summed per sample x cell type; groups with fewer
