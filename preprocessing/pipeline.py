@@ -391,7 +391,7 @@ def _replace_dir(src: Path, dst: Path) -> None:
         shutil.copytree(src, tmp)
 
 
-def _write_outputs(adata, ctx: BuildContext, prov: dict) -> None:
+def _write_outputs(adata, ctx: BuildContext) -> None:
     from atlas.io import atomic_write_text
     from atlas.tables import get_table, has_table
 
@@ -405,7 +405,6 @@ def _write_outputs(adata, ctx: BuildContext, prov: dict) -> None:
             out / schema.INTEGRATION_METRICS_FILE,
             get_table(adata, schema.TABLE_INTEGRATION_METRICS).to_csv(index=False),
         )
-    atomic_write_text(out / schema.PROVENANCE_FILE, json.dumps(prov, indent=2, default=str))
     try:
         from atlas.store import write_atlas
     except ImportError:  # pragma: no cover - the store module is part of the package
@@ -620,7 +619,7 @@ def run_build(
             prov["cells_in"] = int(sum(cells_in.values()))
             prov["build_hash"] = hashes["write"]
             adata.uns[schema.UNS_PROVENANCE] = _provenance_uns(prov)
-            _write_outputs(adata, ctx, prov)
+            _write_outputs(adata, ctx)
         ctx.timings["write"] = {
             "seconds": round(time.perf_counter() - t0, 2),
             "peak_rss_mb": mem.peak_mb,
@@ -629,7 +628,8 @@ def run_build(
         bar.update(1)
     finally:
         bar.close()
-    # the final provenance.json also has the write timing (atlas.h5ad keeps the rest)
+    # provenance.json after atlas.h5ad: its build_hash marks a finished, up-to-date atlas
+    # (a kill in between leaves a mismatch, and --resume redoes the write stage)
     from atlas.io import atomic_write_text
 
     prov["stages"] = ctx.timings
