@@ -34,8 +34,8 @@ What it computes, on the atlas grouped by ``config.crosstalk.groupby`` (the cell
    Table ``interactions_diff``: rows with ``padj <= diff_max_padj``, plus the ``top_n`` by
    |score| per condition, plus every curated interaction.
 4. **Independent check** with ``squidpy.gr.ligrec`` (CellPhoneDB-style permutation test,
-   same resource passed explicitly, single-gene pairs, ``use_raw=False``, same seed) per
-   condition, compared with liana's CellPhoneDB component: Jaccard / overlap of the
+   same resource passed explicitly, single-gene pairs, ``use_raw=False``, same seed) on the
+   reference condition (every condition with ``ligrec_all_conditions``), compared with liana's CellPhoneDB component: Jaccard / overlap of the
    significant interactions (p <= ``alpha``) and Spearman correlation of the LR means;
    table ``ligrec_agreement`` and one log line per condition.
 
@@ -863,7 +863,9 @@ def run_crosstalk(adata, *, config=None) -> dict[str, pd.DataFrame]:
     # 4. squidpy check
     t = time.perf_counter()
     if cfg.ligrec_check:
-        agreement = ligrec_agreement(w, resource, liana_all, cfg, conditions, alpha=cfg.alpha)
+        ref = _reference(adata, de, conditions)
+        check = conditions if cfg.ligrec_all_conditions or ref is None else [ref]
+        agreement = ligrec_agreement(w, resource, liana_all, cfg, check, alpha=cfg.alpha)
     else:
         agreement = pd.DataFrame(columns=AGREEMENT_COLUMNS)
     timings["ligrec_check"] = time.perf_counter() - t
@@ -909,6 +911,7 @@ def run_crosstalk(adata, *, config=None) -> dict[str, pd.DataFrame]:
         "diff_prior_sd": taus,
         "n_diff_total": int(len(diff_all)),
         "ligrec_alpha": float(cfg.alpha),
+        "ligrec_conditions": list(agreement["condition"].astype(str)),
         "timings_s": {k: round(float(v), 3) for k, v in timings.items()},
     }
     log.info(
@@ -922,6 +925,13 @@ def run_crosstalk(adata, *, config=None) -> dict[str, pd.DataFrame]:
         timings["ligrec_check"],
     )
     return {**tables, "interactions_diff_all": diff_all}
+
+
+def _reference(adata, de: pd.DataFrame, conditions: list[str]) -> str | None:
+    ref = adata.uns.get(schema.UNS_REFERENCE_CONDITION)
+    if ref is None and "reference" in de and len(de):
+        ref = str(de["reference"].iloc[0])
+    return str(ref) if ref is not None and str(ref) in conditions else None
 
 
 def _select(df: pd.DataFrame, columns: list[str]) -> pd.DataFrame:

@@ -384,7 +384,7 @@ def test_recovers_planted_lr_changes_default_sim():
     assert res["auroc"] >= 0.85, res
     assert res["direction"] >= 0.80, res
     assert res["null_fp"] <= 0.10, res
-    assert elapsed < 240
+    assert elapsed < 600  # 2 min target on a quiet machine; CI runners are shared
 
 
 @pytest.mark.slow
