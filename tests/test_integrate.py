@@ -1,0 +1,220 @@
+"""Normalisation, HVG selection (gene exclusions, degenerate batches), scVI training and the
+integration metrics."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from atlas import schema
+from atlas.config import HVGConfig, ScviConfig
+from preprocessing import integrate as I
+
+
+def _toy_counts(n_cells=300, seed=0, batches=("s1", "s2", "s3")) -> ad.AnnData:
+    """Poisson counts with two cell groups, excluded-gene look-alikes and batches."""
+    rng = np.random.default_rng(seed)
+    genes = [f"G{i}" for i in range(200)] + [
+        "IGKC", "IGLC2", "IGHV3-23", "IGHM", "JCHAIN", "TRAC", "TRBV20-1", "MT-CO1", "RPL13A",
+        "RPS4X", "HBB", "TRADD", "IGHMBP2", "CD79A",
+    ]  # fmt: skip
+    mu = rng.gamma(1.0, 1.0, size=(2, len(genes)))
+    mu[1, :30] *= 8  # group-specific genes
+    group = rng.integers(0, 2, n_cells)
+    X = rng.poisson(mu[group] * rng.uniform(0.5, 2.0, (n_cells, 1)))
+    X[:, genes.index("IGKC")] = rng.poisson(20, n_cells) * (group == 1)  # clonal IG
+    a = ad.AnnData(sp.csr_matrix(X.astype(np.float32)))
+    a.var_names = genes
+    a.obs_names = [f"c{i}" for i in range(n_cells)]
+    a.obs[schema.OBS_SAMPLE] = pd.Categorical(rng.choice(batches, n_cells))
+    a.obs["group"] = pd.Categorical(group.astype(str))
+    return a
+
+
+def test_normalize_keeps_counts_and_logs():
+    a = _toy_counts()
+    raw = a.X.copy()
+    I.normalize(a)
+    assert (a.layers[schema.LAYER_COUNTS] != raw).nnz == 0
+    tot = np.expm1(a.X.toarray()).sum(axis=1)
+    np.testing.assert_allclose(tot, 1e4, rtol=1e-3)
+    assert a.uns[schema.UNS_PARAMS_PREFIX + "normalize"]["target_sum"] == 1e4
+
+
+def test_normalize_uses_existing_counts_layer():
+    a = _toy_counts()
+    a.layers[schema.LAYER_COUNTS] = a.X.copy()
+    a.X = a.X * 0  # X may hold anything when the counts layer exists
+    I.normalize(a)
+    assert a.X.sum() > 0
+
+
+def test_hvg_excludes_ig_tcr_mito_ribo_hb():
+    a = _toy_counts()
+    I.normalize(a)
+    I.select_hvg(a, n_top_genes=50, batch_key=schema.OBS_SAMPLE, species="human")
+    hv = a.var[schema.VAR_HVG]
+    ex = a.var[schema.VAR_EXCLUDED_HVG]
+    assert hv.sum() == 50
+    assert not (hv & ex).any()
+    for g in ("IGKC", "IGLC2", "IGHV3-23", "IGHM", "JCHAIN", "TRAC", "TRBV20-1", "MT-CO1",
+              "RPL13A", "RPS4X", "HBB"):  # fmt: skip
+        assert ex[g] and not hv[g], g
+    for g in ("TRADD", "IGHMBP2", "CD79A"):
+        assert not ex[g], g
+    params = a.uns[schema.UNS_PARAMS_PREFIX + "hvg"]
+    assert params["flavor"] == "seurat_v3" and params["n_hvg"] == 50
+
+
+def test_hvg_without_exclusion_keeps_the_clonal_ig_gene():
+    a = _toy_counts()
+    I.normalize(a)
+    I.select_hvg(a, config=HVGConfig(n_top_genes=100, exclude_patterns=False), batch_key=None)
+    assert a.var.loc["IGKC", schema.VAR_HVG]
+    assert not a.var[schema.VAR_EXCLUDED_HVG].any()
+
+
+def test_hvg_robust_to_degenerate_batches():
+    a = _toy_counts(n_cells=300)
+    # one batch with 5 cells, and genes that are all-zero in a whole batch
+    b = np.array(a.obs[schema.OBS_SAMPLE].astype(str))
+    b[:5] = "tiny"
+    a.obs[schema.OBS_SAMPLE] = pd.Categorical(b)
+    X = a.X.tolil()
+    s1 = np.flatnonzero(b == "s1")
+    for j in range(10):
+        X[s1, j] = 0
+    a.X = X.tocsr()
+    I.normalize(a)
+    I.select_hvg(a, n_top_genes=40)
+    assert a.var[schema.VAR_HVG].sum() == 40
+    # a single batch: falls back to no batch key
+    a.obs[schema.OBS_SAMPLE] = "only"
+    I.select_hvg(a, n_top_genes=40)
+    assert a.var[schema.VAR_HVG].sum() == 40
+
+
+def test_hvg_more_requested_than_genes():
+    a = _toy_counts()
+    I.normalize(a)
+    I.select_hvg(a, n_top_genes=5000)
+    n_ok = int((~a.var[schema.VAR_EXCLUDED_HVG]).sum())
+    assert 0 < a.var[schema.VAR_HVG].sum() <= n_ok
+
+
+def test_epochs_for_steps():
+    # 17,000 cells, 90% train, batch 512 -> 30 steps/epoch -> 3500 steps = 117 epochs
+    epochs, spe = I.epochs_for_steps(3500, 17000, 512)
+    assert spe == 30 and epochs == 117
+    assert I.epochs_for_steps(10, 17000, 512)[0] == 10  # floor
+    assert I.epochs_for_steps(10**6, 500, 512)[0] == 400  # ceiling
+
+
+def test_safe_batch_size_avoids_tiny_last_batch():
+    for n in (513, 1025, 1000, 2400):
+        bs = I._safe_batch_size(n, 512, 0.9)
+        n_train = int(np.ceil(0.9 * n))
+        assert n_train % bs == 0 or n_train % bs >= 3
+        assert (n - n_train) % bs == 0 or (n - n_train) % bs >= 3
+
+
+def test_default_threads(monkeypatch):
+    monkeypatch.setenv("CI", "1")
+    assert I.default_torch_threads() == 1
+    monkeypatch.delenv("CI")
+    assert I.default_torch_threads() >= 1
+
+
+def test_condition_is_never_a_batch_covariate():
+    with pytest.raises(ValueError, match="biology"):
+        ScviConfig(categorical_covariates=["condition"])
+    a = _toy_counts()
+    I.normalize(a)
+    I.select_hvg(a, n_top_genes=50)
+    a.obs["condition"] = "A"
+    cfg = ScviConfig()
+    object.__setattr__(cfg, "categorical_covariates", ["condition"])  # bypass validation
+    with pytest.raises(ValueError, match="biology"):
+        I.run_scvi(a, cfg)
+
+
+def test_run_scvi_small(tmp_path):
+    a = _toy_counts(n_cells=400)
+    I.normalize(a)
+    I.select_hvg(a, n_top_genes=100)
+    cfg = ScviConfig(max_steps=40, batch_size=128, n_latent=5, torch_threads=1, seed=3)
+    I.run_scvi(a, cfg, model_dir=tmp_path / "model")
+    z = a.obsm[schema.OBSM_SCVI]
+    assert z.shape == (400, 5) and np.isfinite(z).all()
+    assert a.obsm[schema.OBSM_PCA].shape[0] == 400
+    assert (tmp_path / "model" / "model.pt").is_file()
+    p = a.uns[schema.UNS_PARAMS_PREFIX + "integrate"]
+    assert p["batch_key"] == schema.OBS_SAMPLE and p["n_hvg"] == 100
+    assert p["epochs_trained"] >= 10 and p["steps_trained"] >= 40
+    assert p["accelerator"] in ("cpu", "gpu") and p["torch_threads"] == 1
+    assert p["train_seconds"] > 0
+    # deterministic for a seed
+    b = _toy_counts(n_cells=400)
+    I.normalize(b)
+    I.select_hvg(b, n_top_genes=100)
+    I.run_scvi(b, cfg)
+    np.testing.assert_allclose(b.obsm[schema.OBSM_SCVI], z, atol=1e-4)
+
+
+def test_run_scvi_needs_hvg_and_batch():
+    a = _toy_counts()
+    I.normalize(a)
+    with pytest.raises(schema.MissingKeyError, match="hvg"):
+        I.run_scvi(a)
+    I.select_hvg(a, n_top_genes=50)
+    with pytest.raises(schema.MissingKeyError):
+        I.run_scvi(a, ScviConfig(batch_key="nope"))
+
+
+# ----------------------------------------------------------------------------- metrics
+def _blobs(mixed: bool, seed=0):
+    rng = np.random.default_rng(seed)
+    n = 600
+    label = np.repeat(["A", "B", "C"], n // 3)
+    batch = np.tile(["b1", "b2"], n // 2)
+    centre = {"A": 0.0, "B": 10.0, "C": 20.0}
+    emb = rng.normal(0, 1, (n, 5))
+    emb[:, 0] += [centre[x] for x in label]
+    if not mixed:
+        emb[:, 1] += np.where(batch == "b1", 0, 8.0)
+    a = ad.AnnData(np.zeros((n, 1), np.float32))
+    a.obs[schema.OBS_SAMPLE] = batch
+    a.obs[schema.OBS_CELL_TYPE] = label
+    a.obsm["X_emb"] = emb
+    return a
+
+
+def test_integration_metrics_separate_mixed_from_split():
+    good = I.integration_metrics(_blobs(True), embeddings=["X_emb"], n_neighbors=15)
+    bad = I.integration_metrics(_blobs(False), embeddings=["X_emb"], n_neighbors=15)
+    assert list(good.columns) == ["embedding", "metric", "value"]
+    g = good.set_index("metric")["value"]
+    b = bad.set_index("metric")["value"]
+    assert g["batch_entropy"] > 0.9 and b["batch_entropy"] < 0.1
+    assert g["ari"] > 0.95 and g["nmi"] > 0.95
+    assert g["graph_connectivity"] == pytest.approx(1.0)
+    for metric in ("batch_entropy", "label_asw", "ari", "nmi", "graph_connectivity"):
+        assert 0.0 <= g[metric] <= 1.0 and 0.0 <= b[metric] <= 1.0
+
+
+def test_integration_metrics_without_labels_and_missing_embedding():
+    a = _blobs(True)
+    out = I.integration_metrics(a, embeddings=["X_emb", "X_missing"], label_key=None)
+    assert set(out["metric"]) == {"batch_entropy"}
+    assert set(out["embedding"]) == {"X_emb"}
+
+
+def test_batch_entropy_normaliser():
+    idx = np.array([[1, 2, 3], [0, 2, 3], [0, 1, 3], [0, 1, 2]])
+    assert I.knn_batch_entropy(idx, np.array(["a", "b", "a", "b"])) > 0.9
+    assert I.knn_batch_entropy(idx, np.array(["a", "a", "a", "a"])) != I.knn_batch_entropy(
+        idx, np.array(["a", "b", "a", "b"])
+    )
