@@ -505,10 +505,11 @@ def test_wrong_types_are_no_update_not_500(dash_app):
         "inputs": [
             {"id": "genes-gene", "property": "value", "value": "CD5"},
             {"id": "genes-conditions", "property": "value", "value": -1},
+            {"id": "genes-violin-zeros", "property": "value", "value": []},
         ],
         "state": [],
         "changedPropIds": ["genes-conditions.value"],
     }
-    assert len(cb["inputs"]) == 2
+    assert len(cb["inputs"]) == 3
     r = dash_app.server.test_client().post("/_dash-update-component", json=payload)
     assert r.status_code == 204

@@ -37,14 +37,19 @@ def de_columns(df: pd.DataFrame) -> tuple[str | None, str | None, str | None]:
     return cond, lfc, padj
 
 
-def violin_frame(view, gene: str, conditions: list[str], seed: int = 0) -> pd.DataFrame:
+def violin_frame(
+    view, gene: str, conditions: list[str], seed: int = 0, zeros: bool = False
+) -> pd.DataFrame:
     """Expression of ``gene`` per cell type x condition, at most VIOLIN_MAX_PER_GROUP cells
-    per group (a fixed random subset) for drawing."""
+    per group (a fixed random subset) for drawing; only expressing cells unless ``zeros``."""
     expr = view.gene(gene)
     ct = view.cat(schema.OBS_CELL_TYPE)
     cond = view.cat(schema.OBS_CONDITION)
     cond_codes = [k for k, c in enumerate(cond.categories) if c in set(conditions)]
-    keep = np.flatnonzero(np.isin(cond.codes, cond_codes))
+    mask = np.isin(cond.codes, cond_codes)
+    if not zeros:
+        mask &= expr > 0
+    keep = np.flatnonzero(mask)
     if keep.size == 0:
         return pd.DataFrame(columns=["group", "condition", "value"])
     key = ct.codes[keep].astype(np.int64) * (len(cond.categories) + 1) + cond.codes[keep]
@@ -212,10 +217,19 @@ def layout(ctx, params: dict) -> html.Div:
                 C.col(C.card(C.graph("genes-feature"), title="Feature plot"), width=4),
                 C.col(
                     C.card(
+                        dcc.Checklist(
+                            id="genes-violin-zeros",
+                            options=[
+                                {"label": " include cells without expression", "value": "zeros"}
+                            ],
+                            value=["zeros"] if params.get("zeros") == "1" else [],
+                            className="checklist",
+                        ),
                         C.graph("genes-violin"),
                         title="Expression by cell type and condition",
-                        subtitle=f"Violins drawn from at most {VIOLIN_MAX_PER_GROUP:,} "
-                        "random cells per cell type × condition",
+                        subtitle=f"Expressing cells (> 0) unless ticked; at most "
+                        f"{VIOLIN_MAX_PER_GROUP:,} random cells per cell type × condition are "
+                        "drawn. The dot plot shows the fraction expressing.",
                     ),
                     width=8,
                 ),
@@ -314,8 +328,9 @@ def register(app, ctx) -> None:
         Output("genes-violin", "figure"),
         Input("genes-gene", "value"),
         Input("genes-conditions", "value"),
+        Input("genes-violin-zeros", "value"),
     )
-    def _violin(gene, conds):
+    def _violin(gene, conds, zeros=None):
         view = ctx.view
         try:
             gene = view.resolve_gene(gene)
@@ -324,7 +339,9 @@ def register(app, ctx) -> None:
             return F.empty_figure(str(e))
         if not conds:
             return F.empty_figure("Choose at least one condition")
-        df = violin_frame(view, gene, conds)
+        df = violin_frame(view, gene, conds, zeros="zeros" in (zeros or []))
+        if df.empty:
+            return F.empty_figure(f"No cell expresses {gene} in the chosen conditions")
         cmap = F.colour_map(view.conditions, F.CONDITION_PALETTE)
         return F.violin_figure(
             df,
@@ -427,9 +444,10 @@ def register(app, ctx) -> None:
         Input("genes-dot-split", "value"),
         Input("genes-de-celltype", "value"),
         Input("genes-de-contrast", "value"),
+        Input("genes-violin-zeros", "value"),
         prevent_initial_call=True,
     )
-    def _sync_url(gene, conds, dot_genes, program, split_val, celltype, contrast):
+    def _sync_url(gene, conds, dot_genes, program, split_val, celltype, contrast, zeros=None):
         view = ctx.view
         conds = conds or []
         return build_query(
@@ -442,5 +460,6 @@ def register(app, ctx) -> None:
                 "dotsplit": "split" in (split_val or []),
                 "celltype": celltype,
                 "contrast": contrast,
+                "zeros": "zeros" in (zeros or []),
             }
         )
