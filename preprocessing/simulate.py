@@ -747,7 +747,7 @@ def _base_profiles(genes: list[str], species: str, rng: np.random.Generator) -> 
     for progs in TYPE_PROGRAMMES.values():
         for prog in progs:
             prog_genes.update(prog)
-    for g in prog_genes:
+    for g in sorted(prog_genes):
         if g in gidx and g not in HOUSEKEEPING:
             i = gidx[g]
             L[:, i] = np.minimum(L[:, i], rng.normal(-3.0, 0.8, K))

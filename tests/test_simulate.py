@@ -388,6 +388,29 @@ def test_deterministic_for_a_seed(tmp_path):
     assert load_truth(tmp_path / "one")["cells"]["cell_id"].tolist() == list(c.adata.obs_names)
 
 
+def test_deterministic_across_processes():
+    """Same seed, different hash seeds (set/dict order): identical counts."""
+    import subprocess
+    import sys
+
+    code = (
+        "import hashlib; from preprocessing.simulate import simulate; "
+        "s = simulate(seed=3, n_patients=1, cells_per_sample=60); "
+        "print(hashlib.sha256(s.adata.X.data.tobytes()).hexdigest())"
+    )
+    digests = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            env={**__import__("os").environ, "PYTHONHASHSEED": str(h)},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        for h in (1, 2)
+    }
+    assert len(digests) == 1
+
+
 def test_subset_of_conditions_and_small_sizes():
     s = simulate(seed=2, n_patients=2, cells_per_sample=30, conditions=("NAIVE", "VEN_RES"))
     assert set(s.adata.obs["condition"]) == {"NAIVE", "VEN_RES"}
