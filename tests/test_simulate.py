@@ -390,6 +390,7 @@ def test_deterministic_for_a_seed(tmp_path):
 
 def test_deterministic_across_processes():
     """Same seed, different hash seeds (set/dict order): identical counts."""
+    import os
     import subprocess
     import sys
 
@@ -401,7 +402,7 @@ def test_deterministic_across_processes():
     digests = {
         subprocess.run(
             [sys.executable, "-c", code],
-            env={**__import__("os").environ, "PYTHONHASHSEED": str(h)},
+            env={**os.environ, "PYTHONHASHSEED": str(h)},
             capture_output=True,
             text=True,
             check=True,
