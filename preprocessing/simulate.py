@@ -1532,6 +1532,7 @@ def write_dataset(
     InputError
         ``out`` is a file or a non-empty folder that is not a simulation; bad sizes.
     """
+    from atlas import schema
     from atlas.errors import InputError
     from atlas.io import atomic_path
 
@@ -1554,10 +1555,10 @@ def write_dataset(
             raise InputError(f"simulate: {e}") from None
     adata = sim.adata
     X = adata.X.tocsr()
-    gene_ids = list(adata.var["gene_ids"])
+    gene_ids = list(adata.var[schema.VAR_GENE_ID])
     symbols = list(adata.var_names)
-    sample_codes = adata.obs["sample_id"].astype(str).to_numpy()
-    barcodes = adata.obs["barcode"].astype(str).to_numpy()
+    sample_codes = adata.obs[schema.OBS_SAMPLE].astype(str).to_numpy()
+    barcodes = adata.obs[schema.OBS_BARCODE].astype(str).to_numpy()
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
         for row in progress(list(sim.samplesheet.itertuples()), desc="write", unit="sample"):
