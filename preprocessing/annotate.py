@@ -120,7 +120,8 @@ def _scaled_expression(adata, genes: list[str]) -> pd.DataFrame:
 
 
 def marker_scores(adata, markers: pd.DataFrame, *, min_genes: int = 1) -> pd.DataFrame:
-    """Per-cell score per cell type (cells x types); types with < ``min_genes`` positive
+    """Per-cell score per cell type (cells x types): mean scaled expression of the positive
+    markers minus the mean of its negative markers. Types with < ``min_genes`` positive
     markers in the data are left out."""
     present = markers[markers["gene"].isin(adata.var_names)]
     genes = list(dict.fromkeys(present["gene"]))
