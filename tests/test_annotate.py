@@ -214,7 +214,7 @@ def kang_lineage(label: str) -> str:
 @pytest.mark.realdata
 @pytest.mark.xfail(
     reason="open: on Kang's pre-filtered 1,267 genes most curated markers are absent and "
-    "monocytes are mislabelled (lineage macro-F1 ~0.6 measured); see the BUILD-B report",
+    "CD14+ monocytes are mislabelled (lineage macro-F1 0.69 measured with scVI); see the BUILD-B report",
     strict=False,
 )
 def test_kang_pbmc_lineages(tmp_path):
