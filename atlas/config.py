@@ -57,7 +57,9 @@ class ScviConfig(_Section):
     n_layers: int = Field(1, ge=1)
     n_hidden: int = Field(128, ge=8)
     gene_likelihood: Literal["nb", "zinb", "poisson"] = "nb"
-    max_steps: int = Field(3500, ge=10, description="gradient-step budget")
+    max_steps: int = Field(
+        1500, ge=10, description="gradient-step budget (1,500 integrated as well as 3,500)"
+    )
     max_epochs: int | None = Field(None, description="override the step budget")
     batch_size: int = Field(512, ge=16)
     learning_rate: float = Field(2e-3, gt=0)
