@@ -107,9 +107,8 @@ def demo_sim_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def demo_atlas_dir(demo_sim_dir, tmp_path_factory) -> Path:
     """The demo atlas built with the default configuration (slow; session; read-only)."""
-    from preprocessing.pipeline import run_build
-
     from atlas.config import load_config
+    from preprocessing.pipeline import run_build
 
     out = tmp_path_factory.mktemp("demo_atlas") / "atlas"
     run_build(samplesheet=demo_sim_dir / "samplesheet.csv", out=out, config=load_config(env={}))
