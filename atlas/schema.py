@@ -298,3 +298,153 @@ def score_key(programme: str) -> str:
 def score_columns(columns: Iterable[str]) -> list[str]:
     """The programme-score columns among ``columns``."""
     return [c for c in columns if c.startswith(OBS_SCORE_PREFIX)]
+
+
+# --------------------------------------------------------------------------------------
+# result-table columns: the one definition the builders (preprocessing.analyses,
+# preprocessing.crosstalk, preprocessing.qc, preprocessing.integrate), the synthetic atlas
+# (atlas.testing) and the explorer share
+# --------------------------------------------------------------------------------------
+LR_KEY_COLUMNS = [COL_SOURCE, COL_TARGET, COL_LIGAND, COL_RECEPTOR]
+# per-method scores of liana's rank_aggregate (CellPhoneDB, Connectome, log2FC, NATMI, SCA)
+LIANA_SCORE_COLUMNS = (
+    "lr_means",  # CellPhoneDB magnitude
+    "cellphone_pvals",  # CellPhoneDB specificity (permutations)
+    "expr_prod",  # NATMI / Connectome magnitude
+    "scaled_weight",  # Connectome specificity
+    "lr_logfc",  # log2FC specificity
+    "spec_weight",  # NATMI specificity
+    "lrscore",  # SingleCellSignalR magnitude
+)
+TABLE_COLUMNS: dict[str, list[str]] = {
+    TABLE_COMPOSITION: [
+        COL_CELL_TYPE,
+        COL_CONDITION,
+        COL_REFERENCE,
+        "mean_prop",
+        "mean_prop_ref",
+        COL_LOG2FC,
+        COL_PVALUE,
+        COL_PADJ,
+        "n_samples",
+        "n_samples_cond",
+        "n_samples_ref",
+        "t",
+        "paired",
+    ],
+    TABLE_PROPORTIONS: [
+        OBS_SAMPLE,
+        OBS_PATIENT,
+        OBS_CONDITION,
+        COL_CELL_TYPE,
+        "n_cells",
+        "n_total",
+        "prop",
+    ],
+    TABLE_DE: [
+        COL_CELL_TYPE,
+        COL_GENE,
+        COL_CONDITION,
+        COL_REFERENCE,
+        COL_LOG2FC,
+        "lfcse",
+        COL_PVALUE,
+        COL_PADJ,
+        "base_mean",
+        "n_samples_cond",
+        "n_samples_ref",
+        "paired",
+    ],
+    TABLE_PROGRAMS: [
+        COL_CELL_TYPE,
+        "program",
+        COL_CONDITION,
+        COL_REFERENCE,
+        "mean",
+        "mean_ref",
+        "diff",
+        COL_PVALUE,
+        COL_PADJ,
+        "n_samples",
+        "n_samples_cond",
+        "n_samples_ref",
+        "paired",
+    ],
+    TABLE_INTERACTIONS: [
+        COL_CONDITION,
+        *LR_KEY_COLUMNS,
+        "magnitude_rank",
+        "specificity_rank",
+        *LIANA_SCORE_COLUMNS,
+        COL_CURATED,
+        "curated_source",
+    ],
+    TABLE_INTERACTIONS_BY_SAMPLE: [
+        OBS_SAMPLE,
+        OBS_PATIENT,
+        COL_CONDITION,
+        *LR_KEY_COLUMNS,
+        "magnitude_rank",
+        "specificity_rank",
+        "lr_means",
+        "lrscore",
+        COL_CURATED,
+    ],
+    TABLE_INTERACTIONS_DIFF: [
+        COL_CONDITION,
+        COL_REFERENCE,
+        *LR_KEY_COLUMNS,
+        "ligand_log2fc",
+        "receptor_log2fc",
+        "ligand_log2fc_shrunk",
+        "receptor_log2fc_shrunk",
+        "score",
+        "z",
+        COL_PVALUE,
+        COL_PADJ,
+        "direction",
+        "ligand_pvalue",
+        "receptor_pvalue",
+        "ligand_gene",
+        "receptor_gene",
+        "ligand_prop",
+        "receptor_prop",
+        COL_CURATED,
+        "curated_source",
+    ],
+    TABLE_LIGREC_AGREEMENT: [
+        COL_CONDITION,
+        "n_compared",
+        "n_sig_liana",
+        "n_sig_squidpy",
+        "n_sig_both",
+        "jaccard",
+        "spearman_means",
+        "alpha",
+        "n_perms",
+    ],
+    TABLE_QC_SUMMARY: [
+        OBS_SAMPLE,
+        "n_cells_in",
+        "n_cells_out",
+        "n_low_quality",
+        "n_doublets",
+        "median_counts",
+        "median_genes",
+        OBS_PATIENT,
+        OBS_CONDITION,
+        "n_removed",
+        "n_flag_low_counts",
+        "n_flag_high_counts",
+        "n_flag_low_genes",
+        "n_flag_high_genes",
+        "n_flag_high_mito",
+        "n_flag_doublet",
+        "median_counts_before",
+        "median_genes_before",
+        "median_pct_mito_before",
+        "median_pct_mito",
+        "doublet_threshold",
+    ],
+    TABLE_INTEGRATION_METRICS: ["embedding", "metric", "value"],
+}

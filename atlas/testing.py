@@ -585,138 +585,10 @@ def _versions() -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------- tables
-# Column lists of the result tables, as the builders write them (preprocessing.analyses,
-# preprocessing.crosstalk, preprocessing.qc, preprocessing.integrate);
-# tests/test_store.py checks that they agree.
-KEY_COLS = [schema.COL_SOURCE, schema.COL_TARGET, schema.COL_LIGAND, schema.COL_RECEPTOR]
-LIANA_SCORES = (
-    "lr_means",
-    "cellphone_pvals",
-    "expr_prod",
-    "scaled_weight",
-    "lr_logfc",
-    "spec_weight",
-    "lrscore",
-)
-TABLE_COLUMNS: dict[str, list[str]] = {
-    schema.TABLE_COMPOSITION: [
-        schema.COL_CELL_TYPE,
-        schema.COL_CONDITION,
-        schema.COL_REFERENCE,
-        "mean_prop",
-        "mean_prop_ref",
-        schema.COL_LOG2FC,
-        schema.COL_PVALUE,
-        schema.COL_PADJ,
-        "n_samples",
-        "n_samples_cond",
-        "n_samples_ref",
-        "t",
-        "paired",
-    ],
-    schema.TABLE_PROPORTIONS: [
-        schema.OBS_SAMPLE,
-        schema.OBS_PATIENT,
-        schema.OBS_CONDITION,
-        schema.COL_CELL_TYPE,
-        "n_cells",
-        "n_total",
-        "prop",
-    ],
-    schema.TABLE_DE: [
-        schema.COL_CELL_TYPE,
-        schema.COL_GENE,
-        schema.COL_CONDITION,
-        schema.COL_REFERENCE,
-        schema.COL_LOG2FC,
-        "lfcse",
-        schema.COL_PVALUE,
-        schema.COL_PADJ,
-        "base_mean",
-        "n_samples_cond",
-        "n_samples_ref",
-        "paired",
-    ],
-    schema.TABLE_PROGRAMS: [
-        schema.COL_CELL_TYPE,
-        "program",
-        schema.COL_CONDITION,
-        schema.COL_REFERENCE,
-        "mean",
-        "mean_ref",
-        "diff",
-        schema.COL_PVALUE,
-        schema.COL_PADJ,
-        "n_samples",
-        "n_samples_cond",
-        "n_samples_ref",
-        "paired",
-    ],
-    schema.TABLE_INTERACTIONS: [
-        schema.COL_CONDITION,
-        *KEY_COLS,
-        "magnitude_rank",
-        "specificity_rank",
-        *LIANA_SCORES,
-        schema.COL_CURATED,
-        "curated_source",
-    ],
-    schema.TABLE_INTERACTIONS_BY_SAMPLE: [
-        schema.OBS_SAMPLE,
-        schema.OBS_PATIENT,
-        schema.COL_CONDITION,
-        *KEY_COLS,
-        "magnitude_rank",
-        "specificity_rank",
-        "lr_means",
-        "lrscore",
-        schema.COL_CURATED,
-    ],
-    schema.TABLE_INTERACTIONS_DIFF: [
-        schema.COL_CONDITION,
-        schema.COL_REFERENCE,
-        *KEY_COLS,
-        "ligand_log2fc",
-        "receptor_log2fc",
-        "score",
-        "z",
-        schema.COL_PVALUE,
-        schema.COL_PADJ,
-        "direction",
-        "ligand_pvalue",
-        "receptor_pvalue",
-        "ligand_gene",
-        "receptor_gene",
-        "ligand_prop",
-        "receptor_prop",
-        schema.COL_CURATED,
-        "curated_source",
-    ],
-    schema.TABLE_QC_SUMMARY: [
-        schema.OBS_SAMPLE,
-        "n_cells_in",
-        "n_cells_out",
-        "n_low_quality",
-        "n_doublets",
-        "median_counts",
-        "median_genes",
-        schema.OBS_PATIENT,
-        schema.OBS_CONDITION,
-        "n_removed",
-        "n_flag_low_counts",
-        "n_flag_high_counts",
-        "n_flag_low_genes",
-        "n_flag_high_genes",
-        "n_flag_high_mito",
-        "n_flag_doublet",
-        "median_counts_before",
-        "median_genes_before",
-        "median_pct_mito_before",
-        "median_pct_mito",
-        "doublet_threshold",
-    ],
-    schema.TABLE_INTEGRATION_METRICS: ["embedding", "metric", "value"],
-}
+# Column lists of the result tables: the one definition in atlas.schema.
+KEY_COLS = schema.LR_KEY_COLUMNS
+LIANA_SCORES = schema.LIANA_SCORE_COLUMNS
+TABLE_COLUMNS = schema.TABLE_COLUMNS
 CURATED_PAIRS = {
     ("CXCL12", "CXCR4"): "Burger et al. 2000, nurse-like cells (PMID 10720094)",
     ("CD40LG", "CD40"): "Granziero et al. 2001 (PMID 11157488)",
@@ -954,6 +826,8 @@ def add_synthetic_tables(adata, *, rng=None) -> None:
             **{c: diff_src[c].to_numpy() for c in KEY_COLS},
             "ligand_log2fc": lig_lfc,
             "receptor_log2fc": rec_lfc,
+            "ligand_log2fc_shrunk": 0.8 * lig_lfc,
+            "receptor_log2fc_shrunk": 0.8 * rec_lfc,
             "score": score,
             "z": score,
             schema.COL_PVALUE: pval,
@@ -970,6 +844,22 @@ def add_synthetic_tables(adata, *, rng=None) -> None:
         },
     )
     put_table(adata, schema.TABLE_INTERACTIONS_DIFF, diff)
+    n_cond = len(conditions)
+    agreement = _frame(
+        schema.TABLE_LIGREC_AGREEMENT,
+        {
+            schema.COL_CONDITION: list(conditions),
+            "n_compared": np.full(n_cond, len(inter) // max(n_cond, 1), dtype=np.int64),
+            "n_sig_liana": rng.integers(50, 100, n_cond),
+            "n_sig_squidpy": rng.integers(50, 100, n_cond),
+            "n_sig_both": rng.integers(30, 50, n_cond),
+            "jaccard": rng.uniform(0.6, 0.9, n_cond),
+            "spearman_means": rng.uniform(0.9, 1.0, n_cond),
+            "alpha": 0.05,
+            "n_perms": 100,
+        },
+    )
+    put_table(adata, schema.TABLE_LIGREC_AGREEMENT, agreement)
 
     # QC summary per sample (columns of preprocessing.qc.qc_summary)
     g = obs.groupby(obs[schema.OBS_SAMPLE].astype(str))

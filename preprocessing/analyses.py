@@ -75,59 +75,10 @@ PARAMS_KEY = f"{schema.UNS_PARAMS_PREFIX}{STAGE}"
 PSEUDOCOUNT = 0.5  # cells added per sample x cell type before the logit (propeller)
 MIN_GENE_COUNTS = 10  # pseudobulk: genes with fewer total counts are not tested
 
-COMPOSITION_COLUMNS = [
-    schema.COL_CELL_TYPE,
-    schema.COL_CONDITION,
-    schema.COL_REFERENCE,
-    "mean_prop",
-    "mean_prop_ref",
-    schema.COL_LOG2FC,
-    schema.COL_PVALUE,
-    schema.COL_PADJ,
-    "n_samples",
-    "n_samples_cond",
-    "n_samples_ref",
-    "t",
-    "paired",
-]
-PROPORTIONS_COLUMNS = [
-    schema.OBS_SAMPLE,
-    schema.OBS_PATIENT,
-    schema.OBS_CONDITION,
-    schema.COL_CELL_TYPE,
-    "n_cells",
-    "n_total",
-    "prop",
-]
-DE_COLUMNS = [
-    schema.COL_CELL_TYPE,
-    schema.COL_GENE,
-    schema.COL_CONDITION,
-    schema.COL_REFERENCE,
-    schema.COL_LOG2FC,
-    "lfcse",
-    schema.COL_PVALUE,
-    schema.COL_PADJ,
-    "base_mean",
-    "n_samples_cond",
-    "n_samples_ref",
-    "paired",
-]
-PROGRAMS_COLUMNS = [
-    schema.COL_CELL_TYPE,
-    "program",
-    schema.COL_CONDITION,
-    schema.COL_REFERENCE,
-    "mean",
-    "mean_ref",
-    "diff",
-    schema.COL_PVALUE,
-    schema.COL_PADJ,
-    "n_samples",
-    "n_samples_cond",
-    "n_samples_ref",
-    "paired",
-]
+COMPOSITION_COLUMNS = schema.TABLE_COLUMNS[schema.TABLE_COMPOSITION]
+PROPORTIONS_COLUMNS = schema.TABLE_COLUMNS[schema.TABLE_PROPORTIONS]
+DE_COLUMNS = schema.TABLE_COLUMNS[schema.TABLE_DE]
+PROGRAMS_COLUMNS = schema.TABLE_COLUMNS[schema.TABLE_PROGRAMS]
 
 
 # ======================================================================================

@@ -67,70 +67,12 @@ PARAMS_KEY = f"{schema.UNS_PARAMS_PREFIX}crosstalk"
 XSUM = "_tme_xsum"  # working AnnData: row sums of the full log-normalised X
 N_GENES_FULL = "_tme_n_genes_full"
 
-# per-method scores of liana's rank_aggregate (CellPhoneDB, Connectome, log2FC, NATMI, SCA)
-LIANA_SCORES = (
-    "lr_means",  # CellPhoneDB magnitude
-    "cellphone_pvals",  # CellPhoneDB specificity (permutations)
-    "expr_prod",  # NATMI / Connectome magnitude
-    "scaled_weight",  # Connectome specificity
-    "lr_logfc",  # log2FC specificity
-    "spec_weight",  # NATMI specificity
-    "lrscore",  # SingleCellSignalR magnitude
-)
-KEY_COLS = ["source", "target", "ligand", "receptor"]
-INTERACTIONS_COLUMNS = [
-    "condition",
-    *KEY_COLS,
-    "magnitude_rank",
-    "specificity_rank",
-    *LIANA_SCORES,
-    "curated",
-    "curated_source",
-]
-BY_SAMPLE_COLUMNS = [
-    schema.OBS_SAMPLE,
-    schema.OBS_PATIENT,
-    "condition",
-    *KEY_COLS,
-    "magnitude_rank",
-    "specificity_rank",
-    "lr_means",
-    "lrscore",
-    "curated",
-]
-DIFF_COLUMNS = [
-    "condition",
-    "reference",
-    *KEY_COLS,
-    "ligand_log2fc",
-    "receptor_log2fc",
-    "ligand_log2fc_shrunk",
-    "receptor_log2fc_shrunk",
-    "score",
-    "z",
-    "pvalue",
-    "padj",
-    "direction",
-    "ligand_pvalue",
-    "receptor_pvalue",
-    "ligand_gene",
-    "receptor_gene",
-    "ligand_prop",
-    "receptor_prop",
-    "curated",
-    "curated_source",
-]
-AGREEMENT_COLUMNS = [
-    "condition",
-    "n_compared",
-    "n_sig_liana",
-    "n_sig_squidpy",
-    "n_sig_both",
-    "jaccard",
-    "spearman_means",
-    "alpha",
-    "n_perms",
-]
+LIANA_SCORES = schema.LIANA_SCORE_COLUMNS
+KEY_COLS = schema.LR_KEY_COLUMNS
+INTERACTIONS_COLUMNS = schema.TABLE_COLUMNS[schema.TABLE_INTERACTIONS]
+BY_SAMPLE_COLUMNS = schema.TABLE_COLUMNS[schema.TABLE_INTERACTIONS_BY_SAMPLE]
+DIFF_COLUMNS = schema.TABLE_COLUMNS[schema.TABLE_INTERACTIONS_DIFF]
+AGREEMENT_COLUMNS = schema.TABLE_COLUMNS[schema.TABLE_LIGREC_AGREEMENT]
 
 
 # ----------------------------------------------------------------------------- inputs
