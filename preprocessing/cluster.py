@@ -38,7 +38,7 @@ def run_clustering(
     sc.pp.neighbors(adata, use_rep=use_rep, n_neighbors=n_neighbors, random_state=cfg.seed)
     if umap:
         sc.tl.umap(adata, min_dist=cfg.umap_min_dist, random_state=cfg.seed)
-        adata.obsm[schema.OBSM_UMAP] = np.asarray(adata.obsm["X_umap"], dtype=np.float32)
+        adata.obsm[schema.OBSM_UMAP] = np.asarray(adata.obsm[schema.OBSM_UMAP], dtype=np.float32)
     for res in resolutions:
         key = schema.leiden_key(res)
         sc.tl.leiden(

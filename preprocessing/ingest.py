@@ -318,8 +318,12 @@ def _read_10x_h5(path: Path) -> _Raw:
         ad = sc.read_10x_h5(path, gex_only=False)
     except Exception as e:  # h5py raises many kinds
         raise ValueError(f"cannot read 10x HDF5: {_reason(e)}") from None
-    ids = ad.var["gene_ids"].astype(str).tolist() if "gene_ids" in ad.var else None
-    ftypes = ad.var["feature_types"].astype(str).tolist() if "feature_types" in ad.var else None
+    ids = ad.var[schema.VAR_GENE_ID].astype(str).tolist() if schema.VAR_GENE_ID in ad.var else None
+    ftypes = (
+        ad.var[schema.VAR_FEATURE_TYPE].astype(str).tolist()
+        if schema.VAR_FEATURE_TYPE in ad.var
+        else None
+    )
     symbols = ad.var_names.astype(str).tolist()
     return _Raw(
         sp.csr_matrix(ad.X), ad.obs_names.astype(str).tolist(), symbols, ids or symbols, ftypes

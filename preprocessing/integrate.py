@@ -511,8 +511,9 @@ def _leiden_labels(emb: np.ndarray, resolution: float, seed: int, k: int = 15) -
         n_iterations=2,
         directed=False,
         random_state=seed,
+        key_added=schema.OBS_LEIDEN,
     )
-    return tmp.obs["leiden"].astype(str).values
+    return tmp.obs[schema.OBS_LEIDEN].astype(str).values
 
 
 def integration_metrics(

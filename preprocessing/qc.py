@@ -162,7 +162,7 @@ def _scrublet_sample(counts, cfg, seed: int) -> tuple[np.ndarray, np.ndarray, fl
             )
     finally:
         sc.settings.verbosity = verbosity
-    score = a.obs["doublet_score"].to_numpy(dtype=np.float64)
+    score = a.obs[schema.OBS_DOUBLET_SCORE].to_numpy(dtype=np.float64)
     score = np.where(np.isfinite(score), score, 0.0)
     k = int(round(cfg.doublet_rate * n))
     called = np.zeros(n, dtype=bool)
