@@ -47,7 +47,10 @@ def _stage_table(provenance: dict) -> dict:
     out = {}
     for stage, val in raw.items():
         if isinstance(val, dict):
-            out[stage] = {k: val[k] for k in ("seconds", "peak_mb") if k in val}
+            out[stage] = {"seconds": val.get("seconds")}
+            peak = val.get("peak_mb", val.get("peak_rss_mb"))
+            if peak is not None:
+                out[stage]["peak_mb"] = peak
         else:
             out[stage] = {"seconds": float(val)}
     return out
