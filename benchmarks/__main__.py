@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     if args.smoke:
-        sizes = args.sizes or [800]
+        sizes = args.sizes or [1600]
     elif args.quick:
         sizes = args.sizes or [3000]
     else:

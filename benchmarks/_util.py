@@ -13,8 +13,9 @@ from pathlib import Path
 
 import psutil
 
-WORK = Path(__file__).resolve().parent / "_work"
-RESULTS = Path(__file__).resolve().parent / "results"
+# TME_BENCH_WORK / TME_BENCH_RESULTS redirect scratch data and results (the smoke test uses them)
+WORK = Path(os.environ.get("TME_BENCH_WORK", Path(__file__).resolve().parent / "_work"))
+RESULTS = Path(os.environ.get("TME_BENCH_RESULTS", Path(__file__).resolve().parent / "results"))
 
 
 def machine() -> dict:
