@@ -60,6 +60,9 @@ class ScviConfig(_Section):
     max_steps: int = Field(
         1500, ge=10, description="gradient-step budget (1,500 integrated as well as 3,500)"
     )
+    min_steps: int = Field(
+        1000, ge=0, description="no early stopping before this many gradient steps"
+    )
     max_epochs: int | None = Field(None, description="override the step budget")
     batch_size: int = Field(512, ge=16)
     learning_rate: float = Field(2e-3, gt=0)

@@ -366,6 +366,10 @@ def run_scvi(
             cfg.max_steps, sub.n_obs, batch_size, train_size
         )
 
+    # early stopping is allowed only after min_steps: on small data (few steps per epoch) a
+    # noisy validation ELBO stopped training after ~140 steps, under-integrated
+    min_epochs = min(max_epochs, math.ceil(cfg.min_steps / steps_per_epoch))
+
     scvi.model.SCVI.setup_anndata(
         sub,
         layer=schema.LAYER_COUNTS,
@@ -399,6 +403,7 @@ def run_scvi(
                 early_stopping=cfg.early_stopping,
                 early_stopping_patience=cfg.early_stopping_patience,
                 early_stopping_monitor="elbo_validation",
+                min_epochs=min_epochs,
                 check_val_every_n_epoch=1,
                 plan_kwargs={"lr": cfg.learning_rate},
                 enable_progress_bar=show,
@@ -439,6 +444,7 @@ def run_scvi(
             "batch_size": int(batch_size),
             "max_steps": int(cfg.max_steps),
             "max_epochs": int(max_epochs),
+            "min_epochs": int(min_epochs),
             "epochs_trained": epochs,
             "steps_trained": int(epochs * steps_per_epoch),
             "early_stopped": bool(epochs < max_epochs),

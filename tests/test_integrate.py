@@ -164,6 +164,21 @@ def test_run_scvi_small(tmp_path):
     np.testing.assert_allclose(b.obsm[schema.OBSM_SCVI], z, atol=1e-4)
 
 
+def test_run_scvi_trains_at_least_min_steps():
+    """Early stopping may not cut training below ``min_steps`` (small data: noisy ELBO)."""
+    a = _toy_counts(n_cells=400)
+    I.normalize(a)
+    I.select_hvg(a, n_top_genes=100)
+    cfg = ScviConfig(
+        max_steps=200, min_steps=150, early_stopping_patience=1, batch_size=128, n_latent=5,
+        torch_threads=1,
+    )  # fmt: skip
+    I.run_scvi(a, cfg)
+    p = a.uns[schema.UNS_PARAMS_PREFIX + "integrate"]
+    assert p["min_epochs"] * 3 >= 150  # 3 steps per epoch at 360 training cells / 128
+    assert p["steps_trained"] >= 150
+
+
 def test_run_scvi_needs_hvg_and_batch():
     a = _toy_counts()
     I.normalize(a)
