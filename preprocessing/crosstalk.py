@@ -56,6 +56,7 @@ import scipy.sparse as sp
 
 from atlas import schema
 from atlas.tables import get_table, put_table
+from preprocessing.analyses import bh_adjust
 from preprocessing.log import get_logger
 
 log = get_logger("crosstalk")
@@ -476,22 +477,6 @@ def _stouffer(lfc_l, p_l, lfc_r, p_r) -> tuple[np.ndarray, np.ndarray]:
     return Z, 2 * norm.sf(np.abs(Z))
 
 
-def _bh(p: np.ndarray) -> np.ndarray:
-    p = np.asarray(p, dtype=float)
-    out = np.full_like(p, np.nan)
-    ok = ~np.isnan(p)
-    n = int(ok.sum())
-    if n:
-        pv = p[ok]
-        order = np.argsort(pv)
-        ranked = pv[order] * n / np.arange(1, n + 1)
-        ranked = np.minimum.accumulate(ranked[::-1])[::-1]
-        adj = np.empty(n)
-        adj[order] = np.minimum(ranked, 1.0)
-        out[ok] = adj
-    return out
-
-
 def _side(names, de_ct: pd.DataFrame, expr_prop: float, prefix: str, group_col: str):
     """Per (cell type, complex): limiting subunit's DE stats, if every subunit is expressed."""
     ex = pd.DataFrame({prefix: pd.unique(np.asarray(names, dtype=object))})
@@ -608,7 +593,7 @@ def differential_interactions(
         )
         res["z"] = z
         res["pvalue"] = pval
-        res["padj"] = _bh(pval)
+        res["padj"] = bh_adjust(pval)
         res["direction"] = np.where(
             res["score"] > 0, "up", np.where(res["score"] < 0, "down", "none")
         )

@@ -220,7 +220,7 @@ def test_bh_matches_scipy():
     from scipy.stats import false_discovery_control
 
     p = np.random.default_rng(0).uniform(size=200) ** 3
-    assert np.allclose(ct._bh(p), false_discovery_control(p))
+    assert np.allclose(ct.bh_adjust(p), false_discovery_control(p))
 
 
 # ----------------------------------------------------------------------------- the stage
