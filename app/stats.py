@@ -5,21 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from atlas.stats import bh_adjust
+
 QUICK_DE_SEED = 0
-
-
-def bh_adjust(p: np.ndarray) -> np.ndarray:
-    """Benjamini–Hochberg adjusted p-values."""
-    p = np.asarray(p, dtype=float)
-    n = p.size
-    if n == 0:
-        return p
-    order = np.argsort(p)
-    ranked = p[order] * n / np.arange(1, n + 1)
-    ranked = np.minimum.accumulate(ranked[::-1])[::-1]
-    out = np.empty(n)
-    out[order] = np.clip(ranked, 0, 1)
-    return out
 
 
 def rank_sum_test(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from . import schema
+from .stats import bh_adjust
 
 # ----------------------------------------------------------------------------- vocabulary
 DEFAULT_CONDITIONS = ("NAIVE", "IBR_EARLY", "IBR_RES", "VEN_RES")  # simulator's; NAIVE first
@@ -661,7 +662,7 @@ def add_synthetic_tables(adata, *, rng=None) -> None:
             "mean_prop_ref": mr,
             schema.COL_LOG2FC: lfc,
             schema.COL_PVALUE: pval,
-            schema.COL_PADJ: _bh(pval),
+            schema.COL_PADJ: bh_adjust(pval),
             "n_samples": [n_cond(contrasts[c]) + n_ref for c in cc],
             "n_samples_cond": [n_cond(contrasts[c]) for c in cc],
             "n_samples_ref": n_ref,
@@ -690,7 +691,7 @@ def add_synthetic_tables(adata, *, rng=None) -> None:
                         schema.COL_LOG2FC: lfc,
                         "lfcse": rng.uniform(0.1, 0.5, n_de),
                         schema.COL_PVALUE: pval,
-                        schema.COL_PADJ: _bh(pval),
+                        schema.COL_PADJ: bh_adjust(pval),
                         "base_mean": rng.lognormal(3, 1, n_de),
                         "n_samples_cond": n_cond(c),
                         "n_samples_ref": n_ref,
@@ -737,7 +738,7 @@ def add_synthetic_tables(adata, *, rng=None) -> None:
         else pd.DataFrame(columns=TABLE_COLUMNS[schema.TABLE_PROGRAMS])
     )
     if len(prog):
-        prog[schema.COL_PADJ] = _bh(prog[schema.COL_PVALUE].to_numpy())
+        prog[schema.COL_PADJ] = bh_adjust(prog[schema.COL_PVALUE].to_numpy())
     put_table(adata, schema.TABLE_PROGRAMS, prog)
 
     # interactions: 60 LR pairs x senders x receivers x conditions
@@ -831,7 +832,7 @@ def add_synthetic_tables(adata, *, rng=None) -> None:
             "score": score,
             "z": score,
             schema.COL_PVALUE: pval,
-            schema.COL_PADJ: _bh(pval),
+            schema.COL_PADJ: bh_adjust(pval),
             "direction": np.where(score > 0, "up", np.where(score < 0, "down", "none")),
             "ligand_pvalue": rng.uniform(0, 1, k),
             "receptor_pvalue": rng.uniform(0, 1, k),
@@ -907,19 +908,6 @@ def add_synthetic_tables(adata, *, rng=None) -> None:
         ]
     )
     put_table(adata, schema.TABLE_INTEGRATION_METRICS, metrics)
-
-
-def _bh(p: np.ndarray) -> np.ndarray:
-    p = np.asarray(p, dtype=float)
-    n = len(p)
-    if n == 0:
-        return p
-    order = np.argsort(p)
-    ranked = p[order] * n / np.arange(1, n + 1)
-    adj = np.minimum.accumulate(ranked[::-1])[::-1]
-    out = np.empty(n)
-    out[order] = np.clip(adj, 0, 1)
-    return out
 
 
 def make_synthetic_atlas(

@@ -65,6 +65,7 @@ from scipy import special, stats
 
 from atlas import schema
 from atlas.errors import InputError
+from atlas.stats import bh_adjust
 
 from .log import get_logger
 
@@ -84,24 +85,6 @@ PROGRAMS_COLUMNS = schema.TABLE_COLUMNS[schema.TABLE_PROGRAMS]
 # ======================================================================================
 # helpers
 # ======================================================================================
-def bh_adjust(p: Sequence[float] | np.ndarray) -> np.ndarray:
-    """Benjamini-Hochberg adjusted p-values; NaN stays NaN."""
-    p = np.asarray(p, dtype=float)
-    out = np.full(p.shape, np.nan)
-    ok = np.isfinite(p)
-    n = int(ok.sum())
-    if n == 0:
-        return out
-    pv = p[ok]
-    order = np.argsort(pv)
-    ranked = pv[order] * n / np.arange(1, n + 1)
-    ranked = np.minimum.accumulate(ranked[::-1])[::-1]
-    adj = np.empty(n)
-    adj[order] = np.clip(ranked, 0, 1)
-    out[ok] = adj
-    return out
-
-
 def _trigamma_inverse(x: float) -> float:
     """Inverse of the trigamma function (limma's Newton iteration)."""
     if x > 1e7:

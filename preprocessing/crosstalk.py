@@ -55,8 +55,8 @@ import pandas as pd
 import scipy.sparse as sp
 
 from atlas import schema
+from atlas.stats import bh_adjust
 from atlas.tables import get_table, put_table
-from preprocessing.analyses import bh_adjust
 from preprocessing.log import get_logger
 
 log = get_logger("crosstalk")
