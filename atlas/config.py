@@ -85,6 +85,9 @@ class ClusterConfig(_Section):
     resolutions: list[float] = Field(default_factory=lambda: [0.3, 0.5, 1.0, 2.0])
     default_resolution: float = 1.0
     umap_min_dist: float = 0.3
+    # exact kNN (scikit-learn, brute force) up to this many cells: faster than pynndescent's
+    # approximate search there, since it skips pynndescent's ~35 s numba compilation
+    exact_knn_max_cells: int = Field(100_000, ge=0)
     seed: int = 0
 
 

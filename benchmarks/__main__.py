@@ -6,7 +6,10 @@ Runs, on one machine in one run:
   and peak memory from the build's provenance, whole-process peak RSS sampled here), and the
   textbook baseline (:mod:`benchmarks.baseline_textbook`) on the same data beside it, with the
   integration quality of both (same metrics, simulator's true labels);
-* ``store`` / ``load``: the store and load benchmarks when their modules are present.
+* ``store``: :mod:`benchmarks.bench_store` (atlas open time, resident memory and per-gene
+  reads at 100k and 1M cells; 20k with ``--quick``);
+* ``load``: :mod:`benchmarks.bench_load` (20 concurrent clients against gunicorn; 10 s with
+  ``--quick``).
 
 Results go to ``benchmarks/results/*.json``; ``benchmarks/RESULTS.md`` quotes them with the
 command that produced them. ``--quick`` keeps everything under ~10 minutes; ``--smoke`` is the
@@ -23,7 +26,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from benchmarks._util import WORK, run_measured, save
+from benchmarks._util import RESULTS, WORK, run_measured, save
 
 TRUE_LABEL = "true_cell_type"
 
@@ -154,10 +157,21 @@ def main(argv: list[str] | None = None) -> int:
     tag = "smoke" if args.smoke else "quick" if args.quick else "full"
     WORK.mkdir(parents=True, exist_ok=True)
 
+    rc = 0
     if "build" in only:
         res = bench_build(sizes, baseline_max_cells=args.baseline_max_cells, smoke=args.smoke)
         print(f"wrote {save(f'build_{tag}', {'command': ' '.join(sys.argv), 'sizes': res})}")
-    return 0
+    # the explorer-side benchmarks run as their own processes (their own peak memory)
+    quick = ["--quick"] if (args.quick or args.smoke) else []
+    for name in ("store", "load"):
+        if name in only:
+            cmd = [sys.executable, "-m", f"benchmarks.bench_{name}", *quick]
+            if name == "store" and (args.quick or args.smoke):
+                cmd += ["--out", str(RESULTS / "store_quick.json")]
+            res = run_measured(cmd, env={})
+            print(json.dumps({name: {"rc": res["rc"], "seconds": res.get("seconds")}}))
+            rc = rc or res["rc"]
+    return rc
 
 
 if __name__ == "__main__":

@@ -4,18 +4,29 @@ Method (deterministic, no reference atlas needed):
 
 1. per-cell marker scores: every marker gene's log-normalised expression is scaled to
    [0, 1] by a robust upper level (90th percentile among expressing cells); a type's score
-   is the mean over its positive markers minus the mean over its negative markers
-   (``obs["marker_<type>"]``);
+   is the mean over its positive markers minus the mean over its negative markers, times
+   ``n / (n + 1)`` for the ``n`` positive markers measured, so that a type seen through one
+   or two of its genes (a panel or a pre-filtered matrix) weighs less than one seen through
+   all of them (``obs["marker_<type>"]``);
 2. in the B lineage, light-chain restriction adds evidence: per patient the dominant light
    chain (IGKC vs IGLC*) of the leukaemic clone is found, and cells whose light-chain UMIs
    come from the dominant chain score towards CLL, polyclonal ones towards normal B;
 3. scores are smoothed over the kNN graph (the cell and its neighbours);
 4. Leiden clusters at a fine resolution get the type with the best mean smoothed score;
-   the margin to the second-best type gives the cluster's confidence, and a cluster with
-   no convincing type is ``Unassigned``;
-5. within the lineage of its cluster's type, each cell then takes the type with its best
-   smoothed score (sub-states such as resting / activated / proliferating CLL, or CD4 /
-   CD8 subsets, need not form separate clusters);
+   the CLL states compete there as one family, scored half on the CLL programme they share
+   and half on the best state (a state's activation or cell-cycle genes are not B-cell
+   specific and alone would pull activated T cells or monocytes towards CLL); the margin to
+   the best type of another lineage gives the cluster's confidence, and a cluster with no
+   convincing type is ``Unassigned``;
+5. within a lineage, types are then chosen *relative to the lineage's other clusters*
+   (each marker scaled by its highest cluster mean in the lineage), so that a shift of a
+   whole lineage (interferon lowering CD14 in every monocyte) does not turn one subtype
+   into another; types with under ``MIN_COVERAGE`` of their positive markers measured are
+   not called there (a warning names them). Each cell then takes the type with its best
+   kNN-smoothed relative score among the types that label a cluster (CD4 / CD8 or monocyte
+   subsets need not form separate clusters). In the B lineage CLL vs normal B uses the
+   contrast of their programmes plus light-chain restriction, and the CLL states the genes
+   each state adds to the resting state;
 6. clusters co-expressing B markers with myeloid or T-cell markers are flagged
    doublet-like (``obs[OBS_DOUBLET_CLUSTER]``).
 
@@ -43,6 +54,9 @@ MARKER_COLUMNS = ("cell_type", "lineage", "gene", "direction", "source")
 NEG_WEIGHT = 1.0
 LIGHT_CHAIN_WEIGHT = 0.4
 MIN_SCORE = 0.1  # best cluster score below this: Unassigned
+COVERAGE_PSEUDOCOUNT = 1.0  # a type's score x n / (n + this), n = positive markers measured
+MIN_COVERAGE = 0.25  # a subtype needs this fraction of its positive markers in the data
+RELATIVE_FLOOR = 0.25  # relative scores: a marker's scale is at least this (scaled units)
 FINE_RESOLUTION = 2.0
 CLL_PREFIX = "CLL"
 NORMAL_B = "Normal B"
@@ -119,10 +133,20 @@ def _scaled_expression(adata, genes: list[str]) -> pd.DataFrame:
     return pd.DataFrame(np.minimum(E / scale, 1.0), index=adata.obs_names, columns=genes)
 
 
+def _type_score(S: pd.DataFrame, up: list[str], down: list[str]) -> np.ndarray:
+    """Mean of the ``up`` columns of ``S`` minus the mean of its ``down`` columns, times the
+    coverage weight ``n / (n + COVERAGE_PSEUDOCOUNT)`` for ``n = len(up)``."""
+    score = S[up].to_numpy().mean(axis=1)
+    if down:
+        score = score - NEG_WEIGHT * S[down].to_numpy().mean(axis=1)
+    return (score * (len(up) / (len(up) + COVERAGE_PSEUDOCOUNT))).astype(np.float32)
+
+
 def marker_scores(adata, markers: pd.DataFrame, *, min_genes: int = 1) -> pd.DataFrame:
     """Per-cell score per cell type (cells x types): mean scaled expression of the positive
-    markers minus the mean of its negative markers. Types with < ``min_genes`` positive
-    markers in the data are left out."""
+    markers minus the mean of its negative markers, times ``n / (n + 1)`` for its ``n``
+    positive markers in the data (coverage). Types with < ``min_genes`` positive markers in
+    the data are left out."""
     present = markers[markers["gene"].isin(adata.var_names)]
     genes = list(dict.fromkeys(present["gene"]))
     S = _scaled_expression(adata, genes) if genes else pd.DataFrame(index=adata.obs_names)
@@ -133,11 +157,15 @@ def marker_scores(adata, markers: pd.DataFrame, *, min_genes: int = 1) -> pd.Dat
         down = list(dict.fromkeys(m.loc[m["direction"] == "down", "gene"]))
         if len(up) < min_genes:
             continue
-        score = S[up].mean(axis=1).values
-        if down:
-            score = score - NEG_WEIGHT * S[down].mean(axis=1).values
-        out[ct] = score.astype(np.float32)
+        out[ct] = _type_score(S, up, down)
     return pd.DataFrame(out, index=adata.obs_names)
+
+
+def marker_coverage(adata, markers: pd.DataFrame) -> dict[str, float]:
+    """Per cell type: the fraction of its positive markers present in ``adata.var_names``."""
+    up = markers[markers["direction"] == "up"].drop_duplicates(["cell_type", "gene"])
+    frac = up["gene"].isin(adata.var_names).groupby(up["cell_type"], sort=False).mean()
+    return {str(k): float(v) for k, v in frac.items()}
 
 
 def light_chain_restriction(
@@ -239,6 +267,119 @@ def _two_group_threshold(x: np.ndarray) -> float | None:
 def _genes(markers: pd.DataFrame, cell_type: str, direction: str = "up") -> list[str]:
     m = markers[(markers["cell_type"] == cell_type) & (markers["direction"] == direction)]
     return list(dict.fromkeys(m["gene"]))
+
+
+def family_markers(markers: pd.DataFrame, family: list[str], name: str) -> pd.DataFrame:
+    """Marker rows of a pseudo-type ``name``: the genes up in every member of ``family``
+    (and down in every member)."""
+    rows = []
+    for direction in ("up", "down"):
+        common = set.intersection(*(set(_genes(markers, t, direction)) for t in family))
+        first = markers[(markers["cell_type"] == family[0]) & (markers["direction"] == direction)]
+        for r in first[first["gene"].isin(common)].itertuples(index=False):
+            rows.append({**r._asdict(), "cell_type": name})
+    return pd.DataFrame(rows, columns=markers.columns)
+
+
+def _cluster_means(M, codes: np.ndarray, n_cl: int) -> np.ndarray:
+    """Per-cluster means of the rows of ``M`` (cells x k, dense or sparse)."""
+    G = sp.csr_matrix(
+        (np.ones(len(codes), dtype=np.float64), (codes, np.arange(len(codes)))),
+        shape=(n_cl, len(codes)),
+    )
+    n = np.maximum(np.asarray(G.sum(axis=1)).ravel(), 1.0)
+    out = G @ M
+    out = out.toarray() if sp.issparse(out) else np.asarray(out)
+    return out / n[:, None]
+
+
+def _relative_scores(
+    adata,
+    markers: pd.DataFrame,
+    types: list[str],
+    rows: np.ndarray,
+    cl_codes: np.ndarray,
+    n_cl: int,
+) -> np.ndarray:
+    """Per-cell type scores (cells x ``types``) relative to the clusters ``rows`` of one
+    lineage: each marker's scaled expression is divided by its highest mean among those
+    clusters (at least ``RELATIVE_FLOOR``), then scored as in :func:`marker_scores`."""
+    genes = [g for g in dict.fromkeys(markers["gene"]) if g in adata.var_names]
+    S = _scaled_expression(adata, genes)
+    M = _cluster_means(S.to_numpy(), cl_codes, n_cl)[rows]
+    R = S / np.maximum(M.max(axis=0), RELATIVE_FLOOR)
+    out = np.full((adata.n_obs, len(types)), np.nan, dtype=np.float32)
+    for j, t in enumerate(types):
+        up = [g for g in _genes(markers, t) if g in R.columns]
+        down = [g for g in _genes(markers, t, "down") if g in R.columns]
+        if not up:
+            continue
+        out[:, j] = _type_score(R, up, down)
+    return out
+
+
+def _subtypes_within_lineages(
+    adata,
+    markers: pd.DataFrame,
+    cl_label: np.ndarray,
+    cl_type_mean: np.ndarray,
+    cl_codes: np.ndarray,
+    types: list[str],
+    lin_of: dict[str, str],
+    *,
+    skip: set[str],
+    refine_cells: bool,
+    coverage: dict[str, float],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Within each lineage, the type of each cluster (and, with ``refine_cells``, of each cell)
+    is chosen *relative to the lineage's other clusters*: a shift that moves a whole lineage
+    (an interferon response lowering CD14 in every monocyte, a treatment switching genes off)
+    then does not move its subtypes into one another. Candidates are the lineage's types whose
+    absolute cluster score reaches ``MIN_SCORE`` in at least one of its clusters (present in
+    the data) and with at least ``MIN_COVERAGE`` of their positive markers measured (with two
+    of its fourteen markers in a pre-filtered matrix, a nurse-like cell cannot be told from a
+    monocyte, so it is not called); cells choose among the types that label a cluster, on kNN-smoothed scores, and
+    their confidence is capped by the margin to the second type.
+
+    Returns the cluster labels, the per-cell labels and a per-cell confidence cap."""
+    cl_label = cl_label.copy()
+    n_cl = len(cl_label)
+    label = cl_label[cl_codes].astype(object)
+    cap = np.ones(len(cl_codes))
+    lab_lin = np.array([lin_of.get(str(t), "") for t in cl_label])
+    for lin in dict.fromkeys(lin_of.get(t) for t in types if t not in skip):
+        cand = [i for i, t in enumerate(types) if lin_of.get(t) == lin and t not in skip]
+        rows = np.flatnonzero(
+            (lab_lin == lin) & np.isin(cl_label.astype(str), [types[i] for i in cand])
+        )
+        cand = [
+            i
+            for i in cand
+            if (cl_type_mean[rows, i] >= MIN_SCORE).any() and coverage[types[i]] >= MIN_COVERAGE
+        ]
+        if len(cand) == 1:  # one credible type: the lineage's clusters take it
+            cl_label[rows] = types[cand[0]]
+            cells = np.isin(cl_codes, rows)
+            label[cells] = types[cand[0]]
+        if len(cand) < 2 or len(rows) < 2:
+            continue
+        R = _relative_scores(adata, markers, [types[i] for i in cand], rows, cl_codes, n_cl)
+        cmean = _cluster_means(np.nan_to_num(R, nan=-np.inf), cl_codes, n_cl)[rows]
+        pick = np.argmax(cmean, axis=1)
+        cl_label[rows] = np.array([types[cand[k]] for k in pick], dtype=object)
+        cells = np.isin(cl_codes, rows)
+        label[cells] = cl_label[cl_codes[cells]]
+        present = sorted(set(pick.tolist()))
+        if not refine_cells or len(present) < 2:
+            continue
+        Rs = _knn_smooth(adata, cells, np.nan_to_num(R[cells][:, present], nan=-1.0))
+        order = np.argsort(-Rs, axis=1)
+        r = np.arange(Rs.shape[0])
+        label[np.flatnonzero(cells)] = np.array(
+            [types[cand[present[k]]] for k in order[:, 0]], dtype=object
+        )
+        cap[cells] = _confidence(Rs[r, order[:, 0]], Rs[r, order[:, 1]])
+    return cl_label, label, cap
 
 
 def _mean_expr(adata, sel: np.ndarray, genes: list[str]) -> np.ndarray:
@@ -368,10 +509,18 @@ def annotate(
     for ct in scores.columns:
         adata.obs[marker_key(ct)] = scores[ct].values
     types = list(scores.columns)
+    cll_types = [t for t in types if t.startswith(CLL_PREFIX) and lin_of.get(t) == "B/CLL"]
+    # the CLL family at cluster level: the programme its states share (last column)
+    n_types = len(types)
+    core = None
+    if cll_types:
+        fam_m = family_markers(markers, cll_types, "_cll_core")
+        core = marker_scores(adata, fam_m).get("_cll_core")
     S = scores.values.astype(np.float32)
+    if core is not None:
+        S = np.column_stack([S, core.values.astype(np.float32)])
 
     # light-chain restriction (B lineage)
-    cll_types = [t for t in types if t.startswith(CLL_PREFIX) and lin_of.get(t) == "B/CLL"]
     dominant: dict[str, str] = {}
     lc = np.zeros(adata.n_obs)
     pkey = patient_key if patient_key in adata.obs else schema.OBS_SAMPLE
@@ -381,8 +530,8 @@ def annotate(
         frac, dominant = light_chain_restriction(adata, species, patient_key=pkey, b_cells=b_cells)
         lc = np.nan_to_num(frac - 0.5, nan=0.0) * 2.0  # -1 (other chain) .. +1 (dominant)
         lc = np.where(b_cells, lc, 0.0)
-        for t in cll_types:
-            S[:, types.index(t)] += LIGHT_CHAIN_WEIGHT * 0.5 * lc
+        cll_cols = [types.index(t) for t in cll_types] + ([n_types] if core is not None else [])
+        S[:, cll_cols] += LIGHT_CHAIN_WEIGHT * 0.5 * lc[:, None]
         S[:, types.index(NORMAL_B)] -= LIGHT_CHAIN_WEIGHT * 0.5 * lc
 
     W = _smoothing_matrix(adata)
@@ -390,10 +539,19 @@ def annotate(
     if not cll_types:
         cll_types = []
 
-    # cluster level (CLL sub-states compete as one family)
+    # cluster level: the CLL states compete as one family, scored half on the programme they
+    # share and half on the best state (a state's activation or cell-cycle genes alone do not
+    # make a T cell or a monocyte CLL)
     fam = np.array([cll_types[0] if t in cll_types else t for t in types], dtype=object)
     fam_names = list(dict.fromkeys(fam))
-    F = np.column_stack([Ss[:, fam == f].max(axis=1) for f in fam_names])
+    F = np.column_stack(
+        [
+            0.5 * (Ss[:, n_types] + Ss[:, :n_types][:, fam == f].max(axis=1))
+            if (core is not None and f in cll_types)
+            else Ss[:, :n_types][:, fam == f].max(axis=1)
+            for f in fam_names
+        ]
+    )
     cl_codes = clusters.cat.codes.values
     n_cl = len(clusters.cat.categories)
     cl_mean = np.zeros((n_cl, len(fam_names)), dtype=np.float64)
@@ -411,9 +569,24 @@ def annotate(
     cl_label = np.array([fam_names[i] for i in best], dtype=object)
     unassigned = (cl_mean[rows, best] < MIN_SCORE) | (cl_conf < cfg.min_confidence)
     cl_label[unassigned] = schema.UNASSIGNED
-
-    label = cl_label[cl_codes].astype(object)
-    conf = cl_conf[cl_codes].astype(np.float64)
+    b_family = {*cll_types, NORMAL_B} if cll_types else set()
+    coverage = marker_coverage(adata, markers)
+    low = [
+        f"{t} ({coverage[t]:.0%})"
+        for t in types
+        if coverage[t] < MIN_COVERAGE and t not in b_family
+    ]
+    if low:
+        log.warning(
+            "annotate: under %.0f%% of the positive markers measured, not called within their "
+            "lineage: %s", 100 * MIN_COVERAGE, ", ".join(low),
+        )  # fmt: skip
+    cl_type_mean = _cluster_means(Ss[:, :n_types], cl_codes, n_cl)
+    cl_label, label, cap = _subtypes_within_lineages(
+        adata, markers, cl_label, cl_type_mean, cl_codes, types, lin_of,
+        skip=b_family, refine_cells=refine_cells, coverage=coverage,
+    )  # fmt: skip
+    conf = np.minimum(cl_conf[cl_codes].astype(np.float64), cap)
     substate_info: dict[str, float] = {}
     if refine_cells and cll_types:
         label, conf, substate_info = _refine_b_lineage(

@@ -21,6 +21,9 @@ def run_clustering(
 ):
     """kNN graph, UMAP and Leiden clusterings on ``obsm[use_rep]``.
 
+    The kNN graph is exact (scikit-learn) up to ``config.exact_knn_max_cells`` cells and
+    approximate (pynndescent) above.
+
     Writes ``obs[leiden_key(r)]`` for every resolution of ``config.resolutions`` (plus the
     default resolution), ``obs[OBS_LEIDEN]`` (= the default resolution), ``obsm[OBSM_UMAP]``
     and ``uns[UNS_LEIDEN_RESOLUTIONS]``. ``config``: an :class:`atlas.config.ClusterConfig`.
@@ -35,7 +38,14 @@ def run_clustering(
     schema.require_obsm(adata, use_rep)
     resolutions = sorted({float(r) for r in [*cfg.resolutions, cfg.default_resolution]})
     n_neighbors = int(max(2, min(cfg.n_neighbors, adata.n_obs - 1)))
-    sc.pp.neighbors(adata, use_rep=use_rep, n_neighbors=n_neighbors, random_state=cfg.seed)
+    knn = "sklearn" if adata.n_obs <= cfg.exact_knn_max_cells else "pynndescent"
+    sc.pp.neighbors(
+        adata,
+        use_rep=use_rep,
+        n_neighbors=n_neighbors,
+        random_state=cfg.seed,
+        transformer=knn,
+    )
     if umap:
         sc.tl.umap(adata, min_dist=cfg.umap_min_dist, random_state=cfg.seed)
         adata.obsm[schema.OBSM_UMAP] = np.asarray(adata.obsm[schema.OBSM_UMAP], dtype=np.float32)
@@ -59,6 +69,7 @@ def run_clustering(
     adata.uns[schema.UNS_PARAMS_PREFIX + "cluster"] = {
         "use_rep": use_rep,
         "n_neighbors": n_neighbors,
+        "knn": "exact (scikit-learn)" if knn == "sklearn" else "approximate (pynndescent)",
         "resolutions": [float(r) for r in resolutions],
         "default_resolution": float(cfg.default_resolution),
         "umap_min_dist": float(cfg.umap_min_dist),

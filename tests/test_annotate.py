@@ -13,7 +13,7 @@ from conftest import shared_file
 from sklearn.metrics import adjusted_rand_score, f1_score
 
 from atlas import schema
-from atlas.config import ClusterConfig, ScviConfig
+from atlas.config import ClusterConfig
 from atlas.tables import get_table
 from preprocessing import annotate as A
 from preprocessing import integrate as I
@@ -108,6 +108,42 @@ def test_deterministic(small_sim, small_annotated):
     b = _pca_build(_clean(small_sim))
     A.annotate(b, species="human", marker_table=False)
     assert (b.obs[schema.OBS_CELL_TYPE] == small_annotated.obs[schema.OBS_CELL_TYPE]).all()
+
+
+def test_family_markers_are_the_shared_cll_programme():
+    m = A.load_markers("human")
+    cll = [t for t in dict.fromkeys(m["cell_type"]) if t.startswith("CLL")]
+    fam = A.family_markers(m, cll, "core")
+    up = set(fam.loc[fam["direction"] == "up", "gene"])
+    assert {"CD19", "CD5", "ROR1", "LEF1", "FCER2"} <= up
+    # genes a state adds (activation, cell cycle) are not part of the shared programme
+    assert not up & {"CD69", "EGR1", "CCL4", "MKI67", "TOP2A"}
+    assert (fam["cell_type"] == "core").all()
+
+
+def test_low_coverage_types_are_not_called(small_sim, caplog):
+    """With only two of NLC's fourteen markers measured (CD68, CD14), nurse-like cells cannot
+    be told from monocytes: NLC is not called and the warning names it; the cells stay
+    myeloid; types measured in full keep their accuracy."""
+    a = _clean(small_sim)
+    m = A.load_markers("human")
+    nlc_only = set(m.loc[(m.cell_type == "NLC") & (m.direction == "up"), "gene"]) - set(
+        m.loc[(m.cell_type != "NLC") & (m.direction == "up"), "gene"]
+    )
+    drop = sorted(nlc_only - {"CD68"})
+    a = a[:, ~a.var_names.isin(drop)].copy()
+    cov = A.marker_coverage(a, m)
+    assert cov["NLC"] < A.MIN_COVERAGE <= cov["Classical monocyte"]
+    _pca_build(a)
+    with caplog.at_level("WARNING", logger="tme_atlas.annotate"):
+        A.annotate(a, species="human", marker_table=False)
+    assert "NLC" in caplog.text
+    pred = a.obs[schema.OBS_CELL_TYPE].astype(str)
+    truth = a.obs["true_cell_type"].astype(str)
+    assert "NLC" not in set(pred)
+    assert (a.obs.loc[truth == "NLC", schema.OBS_LINEAGE].astype(str) == "Myeloid").mean() > 0.9
+    for t in ("CLL resting", "CD4 naive", "NK", "Non-classical monocyte"):
+        assert (pred[truth == t] == t).mean() > 0.8, t
 
 
 def test_doublet_like_cluster_flagged(small_sim):
@@ -212,37 +248,47 @@ def kang_lineage(label: str) -> str:
 
 
 @pytest.mark.realdata
-@pytest.mark.xfail(
-    reason="open: on Kang's pre-filtered 1,267 genes most curated markers are absent and "
-    "CD14+ monocytes are mislabelled (lineage macro-F1 0.69 measured with scVI); see the BUILD-B report",
-    strict=False,
-)
+@pytest.mark.slow
 def test_kang_pbmc_lineages(tmp_path):
-    """Real PBMC (Kang 2018, ctrl vs IFN-beta): lineage macro-F1 >= 0.85 against the
-    published labels after scVI integration by sample; ctrl and stim cells of a type share
-    clusters."""
+    """Real PBMC (Kang 2018, ctrl vs IFN-beta) through ``tme-atlas build --h5ad`` with the
+    default config (batch = sample): lineage macro-F1 >= 0.85 against the published labels;
+    at the resolution with about as many clusters as labelled types, ctrl and stim cells of
+    every type share clusters; scVI mixes samples better than uncorrected PCA.
+
+    The matrix is pre-filtered to 1,267 genes (most curated markers absent) and IFN-beta lowers
+    CD14 in every monocyte: subtypes are chosen relative to their lineage, and types with under
+    a quarter of their markers measured (NLC here) are not called. (At finer resolutions the
+    IFN response splits CD14+ monocytes by condition: biology, not a batch.)"""
+    from atlas.config import load_config
+    from preprocessing.pipeline import run_build
+
     a = ad.read_h5ad(shared_file("kang2018_pbmc_ifnb_labelled.h5ad"))
-    a.obs[schema.OBS_PATIENT] = a.obs["sample_id"].astype(str).str[-3:]
-    I.normalize(a)
-    I.select_hvg(a, n_top_genes=1000, batch_key="sample_id", species="human")
-    I.run_scvi(a, ScviConfig(max_steps=1500, batch_size=128, n_latent=10, torch_threads=1))
-    run_clustering(a, umap=False)
-    A.annotate(a, species="human")
-    pred = a.obs[schema.OBS_CELL_TYPE].astype(str).map(kang_lineage)
+    a.obs[schema.SHEET_PATIENT] = a.obs["sample_id"].astype(str).str[-3:]
+    a.obs[schema.SHEET_CONDITION] = a.obs["group_id"].astype(str)
+    a.obs[schema.SHEET_TISSUE] = "PBMC"
+    a.obs[schema.SHEET_SPECIES] = "human"
+    a.write_h5ad(tmp_path / "kang.h5ad")
+    out = run_build(h5ad=tmp_path / "kang.h5ad", out=tmp_path / "atlas", config=load_config(env={}))
+    a = ad.read_h5ad(out / schema.ATLAS_FILE)
+
     truth = a.obs["cluster_id"].astype(str)
+    pred = a.obs[schema.OBS_CELL_TYPE].astype(str).map(kang_lineage)
     f1 = f1_score(truth, pred, average="macro", labels=KANG_TYPES)
     assert f1 >= 0.85, pd.crosstab(truth, a.obs[schema.OBS_CELL_TYPE])
     # ctrl and stim of one type fall in the same clusters: per type, most cells sit in
-    # clusters that hold both conditions
-    tab = pd.crosstab([truth, a.obs[schema.OBS_LEIDEN]], a.obs["group_id"])
+    # clusters that hold both conditions (>= 20% each)
+    res = [float(r) for r in a.uns[schema.UNS_LEIDEN_RESOLUTIONS]]
+    n_cl = {r: a.obs[schema.leiden_key(r)].nunique() for r in res}
+    r = min(res, key=lambda r: (abs(n_cl[r] - len(KANG_TYPES)), r))
+    tab = pd.crosstab([truth, a.obs[schema.leiden_key(r)]], a.obs["group_id"])
     n = tab.sum(axis=1)
     both = tab.min(axis=1) >= 0.2 * n
     frac = n[both].groupby(level=0).sum() / n.groupby(level=0).sum()
     frac = frac.reindex(KANG_TYPES).fillna(0.0)
-    assert (frac >= 0.7).all(), frac
-    metrics = I.integration_metrics(a, label_key="cluster_id")
-    be = metrics[metrics.metric == "batch_entropy"].set_index("embedding")["value"]
-    assert be[schema.OBSM_SCVI] > be[schema.OBSM_PCA]
+    assert n_cl[r] >= 4 and (frac >= 0.7).all(), (r, n_cl[r], frac)
+    m = get_table(a, schema.TABLE_INTEGRATION_METRICS)
+    be = m[m.metric == "batch_entropy"].set_index("embedding")["value"]
+    assert be[schema.OBSM_SCVI] > be[schema.OBSM_PCA] + 0.2, be
 
 
 # ----------------------------------------------------------------------------- demo size

@@ -59,3 +59,22 @@ def test_run_clustering_needs_the_latent():
 def test_leiden_key_names():
     assert schema.leiden_key(2.0) == "leiden_r2"
     assert schema.leiden_key(0.5) == "leiden_r0.5"
+
+
+def test_exact_knn_up_to_the_threshold_then_pynndescent():
+    """Exact kNN (scikit-learn) on small atlases, pynndescent above the threshold; both find
+    the same clusters on well-separated data."""
+    a, b = _latent(), _latent()
+    run_clustering(a, umap=False)
+    run_clustering(b, ClusterConfig(exact_knn_max_cells=100), umap=False)
+    assert a.uns[schema.UNS_PARAMS_PREFIX + "cluster"]["knn"].startswith("exact")
+    assert b.uns[schema.UNS_PARAMS_PREFIX + "cluster"]["knn"].startswith("approximate")
+    for x in (a, b):
+        assert adjusted_rand_score(x.obs["truth"], x.obs[schema.leiden_key(0.3)]) > 0.95
+    # exact neighbours: every cell's kNN are its true nearest cells
+    z = a.obsm[schema.OBSM_SCVI]
+    d = ((z[:5, None, :] - z[None, :, :]) ** 2).sum(-1)
+    dist = a.obsp["distances"]
+    for i in range(5):
+        nearest = set(np.argsort(d[i])[1:15])
+        assert set(dist[i].indices) == nearest
