@@ -339,6 +339,8 @@ class Tab:
             self.record(kind, time.perf_counter() - t0, f"exc:{e.__class__.__name__}")
             return False
         self.record(kind, time.perf_counter() - t0, status)
+        if hasattr(self.record, "nbytes"):
+            self.record.nbytes(kind, len(r.content))
         if status != 200:
             return False
         try:

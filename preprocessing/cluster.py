@@ -11,6 +11,16 @@ from .log import get_logger
 log = get_logger("cluster")
 
 
+def knn_method(n_obs: int, exact_max: int | None = None) -> str:
+    """scanpy's kNN ``transformer``: exact (``"sklearn"``) up to ``exact_max`` cells (default
+    ``ClusterConfig.exact_knn_max_cells``), else approximate (``"pynndescent"``)."""
+    from atlas.config import ClusterConfig
+
+    if exact_max is None:
+        exact_max = ClusterConfig().exact_knn_max_cells
+    return "sklearn" if n_obs <= exact_max else "pynndescent"
+
+
 def run_clustering(
     adata,
     config=None,
@@ -38,7 +48,7 @@ def run_clustering(
     schema.require_obsm(adata, use_rep)
     resolutions = sorted({float(r) for r in [*cfg.resolutions, cfg.default_resolution]})
     n_neighbors = int(max(2, min(cfg.n_neighbors, adata.n_obs - 1)))
-    knn = "sklearn" if adata.n_obs <= cfg.exact_knn_max_cells else "pynndescent"
+    knn = knn_method(adata.n_obs, cfg.exact_knn_max_cells)
     sc.pp.neighbors(
         adata,
         use_rep=use_rep,

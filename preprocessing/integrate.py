@@ -503,23 +503,34 @@ def knn_batch_entropy(idx: np.ndarray, batch: np.ndarray, groups: np.ndarray | N
     return float(np.mean(h[ok] / np.log(n_present[ok])))
 
 
-def _leiden_labels(emb: np.ndarray, resolution: float, seed: int, k: int = 15) -> np.ndarray:
+def _leiden_labels(
+    emb: np.ndarray, resolutions: Sequence[float], seed: int, k: int = 15
+) -> dict[float, np.ndarray]:
+    """Leiden labels of ``emb`` at each resolution, on one kNN graph (exact up to
+    ``ClusterConfig.exact_knn_max_cells`` cells, as in the cluster stage)."""
     import anndata as ad
     import scanpy as sc
 
+    from .cluster import knn_method
+
     tmp = ad.AnnData(np.zeros((emb.shape[0], 1), dtype=np.float32))
     tmp.obsm["emb"] = emb
-    sc.pp.neighbors(tmp, use_rep="emb", n_neighbors=k, random_state=seed)
-    sc.tl.leiden(
-        tmp,
-        resolution=resolution,
-        flavor="igraph",
-        n_iterations=2,
-        directed=False,
-        random_state=seed,
-        key_added=schema.OBS_LEIDEN,
+    sc.pp.neighbors(
+        tmp, use_rep="emb", n_neighbors=k, random_state=seed, transformer=knn_method(emb.shape[0])
     )
-    return tmp.obs[schema.OBS_LEIDEN].astype(str).values
+    out = {}
+    for res in resolutions:
+        sc.tl.leiden(
+            tmp,
+            resolution=res,
+            flavor="igraph",
+            n_iterations=2,
+            directed=False,
+            random_state=seed,
+            key_added=schema.OBS_LEIDEN,
+        )
+        out[res] = tmp.obs[schema.OBS_LEIDEN].astype(str).values
+    return out
 
 
 def integration_metrics(
@@ -582,8 +593,8 @@ def integration_metrics(
         asw = silhouette_score(emb[sub], labels[sub], random_state=seed)
         rows.append((emb_key, "label_asw", float((asw + 1) / 2)))
         best_ari, best_nmi = 0.0, 0.0
-        for res in resolutions:
-            cl = _leiden_labels(emb, res, seed)[ok]
+        for cl in _leiden_labels(emb, resolutions, seed).values():
+            cl = cl[ok]
             best_ari = max(best_ari, adjusted_rand_score(lab, cl))
             best_nmi = max(best_nmi, normalized_mutual_info_score(lab, cl))
         rows.append((emb_key, "ari", float(best_ari)))
