@@ -32,7 +32,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from benchmarks._util import RESULTS, WORK, run_measured, save
+from benchmarks._util import RESULTS, WORK, machine, run_measured, save
 
 TRUE_LABEL = "true_cell_type"
 SUBS = ("build", "store", "load", "callbacks", "browser", "cellxgene")
@@ -83,7 +83,18 @@ def _quality(atlas_dir: Path, truth_dir: Path) -> dict:
     return {f"{r.embedding}:{r.metric}": float(r.value) for r in metrics.itertuples()}
 
 
-def bench_build(sizes: list[int], *, baseline_max_cells: int, smoke: bool = False) -> dict:
+def _save_merged(name: str, results: dict) -> Path:
+    """Save ``results`` (per size) into ``RESULTS/<name>.json``, keeping the other sizes an
+    earlier run of the same name recorded (each size says when and how it was measured)."""
+    path = RESULTS / f"{name}.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    sizes = {**old.get("sizes", {}), **results}
+    return save(name, {"command": " ".join(sys.argv), "sizes": sizes})
+
+
+def bench_build(
+    sizes: list[int], *, baseline_max_cells: int, smoke: bool = False, save_as: str | None = None
+) -> dict:
     threads = os.environ.get("TME_BENCH_THREADS", "2")
     env = {
         "TME_ATLAS__SCVI__TORCH_THREADS": threads,
@@ -110,7 +121,7 @@ def bench_build(sizes: list[int], *, baseline_max_cells: int, smoke: bool = Fals
             ],
             env=env,
         )
-        entry: dict = {"ours": ours}
+        entry: dict = {"ours": ours, "command": " ".join(sys.argv), "machine": machine()}
         if ours["rc"] == 0:
             prov = json.loads((atlas_dir / "provenance.json").read_text())
             entry["ours"]["stages"] = _stage_table(prov)
@@ -138,8 +149,12 @@ def bench_build(sizes: list[int], *, baseline_max_cells: int, smoke: bool = Fals
             if base["rc"] == 0 and ours["rc"] == 0:
                 entry["ratio_total"] = round(ours["seconds"] / base["seconds"], 3)
         results[str(n)] = entry
+        if save_as:  # after every size, merged into earlier sizes of the same tag
+            _save_merged(save_as, results)
         print(
-            json.dumps({n: {k: v.get("seconds") for k, v in entry.items() if isinstance(v, dict)}})
+            json.dumps(
+                {n: {k: entry[k].get("seconds") for k in ("ours", "baseline") if k in entry}}
+            )
         )
     return results
 
@@ -167,8 +182,13 @@ def main(argv: list[str] | None = None) -> int:
 
     rc = 0
     if "build" in only:
-        res = bench_build(sizes, baseline_max_cells=args.baseline_max_cells, smoke=args.smoke)
-        print(f"wrote {save(f'build_{tag}', {'command': ' '.join(sys.argv), 'sizes': res})}")
+        bench_build(
+            sizes,
+            baseline_max_cells=args.baseline_max_cells,
+            smoke=args.smoke,
+            save_as=f"build_{tag}",
+        )
+        print(f"wrote {RESULTS / f'build_{tag}.json'}")
     # the explorer-side benchmarks run as their own processes (their own peak memory)
     quick = ["--quick"] if (args.quick or args.smoke) else []
     for name in SUBS[1:]:

@@ -29,6 +29,90 @@ def machine() -> dict:
     }
 
 
+def tree_rss(pid: int) -> int:
+    """Resident bytes of a process and all its descendants (0 when it is gone)."""
+    try:
+        proc = psutil.Process(pid)
+        procs = [proc, *proc.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+CHROMEDRIVER = "/usr/bin/chromedriver"
+
+
+def chromium_driver(*, log_browser: bool = False, page_load_timeout: float = 60):
+    """Debian's headless Chromium through selenium, with the flags this machine needs
+    (no sandbox as root, no GPU, no background networking)."""
+    import shutil
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,1000",
+        "--enable-unsafe-swiftshader",
+    ):
+        opts.add_argument(arg)
+    if log_browser:
+        opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    if binary:
+        opts.binary_location = binary
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    driver.set_page_load_timeout(page_load_timeout)
+    return driver
+
+
+def explorer_parser(doc: str, *, repeats: int):
+    """The options the explorer benchmarks share: sizes (synthetic atlases of
+    :mod:`benchmarks.bench_store`), repeats, ``--quick`` (20k cells, 3 repeats), work, out."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    p.add_argument("--repeats", type=int, default=repeats)
+    p.add_argument("--quick", action="store_true", help="20k cells, 3 repeats")
+    p.add_argument("--work", type=Path, default=WORK)
+    p.add_argument("--out", type=Path, default=None)
+    return p
+
+
+def explorer_sizes(args) -> tuple[list[int], int]:
+    args.work.mkdir(parents=True, exist_ok=True)
+    return ([20_000], 3) if args.quick else (args.sizes, args.repeats)
+
+
+def write_results(module: str, out: Path, results: dict, argv: list[str] | None, **extra) -> Path:
+    """Write ``out`` (JSON): the machine, the command line, ``extra`` and ``results``."""
+    import sys
+
+    args = argv if argv is not None else sys.argv[1:]
+    payload = {
+        "machine": machine(),
+        "command": " ".join([f"python -m {module}", *args]),
+        **extra,
+        "sizes": results,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=2, default=str))
+    print(f"wrote {out}")
+    return out
+
+
 class _Sampler(threading.Thread):
     """Samples the RSS of a process tree every ``interval`` seconds; keeps the peak."""
 
@@ -38,23 +122,9 @@ class _Sampler(threading.Thread):
         self.peak = 0
         self._stop_event = threading.Event()
 
-    def _tree_rss(self) -> int:
-        try:
-            proc = psutil.Process(self.pid)
-            procs = [proc, *proc.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return 0
-        total = 0
-        for p in procs:
-            try:
-                total += p.memory_info().rss
-            except psutil.Error:
-                pass
-        return total
-
     def run(self) -> None:
         while not self._stop_event.is_set():
-            self.peak = max(self.peak, self._tree_rss())
+            self.peak = max(self.peak, tree_rss(self.pid))
             self._stop_event.wait(self.interval)
 
     def stop(self) -> int:

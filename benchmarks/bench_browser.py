@@ -18,7 +18,6 @@ Results go to ``benchmarks/results/browser.json`` (``--out``). Not a timed test.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import statistics
@@ -27,10 +26,16 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks._util import RESULTS, WORK, machine
+from benchmarks._util import (
+    CHROMEDRIVER,
+    RESULTS,
+    chromium_driver,
+    explorer_parser,
+    explorer_sizes,
+    write_results,
+)
 from benchmarks.bench_load import Server
 
-CHROMEDRIVER = "/usr/bin/chromedriver"
 N_GENES = 2000
 
 # resolves once the UMAP graph has drawn with data: the time (performance.now()) of the
@@ -71,25 +76,7 @@ return t;
 
 
 def _driver():
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    for arg in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-dev-shm-usage",
-        "--window-size=1400,1000",
-        "--enable-unsafe-swiftshader",
-    ):
-        opts.add_argument(arg)
-    binary = shutil.which("chromium") or shutil.which("chromium-browser")
-    if binary:
-        opts.binary_location = binary
-    d = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
-    d.set_page_load_timeout(120)
+    d = chromium_driver(page_load_timeout=120)
     d.set_script_timeout(150)
     return d
 
@@ -178,18 +165,12 @@ def measure(atlas_dir: Path, *, repeats: int, log: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--quick", action="store_true", help="20k cells, 3 repeats")
-    p.add_argument("--work", type=Path, default=WORK)
-    p.add_argument("--out", type=Path, default=None)
+    p = explorer_parser(__doc__, repeats=5)
     args = p.parse_args(argv)
     if shutil.which("chromium") is None or not Path(CHROMEDRIVER).exists():
         print("chromium / chromedriver missing (apt-get install chromium chromium-driver)")
         return 2
-    sizes, repeats = ([20_000], 3) if args.quick else (args.sizes, args.repeats)
-    args.work.mkdir(parents=True, exist_ok=True)
+    sizes, repeats = explorer_sizes(args)
     results = {}
     for n in sizes:
         atlas_dir = _ensure_atlas(n, args.work)
@@ -197,11 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         results[str(n)] = res
         print(json.dumps({n: res}))
     out = args.out or RESULTS / ("browser_quick.json" if args.quick else "browser.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"machine": machine(), "command": " ".join(["python -m benchmarks.bench_browser",
-               *(argv if argv is not None else sys.argv[1:])]), "sizes": results}  # fmt: skip
-    out.write_text(json.dumps(payload, indent=2))
-    print(f"wrote {out}")
+    write_results("benchmarks.bench_browser", out, results, argv)
     return 0
 
 

@@ -18,7 +18,6 @@ cold, reported apart), and bytes sent back (total and per cell). Results:
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import statistics
@@ -27,7 +26,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from benchmarks._util import RESULTS, WORK, machine
+from benchmarks._util import RESULTS, explorer_parser, explorer_sizes, write_results
 from benchmarks.bench_browser import _ensure_atlas, _genes
 from benchmarks.bench_load import AppModel, Server, Tab, choice_values
 
@@ -107,26 +106,15 @@ def measure(atlas_dir: Path, *, repeats: int, log: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--quick", action="store_true", help="20k cells, 3 repeats")
-    p.add_argument("--work", type=Path, default=WORK)
-    p.add_argument("--out", type=Path, default=None)
+    p = explorer_parser(__doc__, repeats=7)
     args = p.parse_args(argv)
-    sizes, repeats = ([20_000], 3) if args.quick else (args.sizes, args.repeats)
-    args.work.mkdir(parents=True, exist_ok=True)
+    sizes, repeats = explorer_sizes(args)
     results = {}
     for n in sizes:
         atlas_dir = _ensure_atlas(n, args.work)
         results[str(n)] = measure(atlas_dir, repeats=repeats, log=args.work / f"cb_{n}.log")
     out = args.out or RESULTS / ("callbacks_quick.json" if args.quick else "callbacks.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"machine": machine(), "command": " ".join(
-        ["python -m benchmarks.bench_callbacks", *(argv if argv is not None else sys.argv[1:])]
-    ), "sizes": results}  # fmt: skip
-    out.write_text(json.dumps(payload, indent=2))
-    print(f"wrote {out}")
+    write_results("benchmarks.bench_callbacks", out, results, argv)
     return 0
 
 

@@ -13,7 +13,7 @@ size the synthetic atlas of :mod:`benchmarks.bench_store` is served
 
 Measured for each: ``ready_s`` (process start to a healthy HTTP answer), ``rss_mb`` (resident
 memory of the server process(es) after the gene reads), and the gene-fetch latency over HTTP
-from a client on loopback, median over ``--genes`` genes: for cellxgene one
+from a client on loopback, median over ``--repeats`` genes: for cellxgene one
 ``GET /api/v0.2/data/var?var:name_0=GENE`` (what its front end asks for a gene colour), for
 ours every callback that a gene choice on the Cells page fires (replayed with the Dash
 client of :mod:`benchmarks.bench_load`). ``ratio`` = ours / cellxgene.
@@ -23,7 +23,6 @@ Results: ``benchmarks/results/cellxgene.json``. Not a timed test.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -33,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks._util import RESULTS, WORK, machine
+from benchmarks._util import RESULTS, explorer_parser, explorer_sizes, tree_rss, write_results
 from benchmarks.bench_browser import _ensure_atlas, _genes
 from benchmarks.bench_load import AppModel, Server, Tab, free_port
 
@@ -53,20 +52,7 @@ def ensure_cellxgene(work: Path) -> Path:
 
 
 def _tree_rss_mb(pid: int) -> float:
-    import psutil
-
-    try:
-        p = psutil.Process(pid)
-        procs = [p, *p.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return float("nan")
-    total = 0
-    for q in procs:
-        try:
-            total += q.memory_info().rss
-        except psutil.Error:
-            pass
-    return round(total / 2**20, 1)
+    return round(tree_rss(pid) / 2**20, 1)
 
 
 def _csc_copy(atlas_dir: Path, work: Path) -> Path:
@@ -183,21 +169,15 @@ def bench_ours(atlas_dir: Path, genes: list[str], log: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
-    p.add_argument("--genes", type=int, default=11)
-    p.add_argument("--quick", action="store_true", help="20k cells")
+    p = explorer_parser(__doc__, repeats=11)
     p.add_argument("--no-csc", action="store_true", help="skip the CSC copy for cellxgene")
-    p.add_argument("--work", type=Path, default=WORK)
-    p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
-    sizes = [20_000] if args.quick else args.sizes
-    args.work.mkdir(parents=True, exist_ok=True)
+    sizes, repeats = explorer_sizes(args)
     exe = ensure_cellxgene(args.work)
     results = {}
     for n in sizes:
         atlas_dir = _ensure_atlas(n, args.work)
-        genes = _genes(atlas_dir, args.genes)
+        genes = _genes(atlas_dir, repeats)
         res = {"ours": bench_ours(atlas_dir, genes, args.work / f"cxg_ours_{n}.log")}
         res["cellxgene_csr"] = bench_cellxgene(
             exe, atlas_dir / "atlas.h5ad", genes, args.work / f"cxg_{n}.log"
@@ -216,11 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         results[str(n)] = res
         print(json.dumps({n: res}))
     out = args.out or RESULTS / ("cellxgene_quick.json" if args.quick else "cellxgene.json")
-    payload = {"machine": machine(), "cellxgene": CELLXGENE, "command": " ".join(
-        ["python -m benchmarks.bench_cellxgene", *(argv if argv is not None else sys.argv[1:])]
-    ), "sizes": results}  # fmt: skip
-    out.write_text(json.dumps(payload, indent=2))
-    print(f"wrote {out}")
+    write_results("benchmarks.bench_cellxgene", out, results, argv, cellxgene=CELLXGENE)
     return 0
 
 

@@ -21,6 +21,22 @@ def knn_method(n_obs: int, exact_max: int | None = None) -> str:
     return "sklearn" if n_obs <= exact_max else "pynndescent"
 
 
+def leiden(adata, resolution: float, *, seed: int, key_added: str) -> None:
+    """Leiden (igraph, 2 iterations, undirected) on ``adata``'s kNN graph into
+    ``obs[key_added]``."""
+    import scanpy as sc
+
+    sc.tl.leiden(
+        adata,
+        resolution=resolution,
+        flavor="igraph",
+        n_iterations=2,
+        directed=False,
+        random_state=seed,
+        key_added=key_added,
+    )
+
+
 def run_clustering(
     adata,
     config=None,
@@ -61,15 +77,7 @@ def run_clustering(
         adata.obsm[schema.OBSM_UMAP] = np.asarray(adata.obsm[schema.OBSM_UMAP], dtype=np.float32)
     for res in resolutions:
         key = schema.leiden_key(res)
-        sc.tl.leiden(
-            adata,
-            resolution=res,
-            flavor="igraph",
-            n_iterations=2,
-            directed=False,
-            random_state=cfg.seed,
-            key_added=key,
-        )
+        leiden(adata, res, seed=cfg.seed, key_added=key)
         log.info("leiden r=%g: %d clusters", res, adata.obs[key].nunique())
     adata.obs[schema.OBS_LEIDEN] = adata.obs[schema.leiden_key(cfg.default_resolution)].copy()
     adata.uns[schema.UNS_LEIDEN_RESOLUTIONS] = [float(r) for r in resolutions]

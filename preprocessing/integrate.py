@@ -511,7 +511,7 @@ def _leiden_labels(
     import anndata as ad
     import scanpy as sc
 
-    from .cluster import knn_method
+    from .cluster import knn_method, leiden
 
     tmp = ad.AnnData(np.zeros((emb.shape[0], 1), dtype=np.float32))
     tmp.obsm["emb"] = emb
@@ -520,15 +520,7 @@ def _leiden_labels(
     )
     out = {}
     for res in resolutions:
-        sc.tl.leiden(
-            tmp,
-            resolution=res,
-            flavor="igraph",
-            n_iterations=2,
-            directed=False,
-            random_state=seed,
-            key_added=schema.OBS_LEIDEN,
-        )
+        leiden(tmp, res, seed=seed, key_added=schema.OBS_LEIDEN)
         out[res] = tmp.obs[schema.OBS_LEIDEN].astype(str).values
     return out
 

@@ -135,29 +135,12 @@ def browser():
     reason = chromium_available()
     if reason:
         pytest.skip(reason)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
+    from benchmarks._util import chromium_driver
 
-    opts = webdriver.ChromeOptions()
-    for arg in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-dev-shm-usage",
-        "--window-size=1400,1000",
-        "--enable-unsafe-swiftshader",
-    ):
-        opts.add_argument(arg)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    binary = shutil.which("chromium") or shutil.which("chromium-browser")
-    if binary:
-        opts.binary_location = binary
     try:
-        driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+        driver = chromium_driver(log_browser=True)
     except Exception as e:  # noqa: BLE001 - a broken browser install is a skip, not a failure
         pytest.skip(f"cannot start headless chromium: {e.__class__.__name__}: {e}")
-    driver.set_page_load_timeout(60)
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     yield driver
     driver.quit()

@@ -37,3 +37,38 @@ def test_harness_smoke(tmp_path):
     for run in (ours, base):
         assert any(k.endswith("batch_entropy") for k in run["quality"])
     assert entry["ratio_total"] > 0
+
+
+@pytest.mark.slow
+def test_callbacks_harness_smoke(tmp_path):
+    """bench_callbacks on a 3,000-cell synthetic atlas: every action answers, bytes recorded."""
+    out = tmp_path / "callbacks.json"
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_callbacks", "--sizes", "3000", "--repeats", "2",
+         "--work", str(tmp_path / "work"), "--out", str(out)],
+        cwd=REPO, check=True, timeout=600,
+    )  # fmt: skip
+    res = json.loads(out.read_text())["sizes"]["3000"]
+    for kind in ("gene_switch", "metadata_colour", "violin", "dot_plot", "interaction_filter"):
+        assert res[kind]["median_ms"] > 0 and res[kind]["bytes"] > 0, kind
+    assert res["errors"] == []
+    # the gene switch sends about one float32 per cell (a colour Patch), not the figure
+    assert res["gene_switch"]["bytes_per_cell"] < 16
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_browser_harness_smoke(tmp_path):
+    import shutil
+
+    if shutil.which("chromium") is None or not os.path.exists("/usr/bin/chromedriver"):
+        pytest.skip("chromium / chromedriver missing")
+    out = tmp_path / "browser.json"
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_browser", "--sizes", "3000", "--repeats", "2",
+         "--work", str(tmp_path / "work"), "--out", str(out)],
+        cwd=REPO, check=True, timeout=600,
+    )  # fmt: skip
+    res = json.loads(out.read_text())["sizes"]["3000"]
+    assert res["first_load_s"] > 0 and res["gene_repaint_ms"] > 0
+    assert res["points_drawn"] == 3000
