@@ -142,8 +142,9 @@ def bench_build(
             ]
             if smoke:
                 cmd += ["--max-epochs", "2", "--n-perms", "10"]
+            out_json.unlink(missing_ok=True)
             base = run_measured(cmd, env=env)
-            if base["rc"] == 0:
+            if out_json.is_file():  # complete, or partial where the run died (e.g. memory)
                 base.update(json.loads(out_json.read_text()))
             entry["baseline"] = base
             if base["rc"] == 0 and ours["rc"] == 0:

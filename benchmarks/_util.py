@@ -134,13 +134,24 @@ class _Sampler(threading.Thread):
 
 
 class StageTimer:
-    """Records wall time and peak RSS (MB) of named stages of the current process."""
+    """Records wall time and peak RSS (MB) of named stages of the current process; with
+    ``progress``, the stages so far and the one running are written there at every stage
+    boundary (so a run killed for memory still says how far it got)."""
 
-    def __init__(self) -> None:
+    def __init__(self, progress: Path | None = None) -> None:
         self.stages: dict[str, dict[str, float]] = {}
+        self.progress = progress  # partial results written here at every stage boundary
+
+    def _write_progress(self, running: str | None) -> None:
+        if self.progress is not None:
+            self.progress.parent.mkdir(parents=True, exist_ok=True)
+            self.progress.write_text(
+                json.dumps({"partial": True, "running": running, "stages": self.stages}, indent=2)
+            )
 
     @contextmanager
     def stage(self, name: str):
+        self._write_progress(name)
         sampler = _Sampler(os.getpid())
         sampler.start()
         t0 = time.perf_counter()
@@ -150,6 +161,7 @@ class StageTimer:
             wall = time.perf_counter() - t0
             peak = sampler.stop()
             self.stages[name] = {"seconds": round(wall, 2), "peak_mb": round(peak / 2**20)}
+            self._write_progress(None)
 
     def total(self) -> float:
         return round(sum(s["seconds"] for s in self.stages.values()), 2)

@@ -32,6 +32,7 @@ def run(
     n_perms: int = 1000,
     threads: int | None = None,
     max_epochs: int | None = None,
+    progress: Path | None = None,
 ) -> dict:
     import anndata as ad
     import pandas as pd
@@ -42,7 +43,7 @@ def run(
     if threads:
         torch.set_num_threads(threads)
     scvi.settings.seed = 0
-    timer = StageTimer()
+    timer = StageTimer(progress)
     sheet = pd.read_csv(samplesheet)
     base = Path(samplesheet).parent
 
@@ -156,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         n_perms=args.n_perms,
         threads=args.threads or None,
         max_epochs=args.max_epochs,
+        progress=args.out,
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
