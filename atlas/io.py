@@ -35,6 +35,29 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def sweep_temporaries(directory: str | Path) -> list[str]:
+    """Remove what a killed :func:`atomic_path` left in ``directory``: its ``.<name>.*.tmp``
+    temporaries and ``.<name>.old.<pid>`` copies whose ``<name>`` is in place. Call it only
+    from the one process that owns ``directory`` (the build of that output folder). Returns
+    the names removed."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    gone = []
+    for p in directory.iterdir():
+        n = p.name
+        stale_tmp = n.startswith(".") and n.endswith(".tmp")
+        head, sep, pid = n.rpartition(".old.")
+        stale_old = n.startswith(".") and sep and pid.isdigit() and (directory / head[1:]).exists()
+        if stale_tmp or stale_old:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            gone.append(n)
+    return gone
+
+
 def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding=encoding)

@@ -281,6 +281,28 @@ def family_markers(markers: pd.DataFrame, family: list[str], name: str) -> pd.Da
     return pd.DataFrame(rows, columns=markers.columns)
 
 
+def lineage_markers(markers: pd.DataFrame, *, keep: set[str]) -> pd.DataFrame:
+    """The marker table for the cluster-level (lineage) call: a type's negative markers that
+    are positive markers of another type of its lineage are dropped (FCGR3A against classical
+    monocytes, CD8A against CD4 T cells). They tell subtypes apart, which is done relative to
+    the lineage afterwards; as lineage evidence they only punish a cluster in between (IFN-beta
+    stimulated monocytes, low in CD14 and up in FCGR3A, fell below ``MIN_SCORE``). Types in
+    ``keep`` (the B/CLL family, whose cluster-level call is the CLL vs normal B decision) keep
+    every row."""
+    up_in = markers[markers["direction"] == "up"].groupby("gene")["cell_type"].agg(set)
+    lin_of = lineage_map(markers)
+
+    def sibling_up(r) -> bool:
+        others = up_in.get(r.gene, set()) - {r.cell_type}
+        return any(lin_of.get(o) == lin_of.get(r.cell_type) for o in others)
+
+    drop = [
+        r.direction == "down" and r.cell_type not in keep and sibling_up(r)
+        for r in markers.itertuples(index=False)
+    ]
+    return markers[~np.asarray(drop, dtype=bool)]
+
+
 def _cluster_means(M, codes: np.ndarray, n_cl: int) -> np.ndarray:
     """Per-cluster means of the rows of ``M`` (cells x k, dense or sparse)."""
     G = sp.csr_matrix(
@@ -516,7 +538,10 @@ def annotate(
     if cll_types:
         fam_m = family_markers(markers, cll_types, "_cll_core")
         core = marker_scores(adata, fam_m).get("_cll_core")
-    S = scores.values.astype(np.float32)
+    b_family = {*cll_types, NORMAL_B} if cll_types else set()
+    b_lineage = {t for t in types if cll_types and lin_of.get(t) == lin_of.get(cll_types[0])}
+    lin_scores = marker_scores(adata, lineage_markers(markers, keep=b_lineage))
+    S = lin_scores[types].values.astype(np.float32)
     if core is not None:
         S = np.column_stack([S, core.values.astype(np.float32)])
 
@@ -569,7 +594,6 @@ def annotate(
     cl_label = np.array([fam_names[i] for i in best], dtype=object)
     unassigned = (cl_mean[rows, best] < MIN_SCORE) | (cl_conf < cfg.min_confidence)
     cl_label[unassigned] = schema.UNASSIGNED
-    b_family = {*cll_types, NORMAL_B} if cll_types else set()
     coverage = marker_coverage(adata, markers)
     low = [
         f"{t} ({coverage[t]:.0%})"
@@ -581,7 +605,8 @@ def annotate(
             "annotate: under %.0f%% of the positive markers measured, not called within their "
             "lineage: %s", 100 * MIN_COVERAGE, ", ".join(low),
         )  # fmt: skip
-    cl_type_mean = _cluster_means(Ss[:, :n_types], cl_codes, n_cl)
+    full = scores.values.astype(np.float32)
+    cl_type_mean = _cluster_means(np.asarray(W @ full) if W is not None else full, cl_codes, n_cl)
     cl_label, label, cap = _subtypes_within_lineages(
         adata, markers, cl_label, cl_type_mean, cl_codes, types, lin_of,
         skip=b_family, refine_cells=refine_cells, coverage=coverage,

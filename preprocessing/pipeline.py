@@ -392,10 +392,17 @@ def _replace_dir(src: Path, dst: Path) -> None:
 
 
 def _write_outputs(adata, ctx: BuildContext) -> None:
-    from atlas.io import atomic_write_text
+    from atlas.io import atomic_write_text, sweep_temporaries
     from atlas.tables import get_table, has_table
 
     out = ctx.out
+    stale = sweep_temporaries(out)
+    if stale:
+        log.info(
+            "write: removed %d temporaries of a killed earlier write: %s",
+            len(stale),
+            ", ".join(stale),
+        )
     if ctx.model_dir.is_dir():
         _replace_dir(ctx.model_dir, out / schema.MODEL_DIR)
     if ctx.qc_dir.is_dir():
