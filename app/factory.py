@@ -140,7 +140,19 @@ def create_app(
 
     install_security(app.server, config, app=app)
     _guard_callbacks(app)
+    _register_js_paths(app)
     return app
+
+
+def _register_js_paths(app: dash.Dash) -> None:
+    """Dash allows its component bundles to be fetched only once it has rendered an index
+    page (that is when it registers their paths). Under gunicorn a browser's first page load
+    can fetch the page from one worker and a bundle from another that has not rendered one:
+    a 404 on ``polyfill@7…js`` and a blank page (seen in the browser benchmark). Render the
+    index once, in process, so every worker serves every bundle from its first request."""
+    prefix = app.config.requests_pathname_prefix or "/"
+    with app.server.test_request_context(prefix):
+        app.index()
 
 
 def _guard_callbacks(app: dash.Dash) -> None:

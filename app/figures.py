@@ -7,7 +7,6 @@ hand-made frames (``tests/test_figures.py``). Large numeric arrays are passed to
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Sequence
 
 import numpy as np
@@ -46,6 +45,9 @@ PALETTE = (
 )
 CONDITION_PALETTE = ("#4C566A", "#D08770", "#5E81AC", "#A3BE8C", "#B48EAD", "#EBCB8B", "#88C0D0")
 CONTINUOUS_SCALE = "Viridis"
+CONTINUOUS_BINS = 24  # colour levels of a continuous UMAP (one single-colour trace each)
+COLOURBAR_TRACE = "colour bar"
+NA_COLOUR = "#D1D5DB"
 DIVERGING_SCALE = "RdBu_r"
 UP_COLOUR = "#C0392B"
 DOWN_COLOUR = "#2E86C1"
@@ -91,15 +93,6 @@ def empty_figure(message: str, *, height: int = 320) -> go.Figure:
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False)
     return style(fig, height=height)
-
-
-def b64_array(values) -> dict:
-    """A plotly typed-array spec (base64 float32) for ``Patch`` updates.
-
-    ``Patch`` serialises numpy arrays as plain JSON lists; this keeps gene switches compact.
-    """
-    arr = np.ascontiguousarray(np.asarray(values, dtype=np.float32))
-    return {"dtype": "f4", "bdata": base64.b64encode(arr.tobytes()).decode("ascii")}
 
 
 def _f32(values) -> np.ndarray:
@@ -183,6 +176,47 @@ def _codes(s: pd.Series) -> tuple[np.ndarray, list]:
     return codes.astype(np.int64), list(uniq)
 
 
+def colour_range(values: np.ndarray) -> tuple[float, float]:
+    """``(cmin, cmax)`` of the finite values (a constant or empty column gets a unit range)."""
+    finite = values[np.isfinite(values)]
+    cmin = float(finite.min()) if finite.size else 0.0
+    cmax = float(finite.max()) if finite.size else 1.0
+    return cmin, (cmax if cmax > cmin else cmin + 1.0)
+
+
+def continuous_bins(
+    values: np.ndarray, cmin: float, cmax: float, k: int = CONTINUOUS_BINS
+) -> np.ndarray:
+    """Equal-width bin (0..k-1) of each value in ``[cmin, cmax]``; -1 where not finite."""
+    v = np.asarray(values, dtype=np.float64)
+    out = np.full(v.shape, -1, dtype=np.int64)
+    ok = np.isfinite(v)
+    out[ok] = np.clip(((v[ok] - cmin) / (cmax - cmin) * k).astype(np.int64), 0, k - 1)
+    return out
+
+
+def continuous_trace_rows(
+    panel_rows: list[tuple[str, str | None, np.ndarray]], bins: np.ndarray
+) -> list[tuple[str, str, np.ndarray]]:
+    """Split each panel's rows by bin, lowest first (no value, -1, underneath all):
+    ``(panel, str(bin), rows)`` for the non-empty bins."""
+    out = []
+    for p, _, r in panel_rows:
+        b = bins[r]
+        order = np.argsort(b, kind="stable")
+        kinds, starts = np.unique(b[order], return_index=True)
+        ends = np.append(starts[1:], len(order))
+        out.extend((p, str(int(k)), r[order[s:e]]) for k, s, e in zip(kinds, starts, ends))
+    return out
+
+
+def sample_scale(name: str, k: int) -> list[str]:
+    """``k`` colours of the named plotly colour scale, at the bin centres."""
+    from plotly.colors import get_colorscale, sample_colorscale
+
+    return sample_colorscale(get_colorscale(name), list((np.arange(k) + 0.5) / k))
+
+
 def umap_figure(
     df: pd.DataFrame,
     *,
@@ -198,9 +232,12 @@ def umap_figure(
     """UMAP as WebGL scatter(s).
 
     ``df`` columns: ``x``, ``y``, ``value`` (category or number), optional ``panel`` (one
-    side-by-side panel per value, e.g. the condition). Continuous values share one colour
-    axis, so a gene switch only replaces ``marker.color`` of each trace (see
-    :func:`umap_colour_patch_arrays`).
+    side-by-side panel per value, e.g. the condition). Continuous values are drawn as
+    ``CONTINUOUS_BINS`` single-colour traces per panel (equal-width bins of the colour range,
+    coloured at the bin centre, high values on top, cells without a value grey underneath)
+    and one invisible point that carries the colour bar: Plotly converts a per-point colour
+    array point by point (~650 ms for 100k points in headless Chromium here), single-colour
+    traces draw in ~50 ms.
     """
     if df.empty:
         return empty_figure("No cells to show")
@@ -236,11 +273,24 @@ def umap_figure(
             cmap.update({str(k): v for k, v in colours.items()})
     else:
         values = _f32(df["value"])
-        finite = values[np.isfinite(values)]
-        cmin = float(finite.min()) if finite.size else 0.0
-        cmax = float(finite.max()) if finite.size else 1.0
-        if cmax <= cmin:
-            cmax = cmin + 1.0
+        cmin, cmax = colour_range(values)
+        rows = continuous_trace_rows(rows, continuous_bins(values, cmin, cmax))
+        bin_colours = sample_scale(CONTINUOUS_SCALE, CONTINUOUS_BINS)
+        edges = np.linspace(cmin, cmax, CONTINUOUS_BINS + 1)
+        # the colour bar rides on one invisible point of the first panel
+        fig.add_trace(
+            go.Scattergl(
+                x=x[:1],
+                y=y[:1],
+                mode="markers",
+                marker={"color": [cmin], "coloraxis": "coloraxis", "opacity": 0, "size": 1},
+                name=COLOURBAR_TRACE,
+                showlegend=False,
+                hoverinfo="skip",
+            ),
+            row=1,
+            col=1,
+        )
     seen: set[str] = set()
     for p, c, r in rows:
         i = panels.index(p)
@@ -259,14 +309,16 @@ def umap_figure(
             )
             seen.add(c)
         else:
+            k = int(c)
+            lo_hi = f"{edges[k]:.3g} – {edges[k + 1]:.3g}" if k >= 0 else "no value"
             trace = go.Scattergl(
                 x=x[r],
                 y=y[r],
                 mode="markers",
-                marker={"size": point_size, "color": values[r], "coloraxis": "coloraxis"},
+                marker={"size": point_size, "color": bin_colours[k] if k >= 0 else NA_COLOUR},
                 name=p,
                 showlegend=False,
-                hovertemplate="%{marker.color:.3g}<extra></extra>",
+                hovertemplate=f"{colour_label} {lo_hi}<extra></extra>",
             )
         fig.add_trace(trace, row=row, col=col)
     fig.update_xaxes(
@@ -294,20 +346,6 @@ def umap_figure(
     style(fig, title=title, height=height or (420 * nrows if n > 1 else 560))
     fig.update_layout(margin={"l": 10, "r": 10, "t": 40 if (title or n > 1) else 10, "b": 10})
     return fig
-
-
-def umap_colour_patch_arrays(
-    df: pd.DataFrame, panel_order: Sequence[str] | None = None
-) -> tuple[list[np.ndarray], float, float]:
-    """Per-trace colour arrays (continuous mode) and the colour range for a ``Patch``."""
-    rows = umap_trace_rows(df, categorical=False, panel_order=panel_order)
-    values = _f32(df["value"])
-    finite = values[np.isfinite(values)]
-    cmin = float(finite.min()) if finite.size else 0.0
-    cmax = float(finite.max()) if finite.size else 1.0
-    if cmax <= cmin:
-        cmax = cmin + 1.0
-    return [values[r] for _, _, r in rows], cmin, cmax
 
 
 def selection_geometry(selected: dict | None) -> list[tuple[int, str, np.ndarray]]:

@@ -17,7 +17,9 @@ Method (deterministic, no reference atlas needed):
    and half on the best state (a state's activation or cell-cycle genes are not B-cell
    specific and alone would pull activated T cells or monocytes towards CLL); the margin to
    the best type of another lineage gives the cluster's confidence, and a cluster with no
-   convincing type is ``Unassigned``;
+   convincing type is ``Unassigned``; outside the B/CLL lineage this call drops a type's
+   negative markers that are positive markers of a sibling type (FCGR3A against classical
+   monocytes): they separate subtypes (step 5), not lineages;
 5. within a lineage, types are then chosen *relative to the lineage's other clusters*
    (each marker scaled by its highest cluster mean in the lineage), so that a shift of a
    whole lineage (interferon lowering CD14 in every monocyte) does not turn one subtype

@@ -46,32 +46,53 @@ def test_umap_categorical_split(umap_df):
         np.testing.assert_array_equal(np.asarray(t.x), umap_df["x"].to_numpy()[r])
 
 
-def test_umap_continuous_is_binary_encoded(umap_df):
+def _bin_traces(fig):
+    return [t for t in fig.data if t.name != F.COLOURBAR_TRACE]
+
+
+def test_umap_continuous_is_binned_single_colour_traces(umap_df):
     df = umap_df.drop(columns="panel").assign(value=np.linspace(0, 3, len(umap_df)))
     fig = F.umap_figure(df, categorical=False, colour_label="CD5")
-    assert len(fig.data) == 1
     assert fig.layout.coloraxis.cmin == 0 and fig.layout.coloraxis.cmax == pytest.approx(3)
+    assert fig.layout.coloraxis.colorbar.title.text == "CD5"
+    carrier = [t for t in fig.data if t.name == F.COLOURBAR_TRACE]
+    assert len(carrier) == 1 and carrier[0].marker.coloraxis == "coloraxis"
+    traces = _bin_traces(fig)
+    assert len(traces) == F.CONTINUOUS_BINS  # values span the range: every bin is used
+    assert sum(len(t.x) for t in traces) == len(df)
+    scale = F.sample_scale(F.CONTINUOUS_SCALE, F.CONTINUOUS_BINS)
+    assert [t.marker.color for t in traces] == scale  # one colour each, low to high
+    # every point sits in its bin: the trace's x values are those of the cells in the bin
+    bins = F.continuous_bins(df["value"].to_numpy(), 0.0, 3.0)
+    for k, t in enumerate(traces):
+        np.testing.assert_array_equal(np.sort(t.x), np.sort(df["x"].to_numpy()[bins == k]))
     payload = json.loads(fig.to_json())
-    marker = payload["data"][0]["marker"]
     # numpy float32 arrays travel as base64 typed arrays, not JSON lists
-    assert marker["color"]["dtype"] == "f4" and "bdata" in marker["color"]
-    assert payload["data"][0]["x"]["dtype"] == "f4"
+    assert payload["data"][1]["x"]["dtype"] == "f4"
 
 
-def test_umap_patch_arrays_match_traces(umap_df):
+def test_continuous_bins_and_missing_values():
+    b = F.continuous_bins(np.array([0.0, 0.49, 0.5, 1.0, np.nan, 7.0]), 0.0, 1.0, k=2)
+    assert b.tolist() == [0, 0, 1, 1, -1, 1]
+    df = pd.DataFrame({"x": [0.0, 1, 2, 3], "y": [0.0, 1, 2, 3], "value": [np.nan, 0, 1, 2]})
+    traces = _bin_traces(F.umap_figure(df, categorical=False))
+    assert traces[0].marker.color == F.NA_COLOUR and list(traces[0].x) == [0.0]  # underneath
+    assert sum(len(t.x) for t in traces) == 4
+
+
+def test_umap_continuous_split_keeps_panels(umap_df):
     df = umap_df.assign(value=np.arange(len(umap_df), dtype=float))
-    fig = F.umap_figure(df, categorical=False, panel_order=["VEN_RES", "REF", "IBR_RES"])
-    arrays, cmin, cmax = F.umap_colour_patch_arrays(df, panel_order=["VEN_RES", "REF", "IBR_RES"])
-    assert len(arrays) == len(fig.data) == 3
-    for a, t in zip(arrays, fig.data):
-        np.testing.assert_array_equal(a, np.asarray(t.marker.color))
-    assert (cmin, cmax) == (0, len(df) - 1)
-    spec = F.b64_array(arrays[0])
-    assert spec["dtype"] == "f4"
-    import base64
-
-    back = np.frombuffer(base64.b64decode(spec["bdata"]), dtype=np.float32)
-    np.testing.assert_array_equal(back, arrays[0])
+    order = ["VEN_RES", "REF", "IBR_RES"]
+    fig = F.umap_figure(df, categorical=False, panel_order=order)
+    traces = _bin_traces(fig)
+    assert [t.name for t in traces] == sorted((t.name for t in traces), key=order.index)
+    for t in traces:
+        ax = "x" if t.xaxis in (None, "x") else t.xaxis
+        panel = order[0] if ax == "x" else order[int(ax[1:]) - 1]
+        assert t.name == panel
+        sub = df[df["panel"] == panel]
+        assert set(np.asarray(t.x).tolist()) <= set(sub["x"].astype(np.float32).tolist())
+    assert sum(len(t.x) for t in traces) == len(df)
 
 
 def test_umap_empty_and_constant():

@@ -3,8 +3,9 @@ condition; a lasso/box selection shows its size and composition, runs a quick DE
 selection against the rest and exports the cell ids.
 
 Display: at most ``limits.max_display_points`` cells are drawn (a fixed random subset);
-selections are resolved on *all* cells from the lasso/box geometry. A gene switch sends a
-``Patch`` that replaces only ``marker.color`` of each trace (base64 float32).
+selections are resolved on *all* cells from the lasso/box geometry. A gene or score is
+drawn as single-colour traces of binned values (:func:`app.figures.umap_figure`): Plotly
+recolours per-point colour arrays point by point, ~12x slower to repaint.
 """
 
 from __future__ import annotations
@@ -13,8 +14,7 @@ import logging
 
 import numpy as np
 import pandas as pd
-from dash import Input, Output, Patch, State, dcc, html, no_update
-from dash import ctx as dash_ctx
+from dash import Input, Output, State, dcc, html, no_update
 
 from atlas import schema
 
@@ -254,9 +254,8 @@ def register(app, ctx) -> None:
         Input("cells-colour", "value"),
         Input("cells-gene", "value"),
         Input("cells-split", "value"),
-        State("cells-umap-meta", "data"),
     )
-    def _render(colour, gene, split_val, meta):
+    def _render(colour, gene, split_val):
         view = ctx.view
         split = "split" in (split_val or [])
         try:
@@ -271,22 +270,6 @@ def register(app, ctx) -> None:
         new_meta = {"mode": mode, "split": split, "label": label}
         df = umap_frame(view, values, split)
         panels = view.conditions if split else None
-        if (
-            meta
-            and meta.get("mode") == "continuous"
-            and mode == "continuous"
-            and meta.get("split") == split
-            and dash_ctx.triggered_id in ("cells-gene", "cells-colour")
-        ):
-            # only the colour changes: send the new colour arrays, not a new figure
-            arrays, cmin, cmax = F.umap_colour_patch_arrays(df, panel_order=panels)
-            patch = Patch()
-            for i, arr in enumerate(arrays):
-                patch["data"][i]["marker"]["color"] = F.b64_array(arr)
-            patch["layout"]["coloraxis"]["cmin"] = cmin
-            patch["layout"]["coloraxis"]["cmax"] = cmax
-            patch["layout"]["coloraxis"]["colorbar"]["title"]["text"] = label
-            return patch, new_meta, []
         colours = F.colour_map(cats) if cats else None
         fig = F.umap_figure(
             df,
