@@ -7,6 +7,7 @@ hand-made frames (``tests/test_figures.py``). Large numeric arrays are passed to
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Sequence
 
 import numpy as np
@@ -217,6 +218,115 @@ def sample_scale(name: str, k: int) -> list[str]:
     return sample_colorscale(get_colorscale(name), list((np.arange(k) + 0.5) / k))
 
 
+def umap_traces(
+    df: pd.DataFrame,
+    *,
+    categorical: bool,
+    colour_label: str = "",
+    panel_order: Sequence[str] | None = None,
+    category_order: Sequence[str] | None = None,
+    colours: dict[str, str] | None = None,
+    point_size: float | None = None,
+) -> tuple[list[dict], list[tuple[int, int]], tuple[float, float] | None]:
+    """The traces of :func:`umap_figure` as plain dicts (numpy coordinates), the
+    ``(row, col)`` of each, and the colour range (continuous values; else ``None``)."""
+    panels = umap_panels(df, panel_order)
+    n = len(panels)
+    ncols = _ncols(n)
+    if point_size is None:
+        per_panel = len(df) / n
+        point_size = float(np.clip(9 - 1.3 * np.log10(max(per_panel, 1)), 1.5, 6))
+    x = _f32(df["x"])
+    y = _f32(df["y"])
+    rows = umap_trace_rows(
+        df, categorical=categorical, panel_order=panel_order, category_order=category_order
+    )
+    if categorical:
+        cats = list(dict.fromkeys(c for _, c, _ in rows))
+        if category_order is not None:
+            cats = [str(c) for c in category_order if str(c) in set(cats)]
+        cmap = dict(colour_map(cats))
+        if colours:
+            cmap.update({str(k): v for k, v in colours.items()})
+    else:
+        values = _f32(df["value"])
+        cmin, cmax = colour_range(values)
+        rows = continuous_trace_rows(rows, continuous_bins(values, cmin, cmax))
+        bin_colours = sample_scale(CONTINUOUS_SCALE, CONTINUOUS_BINS)
+        edges = np.linspace(cmin, cmax, CONTINUOUS_BINS + 1)
+    # traces as plain dicts added in one call, unvalidated (their keys are fixed here):
+    # plotly's per-trace validation cost ~4 ms a trace, most of a gene switch's server time
+    traces: list[dict] = []
+    where: list[tuple[int, int]] = []
+    if not categorical:
+        # the colour bar rides on one invisible point of the first panel
+        traces.append(
+            {
+                "type": "scattergl",
+                "x": x[:1],
+                "y": y[:1],
+                "mode": "markers",
+                "marker": {"color": [cmin], "coloraxis": "coloraxis", "opacity": 0, "size": 1},
+                "name": COLOURBAR_TRACE,
+                "showlegend": False,
+                "hoverinfo": "skip",
+            }
+        )
+        where.append((1, 1))
+    seen: set[str] = set()
+    for p, c, r in rows:
+        i = panels.index(p)
+        where.append((i // ncols + 1, i % ncols + 1))
+        trace = {"type": "scattergl", "x": x[r], "y": y[r], "mode": "markers"}
+        if categorical:
+            trace.update(
+                marker={"size": point_size, "color": cmap[c], "opacity": 0.85},
+                name=c,
+                legendgroup=c,
+                showlegend=c not in seen,
+                hovertemplate=f"{c}<extra></extra>",
+            )
+            seen.add(c)
+        else:
+            k = int(c)
+            lo_hi = f"{edges[k]:.3g} – {edges[k + 1]:.3g}" if k >= 0 else "no value"
+            trace.update(
+                marker={"size": point_size, "color": bin_colours[k] if k >= 0 else NA_COLOUR},
+                name=p,
+                showlegend=False,
+                hovertemplate=f"{colour_label} {lo_hi}<extra></extra>",
+            )
+        traces.append(trace)
+    return traces, where, (None if categorical else (cmin, cmax))
+
+
+def umap_colour_patch(
+    df: pd.DataFrame, *, colour_label: str, panel_order: Sequence[str] | None = None
+) -> tuple[list[dict], float, float]:
+    """Continuous values: the traces of :func:`umap_figure`, JSON-ready (base64 float32
+    coordinates, subplot axes set), to replace a continuous figure's ``data`` in a ``Patch``
+    when only the colour changes: no figure, layout or validation is rebuilt."""
+    traces, where, crange = umap_traces(
+        df, categorical=False, colour_label=colour_label, panel_order=panel_order
+    )
+    ncols = _ncols(len(umap_panels(df, panel_order)))
+    out = []
+    for t, (row, col) in zip(traces, where):
+        suffix = _axis_suffix((row - 1) * ncols + col - 1)
+        out.append(
+            {**t, "x": b64_array(t["x"]), "y": b64_array(t["y"]),
+             "xaxis": "x" + suffix, "yaxis": "y" + suffix}
+        )  # fmt: skip
+    cmin, cmax = crange if crange is not None else (0.0, 1.0)
+    return out, cmin, cmax
+
+
+def b64_array(values) -> dict:
+    """A plotly typed-array spec (base64 float32): ``Patch`` sends numpy arrays as lists."""
+    arr = np.ascontiguousarray(np.asarray(values, dtype=np.float32))
+    return {"dtype": "f4", "bdata": base64.b64encode(arr.tobytes()).decode("ascii")}
+
+
 def umap_figure(
     df: pd.DataFrame,
     *,
@@ -256,71 +366,19 @@ def umap_figure(
         shared_xaxes=True,
         shared_yaxes=True,
     )
-    if point_size is None:
-        per_panel = len(df) / n
-        point_size = float(np.clip(9 - 1.3 * np.log10(max(per_panel, 1)), 1.5, 6))
-    x = _f32(df["x"])
-    y = _f32(df["y"])
-    rows = umap_trace_rows(
-        df, categorical=categorical, panel_order=panel_order, category_order=category_order
+    traces, where, crange = umap_traces(
+        df,
+        categorical=categorical,
+        colour_label=colour_label,
+        panel_order=panel_order,
+        category_order=category_order,
+        colours=colours,
+        point_size=point_size,
     )
-    if categorical:
-        cats = list(dict.fromkeys(c for _, c, _ in rows))
-        if category_order is not None:
-            cats = [str(c) for c in category_order if str(c) in set(cats)]
-        cmap = dict(colour_map(cats))
-        if colours:
-            cmap.update({str(k): v for k, v in colours.items()})
-    else:
-        values = _f32(df["value"])
-        cmin, cmax = colour_range(values)
-        rows = continuous_trace_rows(rows, continuous_bins(values, cmin, cmax))
-        bin_colours = sample_scale(CONTINUOUS_SCALE, CONTINUOUS_BINS)
-        edges = np.linspace(cmin, cmax, CONTINUOUS_BINS + 1)
-        # the colour bar rides on one invisible point of the first panel
-        fig.add_trace(
-            go.Scattergl(
-                x=x[:1],
-                y=y[:1],
-                mode="markers",
-                marker={"color": [cmin], "coloraxis": "coloraxis", "opacity": 0, "size": 1},
-                name=COLOURBAR_TRACE,
-                showlegend=False,
-                hoverinfo="skip",
-            ),
-            row=1,
-            col=1,
-        )
-    seen: set[str] = set()
-    for p, c, r in rows:
-        i = panels.index(p)
-        row, col = i // ncols + 1, i % ncols + 1
-        if categorical:
-            marker = {"size": point_size, "color": cmap[c], "opacity": 0.85}
-            trace = go.Scattergl(
-                x=x[r],
-                y=y[r],
-                mode="markers",
-                marker=marker,
-                name=c,
-                legendgroup=c,
-                showlegend=c not in seen,
-                hovertemplate=f"{c}<extra></extra>",
-            )
-            seen.add(c)
-        else:
-            k = int(c)
-            lo_hi = f"{edges[k]:.3g} – {edges[k + 1]:.3g}" if k >= 0 else "no value"
-            trace = go.Scattergl(
-                x=x[r],
-                y=y[r],
-                mode="markers",
-                marker={"size": point_size, "color": bin_colours[k] if k >= 0 else NA_COLOUR},
-                name=p,
-                showlegend=False,
-                hovertemplate=f"{colour_label} {lo_hi}<extra></extra>",
-            )
-        fig.add_trace(trace, row=row, col=col)
+    if traces:
+        fig._validate = False
+        fig.add_traces(traces, rows=[w[0] for w in where], cols=[w[1] for w in where])
+        fig._validate = True
     fig.update_xaxes(
         showticklabels=False, showgrid=False, zeroline=False, showline=True, linecolor="#E5E7EB"
     )
@@ -328,7 +386,8 @@ def umap_figure(
         showticklabels=False, showgrid=False, zeroline=False, showline=True, linecolor="#E5E7EB"
     )
     fig.update_yaxes(scaleanchor="x", scaleratio=1, row=1, col=1)
-    if not categorical:
+    if crange is not None:
+        cmin, cmax = crange
         fig.update_layout(
             coloraxis={
                 "colorscale": CONTINUOUS_SCALE,

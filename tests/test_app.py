@@ -132,25 +132,42 @@ def test_url_helpers_round_trip():
 
 
 # ----------------------------------------------------------------------------- cells
-def test_cells_gene_switch_draws_binned_traces(dash_app):
+def test_cells_gene_switch_patches_binned_traces(dash_app):
     import base64
 
-    t0 = time.perf_counter()
-    res = dispatch(
-        dash_app,
-        "cells-umap.figure",
-        {"cells-colour.value": "cell_type", "cells-gene.value": "CD19", "cells-split.value": []},
-        triggered="cells-gene.value",
-    )
-    elapsed = time.perf_counter() - t0
-    fig = res["response"]["cells-umap"]["figure"]
+    def switch(meta):
+        t0 = time.perf_counter()
+        res = dispatch(
+            dash_app,
+            "cells-umap.figure",
+            {
+                "cells-colour.value": "cell_type",
+                "cells-gene.value": "CD19",
+                "cells-split.value": [],
+                "cells-umap-meta.data": meta,
+            },
+            triggered="cells-gene.value",
+        )
+        return res["response"], time.perf_counter() - t0
+
+    # from a categorical view: the whole figure
+    resp, _ = switch({"mode": "categorical", "split": False, "label": "cell_type"})
+    fig = resp["cells-umap"]["figure"]
     assert fig["layout"]["coloraxis"]["colorbar"]["title"]["text"] == "CD19"
-    bins = [t for t in fig["data"] if t.get("name") != "colour bar"]
-    assert len(bins) > 1 and all(isinstance(t["marker"]["color"], str) for t in bins)
-    # coordinates as base64 float32; every displayed cell drawn once
-    n = sum(len(base64.b64decode(t["x"]["bdata"])) // 4 for t in bins)
-    assert n == len(dash_app.tme.view.display_idx)
-    assert res["response"]["cells-umap-meta"]["data"]["mode"] == "continuous"
+    full = [t for t in fig["data"] if t.get("name") != "colour bar"]
+    assert len(full) > 1 and all(isinstance(t["marker"]["color"], str) for t in full)
+    n = sum(len(base64.b64decode(t["x"]["bdata"])) // 4 for t in full)
+    assert n == len(dash_app.tme.view.display_idx)  # every displayed cell drawn once
+    assert resp["cells-umap-meta"]["data"]["mode"] == "continuous"
+    # from another gene: a Patch of the traces and the colour range only
+    resp, elapsed = switch({"mode": "continuous", "split": False, "label": "CD5"})
+    patch = resp["cells-umap"]["figure"]
+    assert patch.get("__dash_patch_update") == "__dash_patch_update"
+    ops = {tuple(o["location"]): o["params"]["value"] for o in patch["operations"]}
+    assert ops[("layout", "coloraxis", "colorbar", "title", "text")] == "CD19"
+    traces = ops[("data",)]
+    assert [len(t["x"]["bdata"]) for t in traces] == [len(t["x"]["bdata"]) for t in fig["data"]]
+    assert [t["marker"]["color"] for t in traces] == [t["marker"]["color"] for t in fig["data"]]
     assert elapsed < 2.0
 
 

@@ -95,6 +95,24 @@ def test_umap_continuous_split_keeps_panels(umap_df):
     assert sum(len(t.x) for t in traces) == len(df)
 
 
+def test_umap_colour_patch_matches_the_figure(umap_df):
+    import base64
+
+    df = umap_df.assign(value=np.arange(len(umap_df), dtype=float))
+    order = ["VEN_RES", "REF", "IBR_RES"]
+    fig = F.umap_figure(df, categorical=False, panel_order=order, colour_label="CD5")
+    traces, cmin, cmax = F.umap_colour_patch(df, colour_label="CD5", panel_order=order)
+    assert (cmin, cmax) == (0, len(df) - 1)
+    assert len(traces) == len(fig.data)
+    for t, f in zip(traces, fig.data):
+        x = np.frombuffer(base64.b64decode(t["x"]["bdata"]), dtype=np.float32)
+        np.testing.assert_array_equal(x, np.asarray(f.x))
+        assert t["xaxis"] == (f.xaxis or "x") and t["yaxis"] == (f.yaxis or "y")
+        assert t["name"] == f.name
+        if t["name"] != F.COLOURBAR_TRACE:
+            assert t["marker"]["color"] == f.marker.color
+
+
 def test_umap_empty_and_constant():
     fig = F.umap_figure(pd.DataFrame(columns=["x", "y", "value"]), categorical=True)
     assert fig.layout.annotations[0].text == "No cells to show"

@@ -5,7 +5,9 @@ selection against the rest and exports the cell ids.
 Display: at most ``limits.max_display_points`` cells are drawn (a fixed random subset);
 selections are resolved on *all* cells from the lasso/box geometry. A gene or score is
 drawn as single-colour traces of binned values (:func:`app.figures.umap_figure`): Plotly
-recolours per-point colour arrays point by point, ~12x slower to repaint.
+recolours per-point colour arrays point by point, ~12x slower to repaint. Switching from one
+gene or score to another sends a ``Patch`` with only the new traces (base64 float32) and
+the colour range.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import logging
 
 import numpy as np
 import pandas as pd
-from dash import Input, Output, State, dcc, html, no_update
+from dash import Input, Output, Patch, State, dcc, html, no_update
+from dash import ctx as dash_ctx
 
 from atlas import schema
 
@@ -254,8 +257,9 @@ def register(app, ctx) -> None:
         Input("cells-colour", "value"),
         Input("cells-gene", "value"),
         Input("cells-split", "value"),
+        State("cells-umap-meta", "data"),
     )
-    def _render(colour, gene, split_val):
+    def _render(colour, gene, split_val, meta):
         view = ctx.view
         split = "split" in (split_val or [])
         try:
@@ -270,6 +274,21 @@ def register(app, ctx) -> None:
         new_meta = {"mode": mode, "split": split, "label": label}
         df = umap_frame(view, values, split)
         panels = view.conditions if split else None
+        if (
+            meta
+            and meta.get("mode") == "continuous"
+            and mode == "continuous"
+            and meta.get("split") == split
+            and dash_ctx.triggered_id in ("cells-gene", "cells-colour")
+        ):
+            # only the colours change: new binned traces in a Patch, the layout stays
+            traces, cmin, cmax = F.umap_colour_patch(df, colour_label=label, panel_order=panels)
+            patch = Patch()
+            patch["data"] = traces
+            patch["layout"]["coloraxis"]["cmin"] = cmin
+            patch["layout"]["coloraxis"]["cmax"] = cmax
+            patch["layout"]["coloraxis"]["colorbar"]["title"]["text"] = label
+            return patch, new_meta, []
         colours = F.colour_map(cats) if cats else None
         fig = F.umap_figure(
             df,
