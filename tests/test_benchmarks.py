@@ -39,16 +39,21 @@ def test_harness_smoke(tmp_path):
     assert entry["ratio_total"] > 0
 
 
-@pytest.mark.slow
-def test_callbacks_harness_smoke(tmp_path):
-    """bench_callbacks on a 3,000-cell synthetic atlas: every action answers, bytes recorded."""
-    out = tmp_path / "callbacks.json"
+def _explorer_bench(module: str, tmp_path, cells: int = 3000) -> dict:
+    """Run ``benchmarks.<module>`` on a synthetic atlas of ``cells``; its result for that size."""
+    out = tmp_path / f"{module}.json"
     subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_callbacks", "--sizes", "3000", "--repeats", "2",
+        [sys.executable, "-m", f"benchmarks.{module}", "--sizes", str(cells), "--repeats", "2",
          "--work", str(tmp_path / "work"), "--out", str(out)],
         cwd=REPO, check=True, timeout=600,
     )  # fmt: skip
-    res = json.loads(out.read_text())["sizes"]["3000"]
+    return json.loads(out.read_text())["sizes"][str(cells)]
+
+
+@pytest.mark.slow
+def test_callbacks_harness_smoke(tmp_path):
+    """bench_callbacks on a 3,000-cell synthetic atlas: every action answers, bytes recorded."""
+    res = _explorer_bench("bench_callbacks", tmp_path)
     for kind in ("gene_switch", "metadata_colour", "violin", "dot_plot", "interaction_filter"):
         assert res[kind]["median_ms"] > 0 and res[kind]["bytes"] > 0, kind
     assert res["errors"] == []
@@ -63,12 +68,6 @@ def test_browser_harness_smoke(tmp_path):
 
     if shutil.which("chromium") is None or not os.path.exists("/usr/bin/chromedriver"):
         pytest.skip("chromium / chromedriver missing")
-    out = tmp_path / "browser.json"
-    subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_browser", "--sizes", "3000", "--repeats", "2",
-         "--work", str(tmp_path / "work"), "--out", str(out)],
-        cwd=REPO, check=True, timeout=600,
-    )  # fmt: skip
-    res = json.loads(out.read_text())["sizes"]["3000"]
+    res = _explorer_bench("bench_browser", tmp_path)
     assert res["first_load_s"] > 0 and res["gene_repaint_ms"] > 0
     assert res["points_drawn"] == 3000
