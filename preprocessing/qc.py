@@ -45,7 +45,12 @@ REASONS = (
 )
 MAD_SCALE = 1.4826
 SCRUBLET_N_PCS = 10
-SCRUBLET_SIM_RATIO = 5.0
+SCRUBLET_SIM_RATIO = 5.0  # small samples: more simulated doublets, a denser neighbourhood
+# from this many cells a sample simulates scrublet's default 2 doublets per cell: the exact kNN
+# is O(((1 + ratio) n)^2); on planted doublets (6k and 18k-cell samples, 5 samples) recall,
+# precision and AUC were equal within 0.01 and scoring took a quarter of the time
+SCRUBLET_LARGE_SAMPLE = 5000
+SCRUBLET_SIM_RATIO_LARGE = 2.0
 MIN_CELLS_SCRUBLET = 30  # scrublet needs a neighbourhood; smaller samples are not scored
 PARAMS_KEY = f"{schema.UNS_PARAMS_PREFIX}qc"
 
@@ -125,6 +130,11 @@ def _flag_sample(obs: pd.DataFrame, cfg) -> pd.DataFrame:
     return flags
 
 
+def scrublet_sim_ratio(n_cells: int) -> float:
+    """Simulated doublets per observed cell for a sample of ``n_cells``."""
+    return SCRUBLET_SIM_RATIO if n_cells < SCRUBLET_LARGE_SAMPLE else SCRUBLET_SIM_RATIO_LARGE
+
+
 def _scrublet_sample(counts, cfg, seed: int) -> tuple[np.ndarray, np.ndarray, float | None]:
     """Doublet scores / calls of one sample's cells (raw counts, cells x genes).
 
@@ -149,7 +159,7 @@ def _scrublet_sample(counts, cfg, seed: int) -> tuple[np.ndarray, np.ndarray, fl
             sc.pp.scrublet(
                 a,
                 expected_doublet_rate=cfg.doublet_rate,
-                sim_doublet_ratio=SCRUBLET_SIM_RATIO,
+                sim_doublet_ratio=scrublet_sim_ratio(n),
                 n_prin_comps=n_pcs,
                 log_transform=True,
                 mean_center=True,
@@ -288,7 +298,8 @@ def run_qc(
         "keep_all": bool(keep_all),
         "doublet_method": (
             "scanpy.pp.scrublet per sample on raw counts of non-low-quality cells "
-            f"(log_transform, {SCRUBLET_N_PCS} PCs, sim_doublet_ratio {SCRUBLET_SIM_RATIO}); "
+            f"(log_transform, {SCRUBLET_N_PCS} PCs, sim_doublet_ratio {SCRUBLET_SIM_RATIO}, "
+            f"{SCRUBLET_SIM_RATIO_LARGE} from {SCRUBLET_LARGE_SAMPLE} cells; exact kNN); "
             "the doublet_rate fraction of highest scores called"
         ),
         "mad": "median absolute deviation (x1.4826) of log1p counts, log1p genes, % mito",

@@ -212,3 +212,27 @@ def test_report_is_self_contained(qc_small, tmp_path):
     csv = pd.read_csv(tmp_path / "qc" / "summary.csv")
     assert list(csv.columns[: len(SUMMARY_COLUMNS)]) == SUMMARY_COLUMNS
     assert len(csv) == len(summary)
+
+
+def test_scrublet_simulates_fewer_doublets_in_large_samples(monkeypatch):
+    """Exact kNN over (1 + ratio) x n points: large samples use scrublet's default ratio."""
+    import scanpy as sc
+
+    from atlas.config import QCConfig
+    from preprocessing import qc
+
+    seen = []
+
+    def fake_scrublet(a, **kw):
+        seen.append((a.n_obs, kw["sim_doublet_ratio"], kw["use_approx_neighbors"]))
+        a.obs[schema.OBS_DOUBLET_SCORE] = np.linspace(0, 1, a.n_obs)
+
+    monkeypatch.setattr(sc.pp, "scrublet", fake_scrublet)
+    for n in (200, qc.SCRUBLET_LARGE_SAMPLE):
+        counts = sp.random(n, 50, density=0.2, format="csr", random_state=0) * 10
+        qc._scrublet_sample(counts, QCConfig(), 0)
+    assert seen == [
+        (200, qc.SCRUBLET_SIM_RATIO, False),
+        (qc.SCRUBLET_LARGE_SAMPLE, qc.SCRUBLET_SIM_RATIO_LARGE, False),
+    ]
+    assert qc.SCRUBLET_SIM_RATIO_LARGE < qc.SCRUBLET_SIM_RATIO
