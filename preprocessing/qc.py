@@ -8,7 +8,8 @@ Per sample (never across samples, whose depths differ):
   log1p total counts, log1p genes (both sides) or % mito (upper side only);
 * hard floors / ceilings: ``min_genes``, ``min_counts``, ``max_pct_mito``;
 * doublets: ``scanpy.pp.scrublet`` on the raw counts of the sample's cells that are not
-  low-quality (``expected_doublet_rate`` from the config, fixed random state).
+  low-quality (``expected_doublet_rate`` from the config, fixed random state; exact kNN;
+  5 simulated doublets per cell below 5,000 cells, scrublet's default 2 from there).
 
 Flags are kept in ``.obs`` (:data:`~atlas.schema.OBS_QC_OUTLIER`,
 :data:`~atlas.schema.OBS_QC_REASON`, :data:`~atlas.schema.OBS_DOUBLET_SCORE`,
