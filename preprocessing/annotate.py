@@ -144,14 +144,20 @@ def _type_score(S: pd.DataFrame, up: list[str], down: list[str]) -> np.ndarray:
     return (score * (len(up) / (len(up) + COVERAGE_PSEUDOCOUNT))).astype(np.float32)
 
 
-def marker_scores(adata, markers: pd.DataFrame, *, min_genes: int = 1) -> pd.DataFrame:
+def marker_scores(
+    adata, markers: pd.DataFrame, *, min_genes: int = 1, scaled: pd.DataFrame | None = None
+) -> pd.DataFrame:
     """Per-cell score per cell type (cells x types): mean scaled expression of the positive
     markers minus the mean of its negative markers, times ``n / (n + 1)`` for its ``n``
     positive markers in the data (coverage). Types with < ``min_genes`` positive markers in
-    the data are left out."""
+    the data are left out. ``scaled``: :func:`_scaled_expression` of (at least) the table's
+    genes, when the caller scores several tables of the same genes (computed here if not)."""
     present = markers[markers["gene"].isin(adata.var_names)]
     genes = list(dict.fromkeys(present["gene"]))
-    S = _scaled_expression(adata, genes) if genes else pd.DataFrame(index=adata.obs_names)
+    if scaled is not None:
+        S = scaled[genes]
+    else:
+        S = _scaled_expression(adata, genes) if genes else pd.DataFrame(index=adata.obs_names)
     out = {}
     for ct in dict.fromkeys(markers["cell_type"]):
         m = present[present["cell_type"] == ct]
@@ -527,7 +533,10 @@ def annotate(
     ckey = cluster_key or _fine_cluster_key(adata, cfg.resolution)
     clusters = adata.obs[ckey].astype("category")
 
-    scores = marker_scores(adata, markers)
+    # every table scored below is a subset of these genes: scale their expression once
+    marker_genes = [g for g in dict.fromkeys(markers["gene"]) if g in adata.var_names]
+    scaled = _scaled_expression(adata, marker_genes) if marker_genes else None
+    scores = marker_scores(adata, markers, scaled=scaled)
     if scores.shape[1] == 0:
         raise ValueError(f"no marker gene of references/markers_{species}.csv is in the data")
     for ct in scores.columns:
@@ -539,10 +548,10 @@ def annotate(
     core = None
     if cll_types:
         fam_m = family_markers(markers, cll_types, "_cll_core")
-        core = marker_scores(adata, fam_m).get("_cll_core")
+        core = marker_scores(adata, fam_m, scaled=scaled).get("_cll_core")
     b_family = {*cll_types, NORMAL_B} if cll_types else set()
     b_lineage = {t for t in types if cll_types and lin_of.get(t) == lin_of.get(cll_types[0])}
-    lin_scores = marker_scores(adata, lineage_markers(markers, keep=b_lineage))
+    lin_scores = marker_scores(adata, lineage_markers(markers, keep=b_lineage), scaled=scaled)
     S = lin_scores[types].values.astype(np.float32)
     if core is not None:
         S = np.column_stack([S, core.values.astype(np.float32)])
