@@ -227,12 +227,11 @@ def umap_traces(
     category_order: Sequence[str] | None = None,
     colours: dict[str, str] | None = None,
     point_size: float | None = None,
-) -> tuple[list[dict], list[tuple[int, int]], tuple[float, float] | None]:
-    """The traces of :func:`umap_figure` as plain dicts (numpy coordinates), the
-    ``(row, col)`` of each, and the colour range (continuous values; else ``None``)."""
+) -> tuple[list[dict], list[int], tuple[float, float] | None]:
+    """The traces of :func:`umap_figure` as plain dicts (numpy coordinates), the panel index
+    of each, and the colour range (continuous values; else ``None``)."""
     panels = umap_panels(df, panel_order)
     n = len(panels)
-    ncols = _ncols(n)
     if point_size is None:
         per_panel = len(df) / n
         point_size = float(np.clip(9 - 1.3 * np.log10(max(per_panel, 1)), 1.5, 6))
@@ -257,7 +256,7 @@ def umap_traces(
     # traces as plain dicts added in one call, unvalidated (their keys are fixed here):
     # plotly's per-trace validation cost ~4 ms a trace, most of a gene switch's server time
     traces: list[dict] = []
-    where: list[tuple[int, int]] = []
+    where: list[int] = []
     if not categorical:
         # the colour bar rides on one invisible point of the first panel
         traces.append(
@@ -272,11 +271,11 @@ def umap_traces(
                 "hoverinfo": "skip",
             }
         )
-        where.append((1, 1))
+        where.append(0)
     seen: set[str] = set()
     for p, c, r in rows:
         i = panels.index(p)
-        where.append((i // ncols + 1, i % ncols + 1))
+        where.append(i)
         trace = {"type": "scattergl", "x": x[r], "y": y[r], "mode": "markers"}
         if categorical:
             trace.update(
@@ -309,15 +308,14 @@ def umap_colour_patch(
     traces, where, crange = umap_traces(
         df, categorical=False, colour_label=colour_label, panel_order=panel_order
     )
-    ncols = _ncols(len(umap_panels(df, panel_order)))
     out = []
-    for t, (row, col) in zip(traces, where):
-        suffix = _axis_suffix((row - 1) * ncols + col - 1)
+    for t, i in zip(traces, where):
+        suffix = _axis_suffix(i)
         out.append(
             {**t, "x": b64_array(t["x"]), "y": b64_array(t["y"]),
              "xaxis": "x" + suffix, "yaxis": "y" + suffix}
         )  # fmt: skip
-    cmin, cmax = crange if crange is not None else (0.0, 1.0)
+    cmin, cmax = crange
     return out, cmin, cmax
 
 
@@ -377,8 +375,12 @@ def umap_figure(
     )
     if traces:
         fig._validate = False
-        fig.add_traces(traces, rows=[w[0] for w in where], cols=[w[1] for w in where])
-        fig._validate = True
+        try:
+            fig.add_traces(
+                traces, rows=[i // ncols + 1 for i in where], cols=[i % ncols + 1 for i in where]
+            )
+        finally:
+            fig._validate = True
     fig.update_xaxes(
         showticklabels=False, showgrid=False, zeroline=False, showline=True, linecolor="#E5E7EB"
     )
