@@ -148,3 +148,22 @@ def test_simulator_genes_are_covered():
     counts = counts.reindex(SIM_TYPES).fillna(0)
     assert (counts >= 3).all(), counts[counts < 3]
     assert isinstance(counts, pd.Series)
+
+
+def test_gene_positions_human():
+    from references import GENE_TABLE_COLUMNS, gene_positions
+
+    g = gene_positions("human")
+    assert tuple(g.columns) == GENE_TABLE_COLUMNS
+    assert g["symbol"].is_unique and len(g) > 30_000
+    placed = g[g["chromosome"] != ""]
+    assert len(placed) > 25_000 and (placed["start"] <= placed["end"]).all()
+    # spot checks against hg38 (TP53 on 17p13.1, ATM on 11q22.3, CD5 on 11q12.2)
+    row = g.set_index("symbol")
+    assert (
+        row.loc["TP53", "chromosome"] == "17" and 7_660_000 < row.loc["TP53", "start"] < 7_700_000
+    )
+    assert (
+        row.loc["ATM", "chromosome"] == "11" and row.loc["ATM", "ensembl_id"] == "ENSG00000149311"
+    )
+    assert row.loc["CD5", "ensembl_id"] == "ENSG00000110448"
