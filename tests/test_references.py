@@ -167,3 +167,13 @@ def test_gene_positions_human():
         row.loc["ATM", "chromosome"] == "11" and row.loc["ATM", "ensembl_id"] == "ENSG00000149311"
     )
     assert row.loc["CD5", "ensembl_id"] == "ENSG00000110448"
+
+
+def test_gene_positions_mouse():
+    from references import gene_positions
+
+    g = gene_positions("mouse").set_index("symbol")
+    assert len(g) > 40_000
+    # GRCm38 spot checks: Trp53 on chr11, Cd5 on chr19
+    assert g.loc["Trp53", "chromosome"] == "11" and g.loc["Trp53", "start"] == 69_580_359
+    assert g.loc["Cd5", "chromosome"] == "19"
