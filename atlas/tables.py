@@ -57,6 +57,50 @@ def has_table(adata, name: str) -> bool:
     return name in adata.uns.get(schema.UNS_TABLES, {})
 
 
+# Cells a spreadsheet (Excel, LibreOffice, Google Sheets) would run as a formula: "=cmd|...",
+# "+SUM(...)", "-2+3", "@SUM(...)", and the same after a tab or carriage return.
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+
+
+def is_formula_like(value: object) -> bool:
+    """A string a spreadsheet would read as a formula (``=``, ``+``, ``-``, ``@``, tab, CR)."""
+    return isinstance(value, str) and value.startswith(FORMULA_PREFIXES)
+
+
+def _escape_cell(value: object) -> object:
+    if not isinstance(value, str):
+        return value
+    if is_formula_like(value):
+        value = f"'{value}"
+    # a bare CR is not quoted by the csv writer, and spreadsheets start a new row at it
+    return value.replace("\r\n", "\n").replace("\r", "\n") if "\r" in value else value
+
+
+def _needs_escape(value: object) -> bool:
+    return is_formula_like(value) or (isinstance(value, str) and "\r" in value)
+
+
+def csv_text(df: pd.DataFrame, **kwargs) -> str:
+    """``df.to_csv(index=False, **kwargs)`` with text cells (and column names) that a
+    spreadsheet would run as a formula prefixed with ``'`` (OWASP "CSV injection"); numbers
+    (negative ones included) are written as numbers; carriage returns inside a cell become
+    newlines (quoted). Every CSV the project writes goes through here."""
+    kwargs.setdefault("index", False)
+    out = df.copy(deep=False)
+    out.columns = [_escape_cell(str(c)) for c in out.columns]
+    for i in range(out.shape[1]):
+        col = out.iloc[:, i]
+        if isinstance(col.dtype, pd.CategoricalDtype) or pd.api.types.is_object_dtype(col):
+            col = col.astype(object)
+            if col.map(_needs_escape).any():
+                out.isetitem(i, col.map(_escape_cell))
+        elif pd.api.types.is_string_dtype(col):
+            out.isetitem(i, col.map(_escape_cell))
+    if kwargs.get("index"):
+        out.index = out.index.map(_escape_cell)
+    return out.to_csv(**kwargs)
+
+
 def write_tables_csv(adata, out_dir: str | Path) -> list[Path]:
     """Write every stored table to ``out_dir/<name>.csv`` (atomically); returns the paths."""
     out_dir = Path(out_dir)
@@ -66,6 +110,6 @@ def write_tables_csv(adata, out_dir: str | Path) -> list[Path]:
         if not isinstance(df, pd.DataFrame):
             df = pd.DataFrame(dict(df))
         path = out_dir / f"{name}.csv"
-        atomic_write_text(path, df.to_csv(index=False))
+        atomic_write_text(path, csv_text(df))
         paths.append(path)
     return paths

@@ -538,7 +538,13 @@ def annotate(
     scaled = _scaled_expression(adata, marker_genes) if marker_genes else None
     scores = marker_scores(adata, markers, scaled=scaled)
     if scores.shape[1] == 0:
-        raise ValueError(f"no marker gene of references/markers_{species}.csv is in the data")
+        from atlas.errors import InputError
+
+        raise InputError(
+            f"no marker gene of references/markers_{species}.csv is in the data (genes such as "
+            f"{', '.join(map(str, adata.var_names[:3]))}); give {species} gene symbols as the "
+            "features (10x features.tsv: id<TAB>symbol<TAB>Gene Expression)"
+        )
     for ct in scores.columns:
         adata.obs[marker_key(ct)] = scores[ct].values
     types = list(scores.columns)

@@ -25,9 +25,11 @@ symbols as ``var_names`` and Ensembl ids in ``.var["gene_ids"]``.
 from __future__ import annotations
 
 import csv
+import functools
 import gzip
 import hashlib
 import io
+import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +40,7 @@ import scipy.sparse as sp
 
 from atlas import schema
 from atlas.errors import InputError
+from atlas.tables import FORMULA_PREFIXES, is_formula_like
 
 from .log import get_logger
 
@@ -51,8 +54,25 @@ FMT_TEXT = "text"
 
 _TEXT_SUFFIXES = (".csv", ".tsv", ".txt")
 _CELL_HEADERS = {"barcode", "barcodes", "cell", "cells", "cell_id", "cell_barcode", "obs_names"}
-_MITO_PREFIX = {"human": "MT-", "mouse": "mt-"}
 _READ_ERRORS = (OSError, EOFError, ValueError, KeyError, IndexError, TypeError, zlib.error)
+
+# Sample sheet limits: one row per sample; anything bigger is not a sample sheet
+MAX_SHEET_BYTES = 8 << 20
+MAX_SHEET_LINE = 64 << 10  # characters per line
+MAX_SHEET_FIELD = 4096  # characters per field
+# Columns whose values name things (and travel into every result table): a value a
+# spreadsheet would run as a formula is refused there (and escaped in every CSV written).
+ID_COLUMNS = (
+    schema.SHEET_SAMPLE,
+    schema.SHEET_PATIENT,
+    schema.SHEET_CONDITION,
+    schema.SHEET_TISSUE,
+)
+# Plausible raw UMI counts: per gene per cell, and per cell (float32 holds integers exactly
+# up to 2**24; more reads than that in one cell is not a droplet)
+MAX_COUNT_ENTRY = 1_000_000
+MAX_COUNT_CELL = 1 << 24
+ENSEMBL_ID = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
 
 
 @dataclass
@@ -110,16 +130,75 @@ def _clean(v) -> str:
     return str(v).strip()
 
 
+def formula_problem(value: str, label: str, column: str) -> str | None:
+    """The problem with an id a spreadsheet would run as a formula (``=cmd|...``,
+    ``+SUM(...)``, ``@...``, ``-...``), or None."""
+    if not is_formula_like(value):
+        return None
+    shown = value if len(value) <= 40 else value[:37] + "..."
+    return (
+        f"{label}: {column} {shown!r} starts with {value[0]!r}, which spreadsheets run as a "
+        f"formula; ids may not start with any of {' '.join(repr(c) for c in FORMULA_PREFIXES)}"
+    )
+
+
+def _sheet_rows(sheet: Path, text: str) -> list[list[str]]:
+    """CSV rows of the sheet; :class:`InputError` on an over-long line or field."""
+    problems = []
+    for i, line in enumerate(text.splitlines(), start=1):
+        if len(line) > MAX_SHEET_LINE:
+            problems.append(
+                f"sample sheet {sheet}, line {i}: {len(line):,} characters; a line may have at "
+                f"most {MAX_SHEET_LINE:,}"
+            )
+            if len(problems) >= 5:
+                break
+    if problems:
+        raise InputError(problems)
+    reader = csv.reader(io.StringIO(text))
+    try:
+        rows = list(reader)
+    except csv.Error as e:
+        raise InputError(
+            f"sample sheet {sheet}, line {reader.line_num}: not valid CSV ({e})"
+        ) from None
+    header = rows[0] if rows else []
+    for i, row in enumerate(rows, start=1):
+        for j, v in enumerate(row):
+            if len(v) > MAX_SHEET_FIELD:
+                col = header[j].strip()[:40] if j < len(header) and i > 1 else f"#{j + 1}"
+                problems.append(
+                    f"sample sheet {sheet}, line {i}, column '{col}': field of {len(v):,} "
+                    f"characters; a field may have at most {MAX_SHEET_FIELD:,}"
+                )
+    if problems:
+        raise InputError(problems[:20])
+    return rows
+
+
 def read_samplesheet(
     samplesheet: str | Path, *, allow_outside_paths: bool = False
 ) -> tuple[list[Sample], list[str]]:
-    """Parse and check the sheet; returns the samples and a list of problems (not raised)."""
+    """Parse and check the sheet; returns the samples and a list of problems (not raised).
+
+    Limits: :data:`MAX_SHEET_BYTES` per file, :data:`MAX_SHEET_LINE` characters per line,
+    :data:`MAX_SHEET_FIELD` per field; values of :data:`ID_COLUMNS` may not look like
+    spreadsheet formulas."""
     sheet = Path(samplesheet)
     problems: list[str] = []
     if not sheet.exists():
         raise InputError(f"sample sheet {sheet}: file not found")
     if not sheet.is_file():
         raise InputError(f"sample sheet {sheet}: not a file")
+    try:
+        size = sheet.stat().st_size
+    except OSError as e:
+        raise InputError(f"sample sheet {sheet}: cannot read ({e.strerror or e})") from None
+    if size > MAX_SHEET_BYTES:
+        raise InputError(
+            f"sample sheet {sheet}: {size / 1e6:,.1f} MB; a sample sheet (one line per sample) "
+            f"may be at most {MAX_SHEET_BYTES / 1e6:.1f} MB"
+        )
     try:
         raw = sheet.read_bytes()
     except OSError as e:
@@ -136,7 +215,7 @@ def read_samplesheet(
         ) from None
     if "\x00" in text:
         raise InputError(f"sample sheet {sheet}: contains NUL bytes; is it a CSV file?")
-    rows = list(csv.reader(io.StringIO(text)))
+    rows = _sheet_rows(sheet, text)
     rows = [r for r in rows if any(c.strip() for c in r)]
     if not rows:
         raise InputError(f"sample sheet {sheet}: empty")
@@ -170,6 +249,12 @@ def read_samplesheet(
             if not rec[c]:
                 what = "condition" if c == schema.SHEET_CONDITION else c
                 problems.append(f"{label}: empty {what} (column '{c}')")
+        bad_ids = [
+            p for c in ID_COLUMNS if rec[c] and (p := formula_problem(rec[c], label, c)) is not None
+        ]
+        if bad_ids:
+            problems.extend(bad_ids)
+            continue
         if sid:
             if sid in seen:
                 problems.append(f"sample '{sid}': duplicate sample_id (lines {seen[sid]} and {i})")
@@ -196,6 +281,14 @@ def read_samplesheet(
         meta = {k: v for k, v in rec.items() if k != schema.SHEET_PATH}
         samples.append(Sample(sample_id=sid, path=resolved, raw_path=raw_path, meta=meta))
 
+    extra = [h for h in header if h not in schema.SHEET_REQUIRED]
+    if extra:
+        log.info(
+            "sample sheet %s: %d extra column(s) carried into .obs as given: %s",
+            sheet,
+            len(extra),
+            ", ".join(extra),
+        )
     species = sorted({s.meta[schema.SHEET_SPECIES] for s in samples} & set(schema.SPECIES))
     if len(species) > 1:
         by = {
@@ -430,14 +523,42 @@ def read_counts(path: Path, fmt: str) -> _Raw:
 
 
 def count_problems(X, what: str) -> list[str]:
-    """Problems with a counts matrix: NaN/inf, negative or non-integer values."""
+    """Problems with a (cells x genes) counts matrix: NaN/inf, negative or non-integer
+    values, and implausibly large ones (above :data:`MAX_COUNT_ENTRY` for one gene in one
+    cell, or :data:`MAX_COUNT_CELL` for one cell)."""
     data = X.data if sp.issparse(X) else np.asarray(X).ravel()
     if data.size and not np.issubdtype(data.dtype, np.number):
         return [f"{what}: counts are not numeric ({data.dtype})"]
     if np.issubdtype(data.dtype, np.integer):
         neg = int((data < 0).sum())
-        return [f"{what}: {neg} negative count(s)"] if neg else []
-    data = data.astype(np.float64, copy=False)
+        return [f"{what}: {neg} negative count(s)"] if neg else _bound_problems(X, data, what)
+    out = _value_problems(data.astype(np.float64, copy=False), what)
+    return out or _bound_problems(X, data, what)
+
+
+def _bound_problems(X, data: np.ndarray, what: str) -> list[str]:
+    """Counts above plausible raw UMI counts (a sum, a scaled or corrupt matrix)."""
+    out = []
+    if not data.size:
+        return out
+    big = data > MAX_COUNT_ENTRY
+    if big.any():
+        out.append(
+            f"{what}: {int(big.sum()):,} count(s) above {MAX_COUNT_ENTRY:,} for one gene in "
+            f"one cell (largest {float(data.max()):,.0f}); give raw UMI counts"
+        )
+        return out  # the cells' totals follow
+    totals = np.asarray(X.sum(axis=1, dtype=np.float64)).ravel()
+    heavy = totals > MAX_COUNT_CELL
+    if heavy.any():
+        out.append(
+            f"{what}: {int(heavy.sum()):,} cell(s) with more than {MAX_COUNT_CELL:,} counts in "
+            f"total (largest {float(totals.max()):,.0f}); give raw UMI counts"
+        )
+    return out
+
+
+def _value_problems(data: np.ndarray, what: str) -> list[str]:
     out = []
     n_nan = int(np.isnan(data).sum())
     n_inf = int(np.isinf(data).sum())
@@ -460,10 +581,6 @@ def count_problems(X, what: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- merge
-def _mito_prefix(species: str) -> str:
-    return _MITO_PREFIX.get(species, "MT-")
-
-
 def _make_unique(names: list[str]) -> tuple[list[str], int]:
     """Append ``-1``, ``-2``, ... to repeated names (like anndata); returns (names, n renamed)."""
     seen: dict[str, int] = {}
@@ -578,18 +695,88 @@ def _finish(adata, conditions: list[str], species: str, obs_cols: list[str]):
     return adata
 
 
-def _species_gene_check(raw: _Raw, species: str, label: str) -> None:
-    other = "mouse" if species == "human" else "human"
-    has_own = any(s.startswith(_mito_prefix(species)) for s in raw.symbols)
-    has_other = any(s.startswith(_mito_prefix(other)) for s in raw.symbols)
-    if has_other and not has_own:
-        log.warning(
-            "%s: species is '%s' but mitochondrial genes look %s (%s...)",
-            label,
-            species,
-            other,
-            _mito_prefix(other),
+def symbol_species(symbols: list[str]) -> tuple[str | None, str]:
+    """The species the gene names look like: human symbols are upper-case (``CD3E``,
+    ``MT-CO1``), mouse symbols capitalised (``Cd3e``, ``mt-Co1``), Ensembl gene ids carry
+    the species in their prefix (``ENSG``, ``ENSMUSG``). Returns ``(species or None, why)``;
+    None unless at least 10 names are telling and 80% of them agree."""
+    n = {"human": 0, "mouse": 0}
+    examples: dict[str, list[str]] = {"human": [], "mouse": []}
+    for s in symbols:
+        if ENSEMBL_ID.match(s):
+            sp_ = "mouse" if s.startswith("ENSMUSG") else "human" if s.startswith("ENSG") else None
+        else:
+            core = s[3:] if s[:3].lower() == "mt-" else s
+            if sum(c.isalpha() for c in core) < 2:
+                continue
+            if core == core.upper():
+                sp_ = "human"
+            elif core[0].isupper() and core[1:] == core[1:].lower():
+                sp_ = "mouse"
+            else:
+                continue
+        if sp_ is not None:
+            n[sp_] += 1
+            if len(examples[sp_]) < 3:
+                examples[sp_].append(s)
+    total = n["human"] + n["mouse"]
+    for sp_ in n:
+        if total >= 10 and n[sp_] >= 0.8 * total:
+            return sp_, f"{n[sp_]:,} of {total:,} gene names look {sp_}, e.g. " + ", ".join(
+                examples[sp_]
+            )
+    return None, ""
+
+
+def species_problem(symbols: list[str], species: str, label: str) -> str | None:
+    """The contradiction between the declared ``species`` and the gene names, or None."""
+    looks, why = symbol_species(symbols)
+    if looks is None or looks == species:
+        return None
+    return f"{label}: species is '{species}' but the genes look {looks} ({why}); fix the species"
+
+
+@functools.cache
+def gene_table(species: str) -> pd.DataFrame | None:
+    """``references/genes_<species>.tsv`` (symbol, ensembl_id, chromosome, start, end), or
+    None when no table ships for ``species``."""
+    import references
+
+    try:
+        path = references.path(f"genes_{species}.tsv")
+    except FileNotFoundError:
+        return None
+    return pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+
+
+def ensembl_symbols(
+    ids: list[str], species: str, label: str
+) -> tuple[list[str] | None, str | None]:
+    """Gene symbols for features that are Ensembl gene ids only (``ENSG00000...``), from the
+    shipped gene table; ``(None, None)`` when the features are not Ensembl ids, ``(None,
+    problem)`` when no table covers ``species``. Ids the table lacks stay as they are."""
+    n_ens = sum(bool(ENSEMBL_ID.match(s)) for s in ids)
+    if not ids or n_ens < 0.9 * len(ids):
+        return None, None
+    table = gene_table(species)
+    if table is None:
+        return None, (
+            f"{label}: the features are Ensembl ids only (e.g. {ids[0]}) and no gene table "
+            f"ships for {species}; give gene symbols (10x features.tsv: "
+            "id<TAB>symbol<TAB>Gene Expression; h5ad: symbols as var_names)"
         )
+    mapping = dict(zip(table["ensembl_id"], table["symbol"]))
+    out = [mapping.get(s.split(".", 1)[0], s) for s in ids]
+    n_mapped = sum(a != b for a, b in zip(out, ids))
+    log.info(
+        "%s: features are Ensembl ids; %d of %d mapped to gene symbols with "
+        "references/genes_%s.tsv (the others kept as ids)",
+        label,
+        n_mapped,
+        len(ids),
+        species,
+    )
+    return out, None
 
 
 def ingest(samplesheet: str | Path, *, allow_outside_paths: bool = False) -> IngestResult:
@@ -597,6 +784,9 @@ def ingest(samplesheet: str | Path, *, allow_outside_paths: bool = False) -> Ing
     problems at once."""
     sheet = Path(samplesheet)
     samples, problems = read_samplesheet(sheet, allow_outside_paths=allow_outside_paths)
+    # the build's species (gene names are checked against it when the sheet names one)
+    declared = {s.meta[schema.SHEET_SPECIES] for s in samples} & set(schema.SPECIES)
+    species = declared.pop() if len(declared) == 1 else ""
     parts: list = []
     ok_samples: list[Sample] = []
     for s in samples:
@@ -621,6 +811,12 @@ def ingest(samplesheet: str | Path, *, allow_outside_paths: bool = False) -> Ing
             problems.append(f"{label}: cannot read: {_reason(e)}")
             continue
         raw = _gene_expression_only(raw, label)
+        mapped, problem = ensembl_symbols(raw.symbols, species or "human", label)
+        if problem is not None:
+            problems.append(problem)
+            continue
+        if mapped is not None:
+            raw.symbols = mapped
         where = f"{label} {raw.source}".rstrip() if raw.source else label
         bad = count_problems(raw.X, where)
         if raw.X.shape[0] == 0:
@@ -632,10 +828,11 @@ def ingest(samplesheet: str | Path, *, allow_outside_paths: bool = False) -> Ing
             bad.append(f"{label}: {dup_bc} duplicate barcode(s)")
         if not bad and raw.X.nnz == 0:
             bad.append(f"{label}: all counts are zero")
+        if species and (p := species_problem(raw.symbols, species, label)) is not None:
+            bad.append(p)
         if bad:
             problems.extend(bad)
             continue
-        _species_gene_check(raw, s.meta[schema.SHEET_SPECIES], label)
         log.info("%s: %s, %d cells x %d genes", s.sample_id, s.fmt, raw.X.shape[0], raw.X.shape[1])
         parts.append(raw)
         ok_samples.append(s)
@@ -730,6 +927,7 @@ def ingest_h5ad(path: str | Path) -> IngestResult:
             problems.append(f"h5ad {path}: has no genes")
     species = ""
     conditions: list[str] = []
+    mapped: list[str] | None = None
     if not problems:
         obs = a.obs
         for c in required:
@@ -755,6 +953,18 @@ def ingest_h5ad(path: str | Path) -> IngestResult:
             problems.append(f"h5ad {path}: mixed species in one build ({', '.join(known)})")
         if known:
             species = known[0]
+        for c in ID_COLUMNS:
+            for v in pd.unique(obs[c].astype(str).str.strip()):
+                if (p := formula_problem(str(v), f"h5ad {path}", f".obs column '{c}'")) is not None:
+                    problems.append(p)
+        symbols = var.index.astype(str).tolist()
+        mapped, problem = ensembl_symbols(symbols, species or "human", f"h5ad {path}")
+        if problem is not None:
+            problems.append(problem)
+        elif len(known) == 1:
+            problem = species_problem(mapped or symbols, species, f"h5ad {path}")
+            if problem is not None:
+                problems.append(problem)
         per_sample = obs.groupby(obs[schema.SHEET_SAMPLE].astype(str), observed=True)
         for c in (schema.SHEET_PATIENT, schema.SHEET_CONDITION, schema.SHEET_SPECIES):
             n = per_sample[c].nunique()
@@ -803,7 +1013,7 @@ def ingest_h5ad(path: str | Path) -> IngestResult:
         var[schema.VAR_GENE_ID] = var_src[schema.VAR_GENE_ID].astype(str).to_numpy()
     else:
         var[schema.VAR_GENE_ID] = var.index.to_numpy()
-    symbols, n = _make_unique(var.index.tolist())
+    symbols, n = _make_unique(mapped or var.index.tolist())
     if n:
         log.warning("%d repeated gene symbol(s) made unique (suffix -1, -2, ...)", n)
     var.index = pd.Index(symbols)

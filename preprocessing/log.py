@@ -8,6 +8,13 @@ import sys
 from pathlib import Path
 
 LOGGER_NAME = "tme_atlas"
+# ``log.error(..., extra=FILE_ONLY)``: into build.log, not on the console (for problems the
+# CLI prints itself as ``error: ...`` lines, so that each is shown once)
+FILE_ONLY = {"file_only": True}
+
+
+def _console_filter(record: logging.LogRecord) -> bool:
+    return not getattr(record, "file_only", False)
 
 
 def get_logger(name: str | None = None) -> logging.Logger:
@@ -25,6 +32,7 @@ def setup_logging(log_file: str | Path | None = None, *, verbose: bool = False) 
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(logging.DEBUG if verbose else logging.INFO)
     console.setFormatter(fmt)
+    console.addFilter(_console_filter)
     logger.addHandler(console)
     if log_file is not None:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,7 @@ from pathlib import Path
 from atlas import schema
 from atlas.errors import InputError
 
-from .log import get_logger, progress, setup_logging
+from .log import FILE_ONLY, get_logger, progress, setup_logging
 
 log = get_logger("pipeline")
 
@@ -393,7 +393,7 @@ def _replace_dir(src: Path, dst: Path) -> None:
 
 def _write_outputs(adata, ctx: BuildContext) -> None:
     from atlas.io import atomic_write_text, sweep_temporaries
-    from atlas.tables import get_table, has_table
+    from atlas.tables import csv_text, get_table, has_table
 
     out = ctx.out
     stale = sweep_temporaries(out)
@@ -410,7 +410,7 @@ def _write_outputs(adata, ctx: BuildContext) -> None:
     if has_table(adata, schema.TABLE_INTEGRATION_METRICS):
         atomic_write_text(
             out / schema.INTEGRATION_METRICS_FILE,
-            get_table(adata, schema.TABLE_INTEGRATION_METRICS).to_csv(index=False),
+            csv_text(get_table(adata, schema.TABLE_INTEGRATION_METRICS)),
         )
     try:
         from atlas.store import write_atlas
@@ -525,8 +525,8 @@ def run_build(
                 samplesheet, h5ad, config, allow_outside_paths
             )
         except InputError as e:
-            for line in e.problems:
-                log.error("%s", line)
+            for line in e.problems:  # the CLI prints them on stderr
+                log.error("%s", line, extra=FILE_ONLY)
             raise
     ctx.ingest, ctx.species, ctx.conditions, ctx.reference = res, species, conditions, reference
     adata = res.adata
@@ -594,7 +594,7 @@ def run_build(
                     adata = STAGE_FUNCS[stage](adata, ctx)
                 except InputError as e:
                     for line in e.problems:
-                        log.error("stage %s: %s", stage, line)
+                        log.error("stage %s: %s", stage, line, extra=FILE_ONLY)
                     raise
                 except KeyboardInterrupt:
                     log.error("stage %s interrupted; run again with --resume to go on", stage)

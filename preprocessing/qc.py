@@ -378,10 +378,11 @@ def write_qc_report(obs_all: pd.DataFrame, summary: pd.DataFrame, out_dir: str |
     from plotly.subplots import make_subplots
 
     from atlas.io import atomic_write_text
+    from atlas.tables import csv_text
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "summary.csv", summary.to_csv(index=False))
+    atomic_write_text(out_dir / "summary.csv", csv_text(summary))
 
     order = summary[schema.OBS_SAMPLE].tolist()
     obs = obs_all.copy()

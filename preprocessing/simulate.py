@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import functools
 import gzip
-import io
 import os
 import zlib
 from dataclasses import dataclass, field
@@ -1490,9 +1489,9 @@ def write_10x(X: sp.csr_matrix, barcodes, gene_ids, symbols, folder: str | Path)
 
 
 def _csv(df: pd.DataFrame) -> str:
-    buf = io.StringIO()
-    df.to_csv(buf, index=False, lineterminator="\n", float_format="%.6g")
-    return buf.getvalue()
+    from atlas.tables import csv_text
+
+    return csv_text(df, lineterminator="\n", float_format="%.6g")
 
 
 def write_dataset(

@@ -312,3 +312,15 @@ def test_demo_size_accuracy_with_scvi(demo_atlas_dir, demo_sim_dir):
     m = get_table(a, schema.TABLE_INTEGRATION_METRICS)
     v = m.pivot(index="metric", columns="embedding", values="value")
     assert v.loc["batch_entropy", schema.OBSM_SCVI] > v.loc["batch_entropy", schema.OBSM_PCA]
+
+
+def test_no_marker_gene_is_an_input_error():
+    """Features that are not gene symbols (e.g. Ensembl ids an old input kept) end with one
+    clear InputError naming what to give, not a traceback."""
+    from atlas.errors import InputError
+
+    a = ad.AnnData(sp.csr_matrix(np.ones((20, 30), np.float32)))
+    a.var_names = [f"ENSG{i:011d}" for i in range(30)]
+    a.obs["cl"] = pd.Categorical(["0", "1"] * 10)
+    with pytest.raises(InputError, match=r"no marker gene.*give human gene symbols"):
+        A.annotate(a, species="human", cluster_key="cl", marker_table=False)

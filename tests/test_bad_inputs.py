@@ -17,6 +17,7 @@ inputs; this module is the comprehensive list.
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import shutil
 from collections.abc import Callable
@@ -329,6 +330,79 @@ def unparsable_config(root: Path) -> None:
     (root / "bad.yaml").write_text("qc: [unclosed\n")
 
 
+def sheet_of_50mb(root: Path) -> None:
+    """One 50 MB field: refused on the file size (was a csv traceback, exit 1)."""
+    _sheet(
+        root,
+        [
+            "S1,S1,P1,untreated,PB,human",
+            "S2,S2,P1,ibrutinib_resistant," + "x" * 50_000_000 + ",human",
+        ],
+    )
+
+
+def sheet_long_line(root: Path) -> None:
+    _sheet(
+        root,
+        ["S1,S1,P1,untreated,PB,human", "S2,S2,P1,ibrutinib_resistant,PB,human," + "y," * 40_000],
+    )
+
+
+def sheet_long_field(root: Path) -> None:
+    _sheet(
+        root,
+        ["S1,S1,P1,untreated,PB,human", "S2,S2,P1,ibrutinib_resistant," + "z" * 10_000 + ",human"],
+    )
+
+
+def _formula_sheet(sid: str = "S2", patient: str = "P1", condition: str = "ibrutinib_resistant"):
+    def corrupt(root: Path) -> None:
+        q = [f'"{v}"' if any(c in v for c in ',"') else v for v in (sid, patient, condition)]
+        q = [v if not v.startswith('"') else '"' + v[1:-1].replace('"', '""') + '"' for v in q]
+        _sheet(root, ["S1,S1,P1,untreated,PB,human", f"{q[0]},S2,{q[1]},{q[2]},PB,human"])
+
+    return corrupt
+
+
+def _symbols_of(root: Path, sid: str, genes: list[str], ids: list[str] | None = None) -> None:
+    ids = ids or [f"ENSG{i:011d}" for i in range(len(genes))]
+    feats = "".join(f"{i}\t{g}\tGene Expression\n" for i, g in zip(ids, genes))
+    _regzip(root / sid / "features.tsv.gz", feats.encode())
+
+
+def species_contradicts_genes(root: Path) -> None:
+    """S1 declared human (like S2) but its genes are mouse symbols (mt-Co1, Cd3e-like)."""
+    _symbols_of(
+        root, "S1", ["mt-Co1", "mt-Co2", "mt-Co3"] + [f"Gene{i}a" for i in range(N_GENES - 3)]
+    )
+
+
+def huge_count_entry(root: Path) -> None:
+    def f(m):
+        m[4, 7] = 5e12
+        return m
+
+    _rewrite_matrix(root, "S2", f)
+
+
+def huge_cell_total(root: Path) -> None:
+    def f(m):
+        m[:, 3] = 900_000  # each entry plausible, the cell's 54M counts not
+        return m
+
+    _rewrite_matrix(root, "S1", f)
+
+
+def ensembl_only_mouse(root: Path) -> None:
+    """Mouse features given as Ensembl ids only: no gene table ships for mouse."""
+    _sheet(root, ["S1,S1,P1,untreated,PB,mouse", "S2,S2,P1,ibrutinib_resistant,PB,mouse"])
+    _symbols_of(
+        root, "S1", ["mt-Co1", "mt-Co2", "mt-Co3"] + [f"Gene{i}a" for i in range(N_GENES - 3)]
+    )
+    ids = [f"ENSMUSG{i:011d}" for i in range(N_GENES)]
+    _symbols_of(root, "S2", ids, ids)
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
@@ -382,6 +456,29 @@ BUILD_CASES = [
     Case("ragged_row", ragged_row, r"line 3.*5 fields, expected 6"),
     Case("duplicate_column", duplicate_column, r"column 'patient'.*more than once"),
     Case("missing_samplesheet", lambda root: None, r"not found", sheet="nope.csv"),
+    Case("sheet_of_50mb", sheet_of_50mb, r"samplesheet.*50\.0 MB.*at most"),
+    Case("sheet_long_line", sheet_long_line, r"samplesheet.*line 3: 80,0\d\d characters"),
+    Case("sheet_long_field", sheet_long_field, r"line 3, column 'tissue'.*10,000 characters"),
+    Case("formula_cmd_id", _formula_sheet(sid="=cmd|' /C calc'!A0"), r"sample_id.*'='.*formula"),
+    Case(
+        "formula_hyperlink_patient",
+        _formula_sheet(patient='=HYPERLINK("http://x.example","click")'),
+        r"patient.*HYPERLINK.*formula",
+    ),
+    Case(
+        "formula_sum_condition", _formula_sheet(condition="+SUM(1,2)"), r"condition.*'\+'.*formula"
+    ),
+    Case("formula_at_patient", _formula_sheet(patient="@SUM(A1)"), r"patient.*'@'.*formula"),
+    Case("formula_minus_id", _formula_sheet(sid="-2+3"), r"sample_id.*'-'.*formula"),
+    Case("formula_tab_id", _formula_sheet(sid="\t=1+1"), r"sample_id.*formula"),
+    Case(
+        "species_contradicts_genes",
+        species_contradicts_genes,
+        r"S1.*species is 'human'.*look mouse",
+    ),
+    Case("huge_count_entry", huge_count_entry, r"S2.*above 1,000,000.*one gene in one cell"),
+    Case("huge_cell_total", huge_cell_total, r"S1.*1 cell\(s\) with more than 16,777,216"),
+    Case("ensembl_only_mouse", ensembl_only_mouse, r"S2.*Ensembl ids only.*no gene table.*mouse"),
     Case(
         "bad_config_value",
         bad_config_value,
@@ -425,6 +522,9 @@ def _assert_one_clear_error(rc, lines, err, pattern):
     assert len(lines) == 1, f"expected one error line, got {len(lines)}:\n" + "\n".join(lines)
     assert re.search(pattern, lines[0], re.IGNORECASE), f"{lines[0]!r} !~ {pattern!r}"
     assert len(lines[0]) < 1000
+    # each problem is shown once on stderr (not also as a log line)
+    problem = lines[0].removeprefix("error: ")
+    assert err.count(problem) == 1, f"problem shown {err.count(problem)} times:\n{err[-3000:]}"
 
 
 def _assert_nothing_half_written(out: Path):
@@ -477,7 +577,9 @@ def _merged_h5ad(path: Path, **obs_overrides) -> Path:
     import anndata as ad
     import pandas as pd
 
-    X = _counts(7).T.tocsr().astype(np.float32)
+    genes = obs_overrides.pop("_genes", None) or _genes()
+    X = obs_overrides.pop("_X", None)
+    X = _counts(7).T.tocsr().astype(np.float32) if X is None else X
     obs = pd.DataFrame(
         {
             "sample_id": ["S1"] * 20 + ["S2"] * 20,
@@ -494,7 +596,7 @@ def _merged_h5ad(path: Path, **obs_overrides) -> Path:
         else:
             obs[k] = v
     a = ad.AnnData(X=X, obs=obs)
-    a.var_names = _genes()
+    a.var_names = genes
     a.write_h5ad(path)
     return path
 
@@ -506,6 +608,19 @@ H5AD_CASES = [
         "h5ad_sample_two_conditions",
         {"condition": ["untreated", "x"] * 10 + ["ibrutinib_resistant"] * 20},
         r"sample 'S1' has more than one condition",
+    ),
+    ("h5ad_formula_patient", {"patient": "=cmd|' /C calc'!A0"}, r"patient'.*'='.*formula"),
+    ("h5ad_formula_sample", {"sample_id": ["+SUM(1)"] * 20 + ["S2"] * 20}, r"sample_id'.*formula"),
+    ("h5ad_species_contradicts_genes", {"species": "mouse"}, r"species is 'mouse'.*look human"),
+    (
+        "h5ad_huge_counts",
+        {"_X": sp.csr_matrix(_counts(7).T.toarray().astype(np.float32) * 1e7)},
+        r"above 1,000,000",
+    ),
+    (
+        "h5ad_ensembl_only_mouse",
+        {"species": "mouse", "_genes": [f"ENSMUSG{i:011d}" for i in range(N_GENES)]},
+        r"Ensembl ids only.*no gene table ships for mouse",
     ),
 ]
 
@@ -663,3 +778,65 @@ def test_catalogue_size():
     """At least 25 malformed inputs across build and export."""
     n = len(BUILD_CASES) + len(H5AD_CASES) + 3 + 1 + len(EXPORT_CASES) - 1
     assert n >= 25
+
+
+# ----------------------------------------------------------------------------- CSV injection
+FORMULAS = [
+    "=cmd|' /C calc'!A0",
+    '=HYPERLINK("http://x.example","y")',
+    "+SUM(1,2)",
+    "@SUM(A1)",
+    "-2+3",
+    "\t=1",
+    "\r=1",
+]
+
+
+def test_every_csv_escapes_formula_cells(tmp_path):
+    """Text cells a spreadsheet would run are written with a leading ``'``; numbers (negative
+    ones included) stay numbers. Every CSV the project writes goes through ``csv_text``."""
+    import anndata as ad
+    import pandas as pd
+
+    from atlas.tables import csv_text, put_table, write_tables_csv
+
+    df = pd.DataFrame(
+        {
+            "patient": FORMULAS,
+            "cell_type": pd.Categorical(["=A1"] + ["B"] * (len(FORMULAS) - 1)),
+            "log2fc": np.linspace(-3, 3, len(FORMULAS)),
+            "=evil": 1,
+        }
+    )
+    back = pd.read_csv(io.StringIO(csv_text(df)))
+    assert back["patient"].tolist() == ["'" + f.replace("\r", "\n") for f in FORMULAS]
+    assert back["cell_type"].iloc[0] == "'=A1"
+    assert back["log2fc"].iloc[0] == -3.0 and back.columns[-1] == "'=evil"
+    a = ad.AnnData(np.zeros((2, 2), np.float32))
+    put_table(a, schema.TABLE_COMPOSITION, df)
+    (path,) = write_tables_csv(a, tmp_path)
+    import csv
+
+    cells = [c for row in csv.reader(io.StringIO(path.read_text())) for c in row]
+    assert "'=cmd|' /C calc'!A0" in cells and "'+SUM(1,2)" in cells
+
+    def number(c):
+        try:
+            return float(c) == float(c)
+        except ValueError:
+            return False
+
+    assert [c for c in cells if c and c[0] in "=+-@\t\r" and not number(c)] == []
+
+
+def test_no_csv_written_around_the_shared_writer():
+    """No ``DataFrame.to_csv`` in the project's code outside ``atlas.tables.csv_text``."""
+    root = Path(__file__).resolve().parents[1]
+    offenders = [
+        f"{p.relative_to(root)}:{i}"
+        for pkg in ("atlas", "app", "preprocessing")
+        for p in sorted((root / pkg).rglob("*.py"))
+        for i, line in enumerate(p.read_text().splitlines(), start=1)
+        if (".to_csv(" in line or "csv.writer(" in line) and p.name != "tables.py"
+    ]
+    assert offenders == []

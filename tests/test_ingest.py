@@ -360,3 +360,37 @@ def test_antibody_features_dropped(tmp_path):
     a = ingest(tmp_path / "samplesheet.csv").adata
     assert a.n_vars == N_GENES - 3
     assert (a.var[schema.VAR_FEATURE_TYPE] == "Gene Expression").all()
+
+
+def test_extra_sheet_columns_are_logged(tmp_path, caplog):
+    from preprocessing.ingest import ingest
+
+    write_10x(tmp_path / "S1", counts(0), genes(), barcodes())
+    sheet(tmp_path, ["S1,S1,P1,NAIVE,PB,human,d0,F"], header=HEADER + ",timepoint,sex")
+    with caplog.at_level("INFO", logger="tme_atlas"):
+        a = ingest(tmp_path / "samplesheet.csv").adata
+    assert a.obs["sex"].iloc[0] == "F"
+    assert "2 extra column(s) carried into .obs as given: timepoint, sex" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "names, expected",
+    [
+        (
+            ["CD3E", "MS4A1", "MT-CO1", "LYZ", "CD14", "GNLY", "NKG7", "CD79A", "FCGR3A", "IL7R"],
+            "human",
+        ),
+        (
+            ["Cd3e", "Ms4a1", "mt-Co1", "Lyz2", "Cd14", "Gzma", "Nkg7", "Cd79a", "Fcgr3", "Il7r"],
+            "mouse",
+        ),
+        ([f"ENSMUSG{i:011d}" for i in range(20)], "mouse"),
+        ([f"ENSG{i:011d}" for i in range(20)], "human"),
+        ([f"G{i}" for i in range(50)], None),  # not telling
+        (["CD3E", "Cd3e"] * 10, None),  # no majority
+    ],
+)
+def test_symbol_species(names, expected):
+    from preprocessing.ingest import symbol_species
+
+    assert symbol_species(names)[0] == expected

@@ -20,6 +20,7 @@ from dash import Input, Output, Patch, State, dcc, html, no_update
 from dash import ctx as dash_ctx
 
 from atlas import schema
+from atlas.tables import csv_text
 
 from .. import components as C
 from .. import figures as F
@@ -397,7 +398,7 @@ def register(app, ctx) -> None:
             if col in view.obs.columns:
                 ids[col] = view.codes(col)[cells_]
         return {
-            "content": ids.to_csv(index=False),
+            "content": csv_text(ids),
             "filename": "selected_cells.csv",
             "type": "text/csv",
         }

@@ -12,6 +12,7 @@ from pathlib import Path
 from dash import Input, Output, State, dcc, html, no_update
 
 from atlas import schema
+from atlas.tables import csv_text
 
 from .. import components as C
 from ..data import UnknownValue
@@ -187,7 +188,7 @@ def register(app, ctx) -> None:
         if not name or name not in available_tables(view):
             return no_update
         df = view.table(name)
-        return {"content": df.to_csv(index=False), "filename": f"{name}.csv", "type": "text/csv"}
+        return {"content": csv_text(df), "filename": f"{name}.csv", "type": "text/csv"}
 
     @app.callback(
         Output("dl-export-download", "data"),
