@@ -737,40 +737,50 @@ def species_problem(symbols: list[str], species: str, label: str) -> str | None:
 
 
 @functools.cache
-def gene_table(species: str) -> pd.DataFrame | None:
-    """``references/genes_<species>.tsv`` (symbol, ensembl_id, chromosome, start, end), or
-    None when no table ships for ``species``."""
+def _ensembl_to_symbol(species: str) -> dict[str, str] | None:
+    """Ensembl gene id -> symbol from the shipped gene table, or None when none ships."""
     import references
 
     try:
-        path = references.path(f"genes_{species}.tsv")
+        table = references.gene_positions(species)
     except FileNotFoundError:
         return None
-    return pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    table = table[table["ensembl_id"].ne("") & table["symbol"].ne("")]
+    table = table.drop_duplicates("ensembl_id")  # an id of several symbols: the table's first
+    return dict(zip(table["ensembl_id"], table["symbol"]))
 
 
 def ensembl_symbols(
     ids: list[str], species: str, label: str
 ) -> tuple[list[str] | None, str | None]:
     """Gene symbols for features that are Ensembl gene ids only (``ENSG00000...``), from the
-    shipped gene table; ``(None, None)`` when the features are not Ensembl ids, ``(None,
-    problem)`` when no table covers ``species``. Ids the table lacks stay as they are."""
+    shipped gene table (``references.gene_positions``); ``(None, None)`` when the features
+    are not Ensembl ids, ``(None, problem)`` when no table covers ``species`` or it knows
+    under half of the ids. Ids the table lacks stay as they are."""
     n_ens = sum(bool(ENSEMBL_ID.match(s)) for s in ids)
     if not ids or n_ens < 0.9 * len(ids):
         return None, None
-    table = gene_table(species)
-    if table is None:
+    what = (
+        "give gene symbols (10x features.tsv: id<TAB>symbol<TAB>Gene Expression; h5ad: "
+        "symbols as var_names)"
+    )
+    mapping = _ensembl_to_symbol(species)
+    if mapping is None:
         return None, (
             f"{label}: the features are Ensembl ids only (e.g. {ids[0]}) and no gene table "
-            f"ships for {species}; give gene symbols (10x features.tsv: "
-            "id<TAB>symbol<TAB>Gene Expression; h5ad: symbols as var_names)"
+            f"ships for {species}; {what}"
         )
-    mapping = dict(zip(table["ensembl_id"], table["symbol"]))
     out = [mapping.get(s.split(".", 1)[0], s) for s in ids]
     n_mapped = sum(a != b for a, b in zip(out, ids))
+    if n_mapped < 0.5 * len(ids):
+        return None, (
+            f"{label}: the features are Ensembl ids only (e.g. {ids[0]}) and only "
+            f"{n_mapped:,} of {len(ids):,} are in the {species} gene table "
+            f"(references/genes_{species}.tsv.gz); wrong species or not gene ids? {what}"
+        )
     log.info(
         "%s: features are Ensembl ids; %d of %d mapped to gene symbols with "
-        "references/genes_%s.tsv (the others kept as ids)",
+        "references/genes_%s.tsv.gz (the others kept as ids)",
         label,
         n_mapped,
         len(ids),

@@ -393,13 +393,13 @@ def huge_cell_total(root: Path) -> None:
     _rewrite_matrix(root, "S1", f)
 
 
-def ensembl_only_mouse(root: Path) -> None:
-    """Mouse features given as Ensembl ids only: no gene table ships for mouse."""
+def ensembl_only_unknown(root: Path) -> None:
+    """Mouse features given as Ensembl ids only, which the shipped mouse table lacks."""
     _sheet(root, ["S1,S1,P1,untreated,PB,mouse", "S2,S2,P1,ibrutinib_resistant,PB,mouse"])
     _symbols_of(
         root, "S1", ["mt-Co1", "mt-Co2", "mt-Co3"] + [f"Gene{i}a" for i in range(N_GENES - 3)]
     )
-    ids = [f"ENSMUSG{i:011d}" for i in range(N_GENES)]
+    ids = [f"ENSMUSG{99_999_000 + i:011d}" for i in range(N_GENES)]
     _symbols_of(root, "S2", ids, ids)
 
 
@@ -478,7 +478,11 @@ BUILD_CASES = [
     ),
     Case("huge_count_entry", huge_count_entry, r"S2.*above 1,000,000.*one gene in one cell"),
     Case("huge_cell_total", huge_cell_total, r"S1.*1 cell\(s\) with more than 16,777,216"),
-    Case("ensembl_only_mouse", ensembl_only_mouse, r"S2.*Ensembl ids only.*no gene table.*mouse"),
+    Case(
+        "ensembl_only_unknown",
+        ensembl_only_unknown,
+        r"S2.*Ensembl ids only.*only 0 of 60 are in the mouse gene table.*give gene symbols",
+    ),
     Case(
         "bad_config_value",
         bad_config_value,
@@ -618,9 +622,9 @@ H5AD_CASES = [
         r"above 1,000,000",
     ),
     (
-        "h5ad_ensembl_only_mouse",
-        {"species": "mouse", "_genes": [f"ENSMUSG{i:011d}" for i in range(N_GENES)]},
-        r"Ensembl ids only.*no gene table ships for mouse",
+        "h5ad_ensembl_human_ids_for_mouse",
+        {"species": "mouse", "_genes": [f"ENSG{i:011d}" for i in range(N_GENES)]},
+        r"Ensembl ids only.*only 0 of 60 are in the mouse gene table",
     ),
 ]
 

@@ -394,3 +394,48 @@ def test_symbol_species(names, expected):
     from preprocessing.ingest import symbol_species
 
     assert symbol_species(names)[0] == expected
+
+
+@pytest.mark.parametrize("species", ["human", "mouse"])
+def test_ensembl_only_features_mapped_to_symbols(tmp_path, caplog, species):
+    """Features given as Ensembl ids only (both 10x columns) get their symbols from the shipped
+    gene table; ids stay in var['gene_ids']; ids the table lacks are kept as they are."""
+    import references
+    from preprocessing.ingest import ingest
+
+    table = references.gene_positions(species)
+    table = table[table["ensembl_id"].ne("")].drop_duplicates("ensembl_id").iloc[: N_GENES - 1]
+    ids = table["ensembl_id"].tolist() + [
+        "ENSG99999999999" if species == "human" else "ENSMUSG99999999999"
+    ]
+    folder = write_10x(tmp_path / "S1", counts(0), ids, barcodes())
+    feats = "".join(f"{i}\t{i}\tGene Expression\n" for i in ids)
+    with gzip.open(folder / "features.tsv.gz", "wt") as fh:
+        fh.write(feats)
+    sheet(tmp_path, [f"S1,S1,P1,NAIVE,PB,{species}"])
+    with caplog.at_level("INFO", logger="tme_atlas"):
+        a = ingest(tmp_path / "samplesheet.csv").adata
+    assert a.var_names[: N_GENES - 1].tolist() == table["symbol"].tolist()
+    assert a.var_names[-1] == ids[-1]
+    assert a.var[schema.VAR_GENE_ID].tolist() == ids
+    assert f"{N_GENES - 1} of {N_GENES} mapped to gene symbols" in caplog.text
+
+
+def test_ensembl_only_without_a_gene_table(monkeypatch):
+    import references
+    from preprocessing import ingest as I
+
+    def missing(species):
+        raise FileNotFoundError(species)
+
+    monkeypatch.setattr(references, "gene_positions", missing)
+    I._ensembl_to_symbol.cache_clear()
+    try:
+        out, problem = I.ensembl_symbols(
+            [f"ENSG{i:011d}" for i in range(20)], "human", "sample 'S1'"
+        )
+    finally:
+        I._ensembl_to_symbol.cache_clear()
+    assert out is None
+    assert problem.startswith("sample 'S1': the features are Ensembl ids only")
+    assert "no gene table ships for human; give gene symbols" in problem
