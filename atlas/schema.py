@@ -142,6 +142,8 @@ TABLE_PROGRAMS = "programs"
 TABLE_INTERACTIONS = "interactions"
 TABLE_INTERACTIONS_BY_SAMPLE = "interactions_by_sample"
 TABLE_INTERACTIONS_DIFF = "interactions_diff"
+# every tested differential interaction, before the cut-offs (only on request: truth tests)
+TABLE_INTERACTIONS_DIFF_ALL = "interactions_diff_all"
 TABLE_LIGREC_AGREEMENT = "ligrec_agreement"
 TABLE_MARKERS = "cluster_markers"
 TABLES = (
@@ -154,6 +156,7 @@ TABLES = (
     TABLE_INTERACTIONS,
     TABLE_INTERACTIONS_BY_SAMPLE,
     TABLE_INTERACTIONS_DIFF,
+    TABLE_INTERACTIONS_DIFF_ALL,
     TABLE_LIGREC_AGREEMENT,
     TABLE_MARKERS,
 )
@@ -172,73 +175,36 @@ COL_PVALUE = "pvalue"
 COL_PADJ = "padj"
 COL_CURATED = "curated"
 
+
 # --------------------------------------------------------------------------------------
-# build stages, in order; which stage writes what (for "run X first" messages)
+# which stage writes what: declared by the build's stage registry (preprocessing.stages)
 # --------------------------------------------------------------------------------------
-STAGES = (
-    "ingest",
-    "qc",
-    "normalize",
-    "hvg",
-    "integrate",
-    "cluster",
-    "annotate",
-    "programs",
-    "analyses",
-    "crosstalk",
-    "write",
-)
-
-_WRITER: dict[str, str] = {
-    LAYER_COUNTS: "ingest",
-    OBS_SAMPLE: "ingest",
-    OBS_PATIENT: "ingest",
-    OBS_CONDITION: "ingest",
-    OBS_TOTAL_COUNTS: "qc",
-    OBS_N_GENES: "qc",
-    OBS_PCT_MITO: "qc",
-    OBS_QC_OUTLIER: "qc",
-    OBS_QC_PASS: "qc",
-    OBS_DOUBLET_SCORE: "qc",
-    OBS_PREDICTED_DOUBLET: "qc",
-    VAR_HVG: "hvg",
-    OBSM_SCVI: "integrate",
-    OBSM_PCA: "integrate",
-    OBSM_UMAP: "cluster",
-    OBS_LEIDEN: "cluster",
-    OBS_CELL_TYPE: "annotate",
-    OBS_CELL_TYPE_CONFIDENCE: "annotate",
-    OBS_LINEAGE: "annotate",
-    UNS_PROGRAMS: "programs",
-    TABLE_COMPOSITION: "analyses",
-    TABLE_PROPORTIONS: "analyses",
-    TABLE_DE: "analyses",
-    TABLE_PROGRAMS: "analyses",
-    TABLE_INTERACTIONS: "crosstalk",
-    TABLE_INTERACTIONS_BY_SAMPLE: "crosstalk",
-    TABLE_INTERACTIONS_DIFF: "crosstalk",
-    TABLE_LIGREC_AGREEMENT: "crosstalk",
-}
-
-_COMMAND: dict[str, str] = {
-    "analyses": "tme-atlas analyse DIR",
-    "crosstalk": "tme-atlas crosstalk DIR",
-}
+def params_key(stage: str) -> str:
+    """``.uns`` key of the parameters a build stage used (see :mod:`atlas.params`)."""
+    return f"{UNS_PARAMS_PREFIX}{stage}"
 
 
-def stage_of(key: str) -> str:
-    """The build stage that writes ``key`` (``"build"`` when unknown)."""
-    if key.startswith(OBS_SCORE_PREFIX):
-        return "programs"
-    if key.startswith(OBS_LEIDEN_PREFIX):
-        return "cluster"
-    return _WRITER.get(key, "build")
+def stage_of(key: str) -> str | None:
+    """The build stage that writes ``key`` (``None`` when no stage declares it).
+
+    The answer comes from the stage registry :data:`preprocessing.stages.STAGES`, the one
+    place that declares the keys each stage writes. ``preprocessing`` is part of this
+    distribution; it is imported here on first use only (it imports this module).
+    """
+    try:
+        from preprocessing.stages import stage_of as _stage_of
+    except ImportError:  # pragma: no cover - an atlas reader installed without the builder
+        return None
+    return _stage_of(key)
 
 
 def run_hint(key: str) -> str:
-    """The command that produces ``key``."""
-    stage = stage_of(key)
-    return _COMMAND.get(stage, f"tme-atlas build (stage '{stage}')")
+    """The command that produces ``key``, e.g. ``tme-atlas build (stage 'annotate')``."""
+    try:
+        from preprocessing.stages import run_hint as _run_hint
+    except ImportError:  # pragma: no cover
+        return "tme-atlas build"
+    return _run_hint(key)
 
 
 class MissingKeyError(KeyError):

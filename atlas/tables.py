@@ -113,3 +113,9 @@ def write_tables_csv(adata, out_dir: str | Path) -> list[Path]:
         atomic_write_text(path, csv_text(df))
         paths.append(path)
     return paths
+
+
+def get_tables(adata, *names: str) -> dict[str, pd.DataFrame]:
+    """The stored tables ``names`` (default: every stored table) by name."""
+    names = names or tuple(adata.uns.get(schema.UNS_TABLES, {}))
+    return {name: get_table(adata, name) for name in names}

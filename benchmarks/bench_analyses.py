@@ -38,12 +38,13 @@ def _prepare(sim):
 
 
 def _timed(timer: StageTimer, name: str, adata, truth, **kw) -> dict:
+    from atlas.tables import get_tables
     from preprocessing.analyses import run_analyses, score_against_truth
 
     c0 = time.process_time()
     with timer.stage(name), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        tables = run_analyses(adata, store=False, **kw)
+        tables = get_tables(run_analyses(adata, **kw))
     cpu = time.process_time() - c0
     score = score_against_truth(tables, truth)
     entry = {

@@ -65,14 +65,16 @@ from scipy import special, stats
 
 from atlas import schema
 from atlas.errors import InputError
+from atlas.params import record_params
 from atlas.stats import bh_adjust
+from atlas.tables import put_table
 
 from .log import get_logger
 
 log = get_logger("analyses")
 
 STAGE = "analyses"
-PARAMS_KEY = f"{schema.UNS_PARAMS_PREFIX}{STAGE}"
+PARAMS_KEY = schema.params_key(STAGE)
 PSEUDOCOUNT = 0.5  # cells added per sample x cell type before the logit (propeller)
 MIN_GENE_COUNTS = 10  # pseudobulk: genes with fewer total counts are not tested
 
@@ -720,8 +722,7 @@ def run_analyses(
     contrasts: Sequence[str] | None = None,
     groupby: str = schema.OBS_CELL_TYPE,
     de_engine: str = "fast",
-    store: bool = True,
-) -> dict[str, pd.DataFrame]:
+):
     """Run composition, pseudobulk DE and programme comparisons on an annotated atlas.
 
     Parameters
@@ -741,23 +742,22 @@ def run_analyses(
         ``obs`` column of cell labels (``"cell_type"``; the truth tests pass another).
     de_engine
         ``"fast"`` (vectorised pydeseq2 backend) or ``"pydeseq2"`` (stock backend).
-    store
-        Write the tables and parameters into ``adata.uns`` (default).
 
     Returns
     -------
-    dict
-        ``{"proportions", "composition", "de"[, "programs"]: DataFrame}``.
+    AnnData
+        ``adata``, with the tables and parameters below (read them back with
+        :func:`atlas.tables.get_table`).
 
-    Writes (``store=True``)
-    -----------------------
-    ``uns["tme_tables"]["proportions" | "composition" | "de" | "programs"]`` (h5ad-safe,
-    via :func:`atlas.tables.put_table`; ``programs`` only with score columns) and
-    ``uns["tme_params_analyses"]``: reference, contrasts, thresholds, methods, the design
-    per cell type, skipped sample x cell-type groups and untested contrasts, timings.
+    Writes
+    ------
+    The tables ``proportions`` (``TABLE_PROPORTIONS``), ``composition``
+    (``TABLE_COMPOSITION``), ``de`` (``TABLE_DE``) and ``programs`` (``TABLE_PROGRAMS``,
+    only with score columns) in ``uns[UNS_TABLES]`` (h5ad-safe, via
+    :func:`atlas.tables.put_table`) and ``uns[params_key("analyses")]``: reference,
+    contrasts, thresholds, methods, the design per cell type, skipped sample x cell-type
+    groups and untested contrasts, timings.
     """
-    from atlas.tables import put_table
-
     cfg = _as_config(config)
     if groupby == schema.OBS_CELL_TYPE:
         schema.require_obs(adata, groupby)
@@ -821,10 +821,12 @@ def run_analyses(
     tables = {schema.TABLE_PROPORTIONS: props, schema.TABLE_COMPOSITION: comp, schema.TABLE_DE: de}
     if progs is not None:
         tables[schema.TABLE_PROGRAMS] = progs
-    if store:
-        for name, df in tables.items():
-            put_table(full, name, df)
-        full.uns[PARAMS_KEY] = {
+    for name, df in tables.items():
+        put_table(full, name, df)
+    record_params(
+        full,
+        STAGE,
+        {
             "reference": ref,
             "contrasts": list(cons),
             "groupby": groupby,
@@ -852,26 +854,27 @@ def run_analyses(
             ),
             "programs_skipped": progs is None,
             "timings_s": {k: float(v) for k, v in timings.items()},
-        }
-    return tables
+        },
+    )
+    return full
 
 
-def run_analyse_dir(atlas_dir: str | Path, *, config=None) -> dict[str, pd.DataFrame]:
+def run_analyse_dir(atlas_dir: str | Path, *, config=None):
     """``tme-atlas analyse DIR``: read ``DIR/atlas.h5ad``, run :func:`run_analyses`,
     write ``DIR/tables/*.csv``, the read store and ``DIR/atlas.h5ad`` atomically
     (:func:`atlas.store.write_atlas`). Raises :class:`~atlas.schema.MissingKeyError` for
     an atlas without ``obs["cell_type"]`` and :class:`InputError` for unknown conditions;
-    nothing is rewritten then.
+    nothing is rewritten then. Returns the AnnData written.
     """
     from atlas.store import read_atlas_adata, write_atlas
 
     atlas_dir = Path(atlas_dir)
     adata = read_atlas_adata(atlas_dir)
     schema.require_obs(adata, schema.OBS_CELL_TYPE)
-    tables = run_analyses(adata, config=config)
+    run_analyses(adata, config=config)
     write_atlas(adata, atlas_dir)
     log.info("analyses: wrote %s", atlas_dir / schema.TABLES_DIR)
-    return tables
+    return adata
 
 
 # ======================================================================================

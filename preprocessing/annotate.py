@@ -45,9 +45,12 @@ import pandas as pd
 import scipy.sparse as sp
 
 from atlas import schema
+from atlas.params import record_params
+from atlas.species import species_of
 from atlas.tables import put_table
+from references import path as reference_path
 
-from .integrate import _record, reference_path, species_of
+from .integrate import add_integration_metrics
 from .log import get_logger
 
 log = get_logger("annotate")
@@ -507,20 +510,31 @@ def doublet_like_clusters(adata, clusters: pd.Series, species: str) -> pd.Series
 
 def annotate(
     adata,
-    config=None,
     *,
+    config=None,
     species: str | None = None,
     cluster_key: str | None = None,
     patient_key: str = schema.OBS_PATIENT,
     marker_table: bool = True,
     refine_cells: bool = True,
+    metrics_batch_key: str | None = None,
+    seed: int = 0,
     **overrides,
 ):
     """Cell types, confidence, lineage and doublet-like flags (see the module docstring).
 
-    Writes ``obs``: ``cell_type`` (categorical), ``cell_type_confidence``, ``lineage``,
-    ``doublet_like_cluster``, ``marker_<type>``; the table ``cluster_markers``.
-    ``config``: an :class:`atlas.config.AnnotateConfig`.
+    ``config``: an :class:`atlas.config.AnnotateConfig`. With ``metrics_batch_key`` the
+    integration is scored against the labels just made
+    (:func:`preprocessing.integrate.add_integration_metrics`, seeded with ``seed``).
+
+    Writes
+    ------
+    ``obs``: ``cell_type`` (``OBS_CELL_TYPE``, categorical), ``cell_type_confidence``
+    (``OBS_CELL_TYPE_CONFIDENCE``), ``lineage`` (``OBS_LINEAGE``), ``doublet_like_cluster``
+    (``OBS_DOUBLET_CLUSTER``), ``marker_<type>`` (``OBS_MARKER_SCORE_PREFIX``); the tables
+    ``cluster_markers`` (``TABLE_MARKERS``, with ``marker_table``) and
+    ``integration_metrics`` (``TABLE_INTEGRATION_METRICS``, with ``metrics_batch_key``);
+    ``uns[params_key("annotate")]``.
     """
     from atlas.config import AnnotateConfig
 
@@ -652,7 +666,7 @@ def annotate(
         "clusters",
         len(cats), n_cl, ckey, int((label == schema.UNASSIGNED).sum()), n_flag,
     )  # fmt: skip
-    _record(
+    record_params(
         adata,
         "annotate",
         {
@@ -669,6 +683,10 @@ def annotate(
     )
     if marker_table:
         cluster_markers(adata)
+    if metrics_batch_key is not None:
+        add_integration_metrics(
+            adata, batch_key=metrics_batch_key, label_key=schema.OBS_CELL_TYPE, seed=seed
+        )
     return adata
 
 

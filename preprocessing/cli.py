@@ -11,6 +11,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from preprocessing import stages
+
 EXIT_INPUT = 2
 
 
@@ -46,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow sheet paths outside the sheet's folder",
     )
-    p.add_argument("--skip", nargs="*", default=[], choices=["analyses", "crosstalk"])
+    p.add_argument("--skip", nargs="*", default=[], choices=list(stages.skippable()))
     _add_config(p)
 
     p = sub.add_parser("analyse", help="composition, pseudobulk DE and programmes")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from atlas import schema
+from atlas.params import record_params
 
 from .log import get_logger
 
@@ -39,8 +40,8 @@ def leiden(adata, resolution: float, *, seed: int, key_added: str) -> None:
 
 def run_clustering(
     adata,
-    config=None,
     *,
+    config=None,
     use_rep: str = schema.OBSM_SCVI,
     umap: bool = True,
     **overrides,
@@ -50,9 +51,14 @@ def run_clustering(
     The kNN graph is exact (scikit-learn) up to ``config.exact_knn_max_cells`` cells and
     approximate (pynndescent) above.
 
-    Writes ``obs[leiden_key(r)]`` for every resolution of ``config.resolutions`` (plus the
-    default resolution), ``obs[OBS_LEIDEN]`` (= the default resolution), ``obsm[OBSM_UMAP]``
-    and ``uns[UNS_LEIDEN_RESOLUTIONS]``. ``config``: an :class:`atlas.config.ClusterConfig`.
+    ``config``: an :class:`atlas.config.ClusterConfig`.
+
+    Writes
+    ------
+    ``obs[leiden_key(r)]`` (``OBS_LEIDEN_PREFIX`` + resolution) for every resolution of
+    ``config.resolutions`` (plus the default resolution), ``obs[OBS_LEIDEN]`` (= the
+    default resolution), ``obsm[OBSM_UMAP]``, ``uns[UNS_LEIDEN_RESOLUTIONS]`` and
+    ``uns[params_key("cluster")]``.
     """
     import scanpy as sc
 
@@ -84,14 +90,18 @@ def run_clustering(
     adata.uns.pop("leiden", None)
     for r in resolutions:
         adata.uns.pop(schema.leiden_key(r), None)
-    adata.uns[schema.UNS_PARAMS_PREFIX + "cluster"] = {
-        "use_rep": use_rep,
-        "n_neighbors": n_neighbors,
-        "knn": "exact (scikit-learn)" if knn == "sklearn" else "approximate (pynndescent)",
-        "resolutions": [float(r) for r in resolutions],
-        "default_resolution": float(cfg.default_resolution),
-        "umap_min_dist": float(cfg.umap_min_dist),
-        "seed": int(cfg.seed),
-        "leiden": "igraph, n_iterations=2, undirected",
-    }
+    record_params(
+        adata,
+        "cluster",
+        {
+            "use_rep": use_rep,
+            "n_neighbors": n_neighbors,
+            "knn": "exact (scikit-learn)" if knn == "sklearn" else "approximate (pynndescent)",
+            "resolutions": [float(r) for r in resolutions],
+            "default_resolution": float(cfg.default_resolution),
+            "umap_min_dist": float(cfg.umap_min_dist),
+            "seed": int(cfg.seed),
+            "leiden": "igraph, n_iterations=2, undirected",
+        },
+    )
     return adata

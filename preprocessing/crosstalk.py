@@ -55,16 +55,19 @@ import pandas as pd
 import scipy.sparse as sp
 
 from atlas import schema
+from atlas.params import record_params
+from atlas.species import species_of
 from atlas.stats import bh_adjust
 from atlas.tables import get_table, put_table
 from preprocessing.log import get_logger
+from references import path as reference_path
 
 log = get_logger("crosstalk")
 
 DEFAULT_RESOURCE = {"human": "consensus", "mouse": "mouseconsensus"}
 CURATED_FILE = "lr_curated.csv"
 COMPLEX_SEP = "_"
-PARAMS_KEY = f"{schema.UNS_PARAMS_PREFIX}crosstalk"
+PARAMS_KEY = schema.params_key("crosstalk")
 XSUM = "_tme_xsum"  # working AnnData: row sums of the full log-normalised X
 N_GENES_FULL = "_tme_n_genes_full"
 
@@ -87,20 +90,6 @@ def _crosstalk_config(config):
     if isinstance(config, Config):
         return config.crosstalk
     raise TypeError(f"config must be a Config or CrosstalkConfig, not {type(config).__name__}")
-
-
-def infer_species(adata) -> str:
-    """``human`` or ``mouse``: from ``uns``, then ``obs``, then the case of the gene symbols."""
-    value = adata.uns.get(schema.UNS_SPECIES)
-    if isinstance(value, str) and value in schema.SPECIES:
-        return value
-    if schema.OBS_SPECIES in adata.obs:
-        values = pd.unique(adata.obs[schema.OBS_SPECIES].astype(str))
-        if len(values) == 1 and values[0] in schema.SPECIES:
-            return str(values[0])
-    names = [n for n in adata.var_names[:5000] if any(c.isalpha() for c in n)]
-    upper = np.mean([n == n.upper() for n in names]) if names else 1.0
-    return "human" if upper >= 0.5 else "mouse"
 
 
 def load_resource(species: str = "human", name: str | None = None) -> pd.DataFrame:
@@ -137,19 +126,12 @@ def load_resource(species: str = "human", name: str | None = None) -> pd.DataFra
     return df.drop_duplicates().reset_index(drop=True)
 
 
-def references_path(name: str) -> Path:
-    """Path of a file shipped in ``references/``."""
-    from references import path
-
-    return path(name)
-
-
 def load_curated(species: str = "human") -> pd.DataFrame:
     """Curated CLL interactions (``references/lr_curated.csv``) in the species' symbols.
 
     Columns: ligand, receptor, sender, receiver, axis, pmid, source, curated_source.
     """
-    df = pd.read_csv(references_path(CURATED_FILE), dtype=str).fillna("")
+    df = pd.read_csv(reference_path(CURATED_FILE), dtype=str).fillna("")
     if species == "mouse":
         df = df.assign(ligand=df["ligand_mouse"], receptor=df["receptor_mouse"])
     df = df[(df["ligand"] != "") & (df["receptor"] != "")].copy()
@@ -698,13 +680,19 @@ def ligrec_agreement(
 
 
 # ----------------------------------------------------------------------------- stage
-def run_crosstalk(adata, *, config=None) -> dict[str, pd.DataFrame]:
-    """Run the crosstalk stage on an annotated atlas with the ``de`` table; store the tables.
+def run_crosstalk(adata, *, config=None, keep_all_diff: bool = False):
+    """Run the crosstalk stage on an annotated atlas with the ``de`` table; returns ``adata``.
 
-    Adds to ``adata.uns`` (h5ad-safe): tables ``interactions``, ``interactions_by_sample``,
-    ``interactions_diff``, ``ligrec_agreement`` and the parameters under
-    ``tme_params_crosstalk``. Returns the stored tables plus ``interactions_diff_all``
-    (every tested differential interaction, not stored).
+    With ``keep_all_diff`` every tested differential interaction (before the cut-offs) is
+    stored too, as the table ``interactions_diff_all`` (``TABLE_INTERACTIONS_DIFF_ALL``;
+    for scoring against planted truth; a build does not keep it).
+
+    Writes
+    ------
+    The tables ``interactions`` (``TABLE_INTERACTIONS``), ``interactions_by_sample``
+    (``TABLE_INTERACTIONS_BY_SAMPLE``), ``interactions_diff`` (``TABLE_INTERACTIONS_DIFF``),
+    ``ligrec_agreement`` (``TABLE_LIGREC_AGREEMENT``) in ``uns[UNS_TABLES]`` (h5ad-safe)
+    and the parameters in ``uns[params_key("crosstalk")]``.
     """
     cfg = _crosstalk_config(config)
     schema.require_obs(adata, cfg.groupby, schema.OBS_CONDITION, schema.OBS_SAMPLE)
@@ -712,7 +700,7 @@ def run_crosstalk(adata, *, config=None) -> dict[str, pd.DataFrame]:
     timings: dict[str, float] = {}
     t0 = t = time.perf_counter()
 
-    species = infer_species(adata)
+    species = species_of(adata, from_genes=True)
     resource = load_resource(species, cfg.resource)
     resource_name = cfg.resource or DEFAULT_RESOURCE[species]
     curated = load_curated(species)
@@ -804,43 +792,49 @@ def run_crosstalk(adata, *, config=None) -> dict[str, pd.DataFrame]:
         schema.TABLE_INTERACTIONS_DIFF: diff,
         schema.TABLE_LIGREC_AGREEMENT: agreement,
     }
+    if keep_all_diff:
+        tables[schema.TABLE_INTERACTIONS_DIFF_ALL] = diff_all
     for name, df in tables.items():
         put_table(adata, name, df)
-    adata.uns[PARAMS_KEY] = {
-        "species": species,
-        "resource": str(resource_name),
-        "n_resource_pairs": int(len(resource)),
-        "groupby": cfg.groupby,
-        "methods": "rank_aggregate: CellPhoneDB, Connectome, log2FC, NATMI, SingleCellSignalR",
-        "n_perms": int(cfg.n_perms),
-        "expr_prop": float(cfg.expr_prop),
-        "min_cells": int(cfg.min_cells),
-        "seed": int(cfg.seed),
-        "conditions": list(conditions),
-        "interactions_cutoff": f"top {cfg.top_n} per condition by magnitude_rank, plus curated",
-        "by_sample_scope": (
-            "rank_aggregate per sample on the ligand-receptor pairs of the kept interactions "
-            "(ranks are relative to those pairs; lr_means / lrscore are per-pair values)"
-        ),
-        "top_n": int(cfg.top_n),
-        "n_interactions_total": int(len(liana_all)),
-        "diff_method": (
-            "score = mean(ligand log2FC in sender, receptor log2FC in receiver), log2FCs of "
-            "the pseudobulk DE table shrunk to a zero-centred normal prior (DESeq2 betaPrior "
-            "rule, sd per contrast in diff_prior_sd); complexes: subunit with the smallest "
-            "|shrunk log2FC|; pvalue: Stouffer of signed z = sign(lfc)*Phi^-1(1-p/2) of the "
-            "two DE p-values; padj: BH per condition"
-        ),
-        "diff_cutoff": (
-            f"padj <= {cfg.diff_max_padj} or top {cfg.top_n} by |score| per condition, plus curated"
-        ),
-        "diff_max_padj": float(cfg.diff_max_padj),
-        "diff_prior_sd": taus,
-        "n_diff_total": int(len(diff_all)),
-        "ligrec_alpha": float(cfg.alpha),
-        "ligrec_conditions": list(agreement["condition"].astype(str)),
-        "timings_s": {k: round(float(v), 3) for k, v in timings.items()},
-    }
+    record_params(
+        adata,
+        "crosstalk",
+        {
+            "species": species,
+            "resource": str(resource_name),
+            "n_resource_pairs": int(len(resource)),
+            "groupby": cfg.groupby,
+            "methods": "rank_aggregate: CellPhoneDB, Connectome, log2FC, NATMI, SingleCellSignalR",
+            "n_perms": int(cfg.n_perms),
+            "expr_prop": float(cfg.expr_prop),
+            "min_cells": int(cfg.min_cells),
+            "seed": int(cfg.seed),
+            "conditions": list(conditions),
+            "interactions_cutoff": f"top {cfg.top_n} per condition by magnitude_rank, plus curated",
+            "by_sample_scope": (
+                "rank_aggregate per sample on the ligand-receptor pairs of the kept interactions "
+                "(ranks are relative to those pairs; lr_means / lrscore are per-pair values)"
+            ),
+            "top_n": int(cfg.top_n),
+            "n_interactions_total": int(len(liana_all)),
+            "diff_method": (
+                "score = mean(ligand log2FC in sender, receptor log2FC in receiver), log2FCs of "
+                "the pseudobulk DE table shrunk to a zero-centred normal prior (DESeq2 betaPrior "
+                "rule, sd per contrast in diff_prior_sd); complexes: subunit with the smallest "
+                "|shrunk log2FC|; pvalue: Stouffer of signed z = sign(lfc)*Phi^-1(1-p/2) of the "
+                "two DE p-values; padj: BH per condition"
+            ),
+            "diff_cutoff": (
+                f"padj <= {cfg.diff_max_padj} or top {cfg.top_n} by |score| per condition, plus curated"
+            ),
+            "diff_max_padj": float(cfg.diff_max_padj),
+            "diff_prior_sd": taus,
+            "n_diff_total": int(len(diff_all)),
+            "ligrec_alpha": float(cfg.alpha),
+            "ligrec_conditions": list(agreement["condition"].astype(str)),
+            "timings_s": {k: round(float(v), 3) for k, v in timings.items()},
+        },
+    )
     log.info(
         "crosstalk: done in %.1fs (prepare %.1f, liana conditions %.1f, liana samples %.1f, "
         "differential %.1f, ligrec %.1f)",
@@ -851,7 +845,7 @@ def run_crosstalk(adata, *, config=None) -> dict[str, pd.DataFrame]:
         timings["differential"],
         timings["ligrec_check"],
     )
-    return {**tables, "interactions_diff_all": diff_all}
+    return adata
 
 
 def _reference(adata, de: pd.DataFrame, conditions: list[str]) -> str | None:
@@ -912,7 +906,7 @@ def _write_atlas(adata, atlas_dir: Path) -> None:
     write_tables_csv(adata, atlas_dir / schema.TABLES_DIR)
 
 
-def run_crosstalk_dir(atlas_dir, *, config=None) -> dict[str, pd.DataFrame]:
+def run_crosstalk_dir(atlas_dir, *, config=None):
     """``tme-atlas crosstalk DIR``: run :func:`run_crosstalk` on the atlas in ``DIR``.
 
     Needs the ``de`` table (``tme-atlas analyse DIR``). Rewrites ``DIR/atlas.h5ad`` (and the
@@ -923,6 +917,6 @@ def run_crosstalk_dir(atlas_dir, *, config=None) -> dict[str, pd.DataFrame]:
     cfg = _crosstalk_config(config)
     schema.require_obs(adata, cfg.groupby)
     schema.require_table(adata, schema.TABLE_DE)
-    tables = run_crosstalk(adata, config=config)
+    run_crosstalk(adata, config=config)
     _write_atlas(adata, atlas_dir)
-    return tables
+    return adata

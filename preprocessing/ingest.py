@@ -43,6 +43,7 @@ from atlas.errors import InputError
 from atlas.tables import FORMULA_PREFIXES, is_formula_like
 
 from .log import get_logger
+from .stages import derived_obs
 
 log = get_logger("ingest")
 
@@ -880,26 +881,8 @@ def ingest(samplesheet: str | Path, *, allow_outside_paths: bool = False) -> Ing
     )
 
 
-_DERIVED_OBS = {
-    schema.OBS_TOTAL_COUNTS,
-    schema.OBS_N_GENES,
-    schema.OBS_PCT_MITO,
-    schema.OBS_QC_OUTLIER,
-    schema.OBS_QC_REASON,
-    schema.OBS_DOUBLET_SCORE,
-    schema.OBS_PREDICTED_DOUBLET,
-    schema.OBS_QC_PASS,
-    schema.OBS_LEIDEN,
-    schema.OBS_CELL_TYPE,
-    schema.OBS_CELL_TYPE_CONFIDENCE,
-    schema.OBS_LINEAGE,
-    schema.OBS_DOUBLET_CLUSTER,
-}
-_DERIVED_PREFIXES = (
-    schema.OBS_LEIDEN_PREFIX,
-    schema.OBS_SCORE_PREFIX,
-    schema.OBS_MARKER_SCORE_PREFIX,
-)
+# .obs columns the later stages write (the stage registry declares them)
+_DERIVED_OBS, _DERIVED_PREFIXES = derived_obs()
 
 
 def _is_derived(col: str) -> bool:

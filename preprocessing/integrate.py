@@ -2,8 +2,9 @@
 (immunoglobulin / TCR / mito / ribo / haemoglobin genes excluded), scVI integration and
 integration metrics (uncorrected PCA vs scVI).
 
-All functions work in place on an AnnData and return it (chainable). Parameters actually
-used are recorded in ``.uns[UNS_PARAMS_PREFIX + <stage>]``.
+The stage functions (:func:`normalize`, :func:`select_hvg`, :func:`run_scvi`) work in place
+on an AnnData and return it. Parameters actually used are recorded in
+``.uns[schema.params_key(<stage>)]`` (:func:`atlas.params.record_params`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import re
 import time
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,10 @@ import pandas as pd
 import scipy.sparse as sp
 
 from atlas import schema
+from atlas.params import record_params
+from atlas.species import species_of
+from atlas.tables import put_table
+from references import path as reference_path
 
 from .log import get_logger, progress_enabled
 
@@ -34,55 +38,16 @@ FILTER_CATEGORIES = ("immunoglobulin", "tcr", "mitochondrial", "ribosomal", "hae
 
 
 # ======================================================================================
-# helpers
-# ======================================================================================
-def species_of(adata, species: str | None = None) -> str:
-    """The species of an atlas: argument > ``uns[UNS_SPECIES]`` > ``obs["species"]`` > human."""
-    if species:
-        sp_ = str(species).lower()
-    elif schema.UNS_SPECIES in adata.uns:
-        sp_ = str(adata.uns[schema.UNS_SPECIES]).lower()
-    elif schema.OBS_SPECIES in adata.obs and adata.n_obs:
-        sp_ = str(adata.obs[schema.OBS_SPECIES].astype(str).mode().iloc[0]).lower()
-    else:
-        sp_ = "human"
-    if sp_ not in schema.SPECIES:
-        raise ValueError(f"species must be one of {schema.SPECIES}, not {sp_!r}")
-    return sp_
-
-
-def _record(adata, stage: str, params: dict) -> None:
-    """Store h5ad-safe parameters of ``stage`` in ``uns``."""
-    clean = {}
-    for k, v in params.items():
-        if v is None:
-            v = "None"
-        elif isinstance(v, (list, tuple)):
-            v = [str(x) if not isinstance(x, (int, float)) else x for x in v]
-            if not v:
-                v = "[]"
-        elif isinstance(v, (np.integer,)):
-            v = int(v)
-        elif isinstance(v, (np.floating,)):
-            v = float(v)
-        elif not isinstance(v, (str, int, float, bool)):
-            v = str(v)
-        clean[k] = v
-    adata.uns[schema.UNS_PARAMS_PREFIX + stage] = clean
-
-
-def reference_path(name: str) -> Path:
-    """Path of a file shipped in the ``references`` package."""
-    return Path(str(resources.files("references").joinpath(name)))
-
-
-# ======================================================================================
 # normalisation
 # ======================================================================================
 def normalize(adata, *, target_sum: float = TARGET_SUM):
     """Raw counts to ``layers["counts"]`` (kept if present); ``X`` = log1p(normalize_total).
 
     ``X`` must hold raw counts when ``layers["counts"]`` is absent.
+
+    Writes
+    ------
+    ``X``, ``layers[LAYER_COUNTS]`` (float32 CSR) and ``uns[params_key("normalize")]``.
     """
     import scanpy as sc
 
@@ -97,7 +62,7 @@ def normalize(adata, *, target_sum: float = TARGET_SUM):
     sc.pp.normalize_total(adata, target_sum=target_sum)
     sc.pp.log1p(adata)
     adata.uns.pop("log1p", None)  # scanpy's {"base": None} is not h5ad-safe in every reader
-    _record(adata, "normalize", {"target_sum": float(target_sum), "transform": "log1p"})
+    record_params(adata, "normalize", {"target_sum": float(target_sum), "transform": "log1p"})
     return adata
 
 
@@ -186,6 +151,10 @@ def select_hvg(
     ``config``: an :class:`atlas.config.HVGConfig` (overrides ``n_top_genes``, ``flavor``,
     ``exclude_patterns``). ``seurat_v3`` works on ``layers["counts"]``; the other flavours on
     the log-normalised ``X``.
+
+    Writes
+    ------
+    ``var[VAR_HVG]``, ``var[VAR_EXCLUDED_HVG]`` and ``uns[params_key("hvg")]``.
     """
     import scanpy as sc
 
@@ -230,7 +199,7 @@ def select_hvg(
         int(hv.sum()), flavor, used_batch, int(excluded.sum()),
         ", ".join(f"{c}: {(cats == c).sum()}" for c in FILTER_CATEGORIES if (cats == c).any()),
     )  # fmt: skip
-    _record(
+    record_params(
         adata,
         "hvg",
         {
@@ -304,8 +273,8 @@ def compute_pca(adata, *, n_comps: int = 50, hvg_key: str = schema.VAR_HVG, seed
 
 def run_scvi(
     adata,
-    config=None,
     *,
+    config=None,
     model_dir: str | Path | None = None,
     hvg_key: str = schema.VAR_HVG,
     **overrides,
@@ -314,7 +283,12 @@ def run_scvi(
 
     ``config``: an :class:`atlas.config.ScviConfig` (defaults when ``None``); keyword
     ``overrides`` replace its fields (e.g. ``max_steps=300``). The model is saved in
-    ``model_dir`` when given. Training statistics go to ``uns[UNS_PARAMS_PREFIX+"integrate"]``.
+    ``model_dir`` when given.
+
+    Writes
+    ------
+    ``obsm[OBSM_SCVI]``, ``obsm[OBSM_PCA]`` (uncorrected, for the integration metrics) and
+    the training statistics in ``uns[params_key("integrate")]``.
     """
     import torch
 
@@ -428,7 +402,7 @@ def run_scvi(
         "scvi: trained %d epochs (%d steps) in %.1f s; final validation ELBO %.1f",
         epochs, epochs * steps_per_epoch, seconds, elbo_val,
     )  # fmt: skip
-    _record(
+    record_params(
         adata,
         "integrate",
         {
@@ -607,3 +581,23 @@ def integration_metrics(
             gc.append(np.bincount(comp).max() / len(members))
         rows.append((emb_key, "graph_connectivity", float(np.mean(gc)) if gc else float("nan")))
     return pd.DataFrame(rows, columns=["embedding", "metric", "value"])
+
+
+def add_integration_metrics(
+    adata,
+    *,
+    batch_key: str = schema.OBS_SAMPLE,
+    label_key: str = schema.OBS_CELL_TYPE,
+    seed: int = 0,
+):
+    """Score the integration (:func:`integration_metrics`) against ``obs[label_key]``.
+
+    At build time there is no truth: the labels are the annotation's.
+
+    Writes
+    ------
+    The table ``integration_metrics`` (``TABLE_INTEGRATION_METRICS``).
+    """
+    metrics = integration_metrics(adata, batch_key=batch_key, label_key=label_key, seed=seed)
+    put_table(adata, schema.TABLE_INTEGRATION_METRICS, metrics)
+    return adata

@@ -1,7 +1,10 @@
 """``tme-atlas build``: the build orchestrator.
 
-Stages (:data:`atlas.schema.STAGES`): ingest -> qc -> normalize -> hvg -> integrate ->
-cluster -> annotate (+ integration metrics) -> programs -> analyses -> crosstalk -> write.
+It runs the stages of the registry :data:`preprocessing.stages.STAGES` in order (ingest ->
+qc -> normalize -> hvg -> integrate -> cluster -> annotate (+ integration metrics) ->
+programs -> analyses -> crosstalk -> write) and knows nothing stage-specific: what a stage
+runs, which config sections it depends on, whether it is checkpointed or skipped and what
+it leaves in ``.work`` all come from its registry entry.
 
 * Everything is validated first (:mod:`preprocessing.ingest`); a bad input ends with an
   :class:`~atlas.errors.InputError` (one line per problem) and nothing but ``build.log`` is
@@ -24,7 +27,7 @@ import platform
 import shutil
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
@@ -33,27 +36,12 @@ from pathlib import Path
 from atlas import schema
 from atlas.errors import InputError
 
+from . import stages as registry
 from .log import FILE_ONLY, get_logger, progress, setup_logging
 
 log = get_logger("pipeline")
 
 CHECKPOINT_VERSION = 1
-# configuration sections each stage depends on (beside everything upstream)
-STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
-    "ingest": (),
-    "qc": ("qc", "seed"),
-    "normalize": (),
-    "hvg": ("hvg",),
-    "integrate": ("scvi",),
-    "cluster": ("cluster",),
-    "annotate": ("annotate", "seed"),
-    "programs": ("seed",),
-    "analyses": ("analyses",),
-    "crosstalk": ("crosstalk",),
-    "write": (),
-}
-# stages whose output is not checkpointed (ingest re-runs as validation; write is the end)
-NO_CHECKPOINT = ("ingest", "write")
 VERSION_PACKAGES = (
     ("scanpy", "scanpy"),
     ("anndata", "anndata"),
@@ -145,21 +133,6 @@ class BuildContext:
         return self.work / schema.QC_DIR
 
 
-def _skipped(stage: str, ctx: BuildContext) -> str | None:
-    """Why ``stage`` is skipped (``None``: it runs)."""
-    if stage == "analyses":
-        if "analyses" in ctx.skip:
-            return "--skip analyses"
-        if len(ctx.conditions) < 2:
-            return "only one condition"
-    if stage == "crosstalk":
-        if "crosstalk" in ctx.skip or "analyses" in ctx.skip:
-            return "--skip " + ("crosstalk" if "crosstalk" in ctx.skip else "analyses")
-        if len(ctx.conditions) < 2:
-            return "only one condition"
-    return None
-
-
 def stage_hashes(ctx: BuildContext) -> dict[str, str]:
     """Chained hash per stage: inputs + upstream + the config sections the stage uses."""
     cfg = ctx.config.model_dump(mode="json")
@@ -176,19 +149,16 @@ def stage_hashes(ctx: BuildContext) -> dict[str, str]:
         sort_keys=True,
     )
     out: dict[str, str] = {}
-    for stage in schema.STAGES:
+    for stage in registry.STAGES:
         payload = {
             "upstream": prev,
-            "stage": stage,
-            "config": {s: cfg.get(s) for s in STAGE_SECTIONS.get(stage, ())},
-            "skipped": _skipped(stage, ctx),
+            "stage": stage.name,
+            "config": {s: cfg.get(s) for s in stage.sections},
+            "skipped": stage.skip_reason(ctx),
+            **{attr: getattr(ctx, attr) for attr in stage.context},
         }
-        if stage == "qc":
-            payload["keep_all"] = bool(ctx.keep_all)
-        if stage == "ingest":
-            payload["reference"] = ctx.reference
         h = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
-        out[stage] = h
+        out[stage.name] = h
         prev = h
     return out
 
@@ -197,8 +167,8 @@ def _checkpoint_paths(ctx: BuildContext, stage: str) -> tuple[Path, Path]:
     return ctx.work / f"{stage}.h5ad", ctx.work / f"{stage}.json"
 
 
-def _valid_checkpoint(ctx: BuildContext, stage: str, expected: str) -> dict | None:
-    h5, js = _checkpoint_paths(ctx, stage)
+def _valid_checkpoint(ctx: BuildContext, stage: registry.Stage, expected: str) -> dict | None:
+    h5, js = _checkpoint_paths(ctx, stage.name)
     if not (h5.is_file() and js.is_file()):
         return None
     try:
@@ -207,9 +177,7 @@ def _valid_checkpoint(ctx: BuildContext, stage: str, expected: str) -> dict | No
         return None
     if meta.get("hash") != expected:
         return None
-    if stage == "integrate" and not ctx.model_dir.is_dir():
-        return None
-    if stage == "qc" and not (ctx.qc_dir / "report.html").is_file():
+    if not all((ctx.work / p).exists() for p in stage.products):
         return None
     return meta
 
@@ -230,102 +198,22 @@ def _read_checkpoint(ctx: BuildContext, stage: str):
     return ad.read_h5ad(_checkpoint_paths(ctx, stage)[0])
 
 
-# ----------------------------------------------------------------------------- stages
-def _stage_qc(adata, ctx: BuildContext):
-    from .qc import run_qc
+# ----------------------------------------------------------------------------- one stage
+def run_stage(adata, stage: registry.Stage, ctx: BuildContext):
+    """Run ``stage`` on ``adata`` with its options from ``ctx``; returns the AnnData.
 
-    shutil.rmtree(ctx.qc_dir, ignore_errors=True)
-    out, summary, obs_all = run_qc(
-        adata,
-        ctx.config.qc,
-        species=ctx.species,
-        keep_all=ctx.keep_all,
-        seed=ctx.config.seed,
-        report_dir=ctx.qc_dir,
-    )
+    Products it leaves in ``.work`` (the scVI model, the QC report) are removed first.
+    """
+    for product in stage.products:
+        top = ctx.work / Path(product).parts[0]
+        if top.is_dir():
+            shutil.rmtree(top, ignore_errors=True)
+        else:
+            top.unlink(missing_ok=True)
+    out = stage.run(adata, **stage.options(ctx))
+    if out is None:
+        raise TypeError(f"stage {stage.name}: {stage.run.__qualname__} returned None")
     return out
-
-
-def _stage_normalize(adata, ctx: BuildContext):
-    from .integrate import normalize
-
-    return normalize(adata)
-
-
-def _stage_hvg(adata, ctx: BuildContext):
-    from .integrate import select_hvg
-
-    return select_hvg(
-        adata, config=ctx.config.hvg, batch_key=schema.OBS_SAMPLE, species=ctx.species
-    )
-
-
-def _stage_integrate(adata, ctx: BuildContext):
-    from .integrate import run_scvi
-
-    shutil.rmtree(ctx.model_dir, ignore_errors=True)
-    out = run_scvi(adata, ctx.config.scvi, model_dir=ctx.model_dir)
-    return adata if out is None else out
-
-
-def _stage_cluster(adata, ctx: BuildContext):
-    from .cluster import run_clustering
-
-    out = run_clustering(adata, ctx.config.cluster)
-    return adata if out is None else out
-
-
-def _stage_annotate(adata, ctx: BuildContext):
-    from atlas.tables import put_table
-
-    from .annotate import annotate
-    from .integrate import integration_metrics
-
-    out = annotate(adata, ctx.config.annotate, species=ctx.species)
-    adata = adata if out is None else out
-    # integration metrics need labels: there is no truth at build time, so the annotation
-    metrics = integration_metrics(
-        adata,
-        batch_key=ctx.config.scvi.batch_key,
-        label_key=schema.OBS_CELL_TYPE,
-        seed=ctx.config.seed,
-    )
-    put_table(adata, schema.TABLE_INTEGRATION_METRICS, metrics)
-    return adata
-
-
-def _stage_programs(adata, ctx: BuildContext):
-    from .programs import score_programs
-
-    out = score_programs(adata, species=ctx.species, seed=ctx.config.seed)
-    return adata if out is None else out
-
-
-def _stage_analyses(adata, ctx: BuildContext):
-    from .analyses import run_analyses
-
-    run_analyses(adata, config=ctx.config)
-    return adata
-
-
-def _stage_crosstalk(adata, ctx: BuildContext):
-    from .crosstalk import run_crosstalk
-
-    run_crosstalk(adata, config=ctx.config)
-    return adata
-
-
-STAGE_FUNCS: dict[str, Callable] = {
-    "qc": _stage_qc,
-    "normalize": _stage_normalize,
-    "hvg": _stage_hvg,
-    "integrate": _stage_integrate,
-    "cluster": _stage_cluster,
-    "annotate": _stage_annotate,
-    "programs": _stage_programs,
-    "analyses": _stage_analyses,
-    "crosstalk": _stage_crosstalk,
-}
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -506,7 +394,7 @@ def run_build(
     started = datetime.now(UTC).isoformat(timespec="seconds")
     t_build = time.perf_counter()
     skip = tuple(skip or ())
-    unknown_skip = [s for s in skip if s not in ("analyses", "crosstalk")]
+    unknown_skip = [s for s in skip if s not in registry.skippable()]
     if unknown_skip:
         raise InputError(f"--skip: unknown stage(s) {', '.join(unknown_skip)}")
     log.info(
@@ -550,22 +438,22 @@ def run_build(
         )
         shutil.rmtree(ctx.work, ignore_errors=True)
         return out
-    stages = [s for s in schema.STAGES if s not in NO_CHECKPOINT]
+    stages = [s for s in registry.STAGES if s.checkpoint]
     start_at = 0
     if resume:
         for i in range(len(stages) - 1, -1, -1):
-            meta = _valid_checkpoint(ctx, stages[i], hashes[stages[i]])
+            meta = _valid_checkpoint(ctx, stages[i], hashes[stages[i].name])
             if meta is not None:
                 start_at = i + 1
                 break
         if start_at:
-            last = stages[start_at - 1]
+            last = stages[start_at - 1].name
             log.info("resume: stages up to '%s' are done with this config; loading it", last)
             adata = _read_checkpoint(ctx, last)
             for s in stages[:start_at]:
-                meta = _valid_checkpoint(ctx, s, hashes[s]) or {}
+                meta = _valid_checkpoint(ctx, s, hashes[s.name]) or {}
                 t = meta.get("timing", {})
-                ctx.timings[s] = {**t, "status": "resumed"} if t else {"status": "resumed"}
+                ctx.timings[s.name] = {**t, "status": "resumed"} if t else {"status": "resumed"}
         else:
             log.info("resume: no usable checkpoint; building from the start")
     else:
@@ -573,13 +461,14 @@ def run_build(
     ctx.work.mkdir(parents=True, exist_ok=True)
     # checkpoints after the resume point are stale
     for s in stages[start_at:]:
-        for p in _checkpoint_paths(ctx, s):
+        for p in _checkpoint_paths(ctx, s.name):
             p.unlink(missing_ok=True)
 
     bar = progress(total=len(stages) + 2, desc="build", unit="stage", initial=start_at + 1)
     try:
-        for stage in stages[start_at:]:
-            why = _skipped(stage, ctx)
+        for st in stages[start_at:]:
+            stage = st.name
+            why = st.skip_reason(ctx)
             if why:
                 log.info("stage %s: skipped (%s)", stage, why)
                 ctx.timings[stage] = {"status": f"skipped ({why})"}
@@ -591,7 +480,7 @@ def run_build(
             n_in = int(adata.n_obs)
             with PeakRSS() as mem:
                 try:
-                    adata = STAGE_FUNCS[stage](adata, ctx)
+                    adata = run_stage(adata, st, ctx)
                 except InputError as e:
                     for line in e.problems:
                         log.error("stage %s: %s", stage, line, extra=FILE_ONLY)
@@ -661,7 +550,7 @@ def _closing_summary(ctx: BuildContext, adata, cells_in: dict, prov: dict) -> No
         lines.append(f"{sid:<24}{n:>10}{int(out_counts.get(sid, 0)):>11}")
     lines.append(f"{'total':<24}{sum(cells_in.values()):>10}{int(out_counts.sum()):>11}")
     lines.append(f"{'stage':<24}{'seconds':>10}{'peak MiB':>11}")
-    for stage in schema.STAGES:
+    for stage in registry.names():
         t = ctx.timings.get(stage)
         if not t:
             continue

@@ -14,8 +14,10 @@ import numpy as np
 import pandas as pd
 
 from atlas import schema
+from atlas.params import record_params
+from atlas.species import species_of
+from references import path as reference_path
 
-from .integrate import _record, reference_path, species_of
 from .log import get_logger
 
 log = get_logger("programs")
@@ -52,9 +54,15 @@ def score_programs(
     ctrl_size: int = 50,
     seed: int = 0,
 ):
-    """Score every programme into ``obs[score_key(name)]``; record used genes in
-    ``uns[UNS_PROGRAMS]``. Programmes with fewer than ``min_genes`` genes in the data are
-    skipped (logged)."""
+    """Score every programme of ``references/programs_<species>.csv`` (or ``programs``).
+
+    Programmes with fewer than ``min_genes`` genes in the data are skipped (logged).
+
+    Writes
+    ------
+    ``obs[score_key(name)]`` (``OBS_SCORE_PREFIX`` + programme) per programme, the genes
+    used in ``uns[UNS_PROGRAMS]`` and ``uns[params_key("programs")]``.
+    """
     import scanpy as sc
 
     species = species_of(adata, species)
@@ -83,7 +91,7 @@ def score_programs(
         log.info("programmes skipped (< %d genes in the data): %s", min_genes, ", ".join(skipped))
     log.info("programmes scored: %s", ", ".join(f"{k} ({len(v)})" for k, v in used.items()))
     adata.uns[schema.UNS_PROGRAMS] = used
-    _record(
+    record_params(
         adata,
         "programs",
         {

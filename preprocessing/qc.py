@@ -30,6 +30,8 @@ import scipy.sparse as sp
 
 from atlas import schema
 from atlas.errors import InputError
+from atlas.params import record_params
+from atlas.tables import put_table
 
 from .log import get_logger, progress
 
@@ -53,7 +55,7 @@ SCRUBLET_SIM_RATIO = 5.0  # small samples: more simulated doublets, a denser nei
 SCRUBLET_LARGE_SAMPLE = 5000
 SCRUBLET_SIM_RATIO_LARGE = 2.0
 MIN_CELLS_SCRUBLET = 30  # scrublet needs a neighbourhood; smaller samples are not scored
-PARAMS_KEY = f"{schema.UNS_PARAMS_PREFIX}qc"
+PARAMS_KEY = schema.params_key("qc")
 
 
 def _qc_config(config):
@@ -190,8 +192,8 @@ def _scrublet_sample(counts, cfg, seed: int) -> tuple[np.ndarray, np.ndarray, fl
 
 def run_qc(
     adata,
-    config=None,
     *,
+    config=None,
     species: str | None = None,
     keep_all: bool = False,
     seed: int = 0,
@@ -199,10 +201,18 @@ def run_qc(
 ):
     """QC ``adata`` (raw counts in ``layers["counts"]`` or ``X``) per sample.
 
-    Returns ``(adata_out, summary, obs_all)``: the filtered AnnData (all cells with
-    ``keep_all``), a per-sample summary table and the ``.obs`` of every cell with its flags
-    (for the report). With ``report_dir`` the QC report is written there (also when a
-    sample has no cells left). Raises :class:`InputError` when a sample has no cells left.
+    Returns the filtered AnnData (``adata`` itself with ``keep_all``). The flags of every
+    cell, removed ones included, are written into ``adata.obs`` in place (the input keeps
+    them for the report and for callers). With ``report_dir`` the QC report is written
+    there (also when a sample has no cells left). Raises :class:`InputError` when a
+    sample has no cells left.
+
+    Writes
+    ------
+    ``obs``: ``total_counts``, ``n_genes_by_counts``, ``pct_counts_mt``, ``qc_outlier``,
+    ``qc_reason``, ``doublet_score``, ``predicted_doublet``, ``qc_pass`` (schema
+    ``OBS_TOTAL_COUNTS`` ... ``OBS_QC_PASS``); the table ``qc_summary``
+    (``TABLE_QC_SUMMARY``) and ``uns[params_key("qc")]`` on the returned AnnData.
     """
     cfg = _qc_config(config)
     species = species or str(adata.uns.get(schema.UNS_SPECIES, "human"))
@@ -292,22 +302,24 @@ def run_qc(
                 cfg.min_cells_gene,
             )
             out = out[:, genes].copy()
-    out.uns[PARAMS_KEY] = {
-        "config": json.dumps(cfg.model_dump(mode="json"), sort_keys=True),
-        "species": species,
-        "mito_prefix": MITO_PREFIX.get(species, "MT-"),
-        "keep_all": bool(keep_all),
-        "doublet_method": (
-            "scanpy.pp.scrublet per sample on raw counts of non-low-quality cells "
-            f"(log_transform, {SCRUBLET_N_PCS} PCs, sim_doublet_ratio {SCRUBLET_SIM_RATIO}, "
-            f"{SCRUBLET_SIM_RATIO_LARGE} from {SCRUBLET_LARGE_SAMPLE} cells; exact kNN); "
-            "the doublet_rate fraction of highest scores called"
-        ),
-        "mad": "median absolute deviation (x1.4826) of log1p counts, log1p genes, % mito",
-        "scrublet_thresholds": json.dumps(thresholds, sort_keys=True),
-    }
-    from atlas.tables import put_table
-
+    record_params(
+        out,
+        "qc",
+        {
+            "config": json.dumps(cfg.model_dump(mode="json"), sort_keys=True),
+            "species": species,
+            "mito_prefix": MITO_PREFIX.get(species, "MT-"),
+            "keep_all": bool(keep_all),
+            "doublet_method": (
+                "scanpy.pp.scrublet per sample on raw counts of non-low-quality cells "
+                f"(log_transform, {SCRUBLET_N_PCS} PCs, sim_doublet_ratio {SCRUBLET_SIM_RATIO}, "
+                f"{SCRUBLET_SIM_RATIO_LARGE} from {SCRUBLET_LARGE_SAMPLE} cells; exact kNN); "
+                "the doublet_rate fraction of highest scores called"
+            ),
+            "mad": "median absolute deviation (x1.4826) of log1p counts, log1p genes, % mito",
+            "scrublet_thresholds": json.dumps(thresholds, sort_keys=True),
+        },
+    )
     put_table(out, schema.TABLE_QC_SUMMARY, summary)
     n_in, n_out = adata.n_obs, int((~fail).sum())
     log.info(
@@ -319,7 +331,7 @@ def run_qc(
         int(doublet.sum()),
         " (all kept: --keep-all)" if keep_all else "",
     )
-    return out, summary, obs_all
+    return out
 
 
 def qc_summary(

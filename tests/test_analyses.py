@@ -17,6 +17,7 @@ from conftest import ARTIFACTS, shared_file
 
 from atlas import schema
 from atlas.errors import InputError
+from atlas.tables import get_tables
 from preprocessing import analyses as A
 
 REF = "NAIVE"
@@ -54,7 +55,7 @@ def small_run(small):
     a = small.copy()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        tables = A.run_analyses(a)
+        tables = get_tables(A.run_analyses(a))
     return a, tables
 
 
@@ -254,7 +255,7 @@ def test_reference_and_contrasts_from_config(small):
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        tables = A.run_analyses(a, config=cfg)
+        tables = get_tables(A.run_analyses(a, config=cfg))
     for name in (schema.TABLE_COMPOSITION, schema.TABLE_DE):
         t = tables[name]
         assert set(t[schema.COL_REFERENCE]) == {"IBR_EARLY"}
@@ -364,7 +365,7 @@ def true_label_run(default_sim):
     t0 = time.process_time()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        tables = A.run_analyses(a)
+        tables = get_tables(A.run_analyses(a))
     cpu = time.process_time() - t0
     return tables, A.score_against_truth(tables, default_sim.truth), cpu
 
@@ -416,7 +417,7 @@ def test_own_annotation_recovers_90pct_of_true_label_ceiling(demo_atlas_dir, dem
         b.obs[schema.OBS_DOUBLET_CLUSTER] = False
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        true = A.run_analyses(b, config=cfg, groupby="true_label", store=False)
+        true = get_tables(A.run_analyses(b, config=cfg, groupby="true_label"))
     rec = A.recovery_vs_ceiling(own[schema.TABLE_DE], true[schema.TABLE_DE], truth["de"])
     s_own = A.score_against_truth(own, truth)
     s_true = A.score_against_truth(true, truth)
@@ -442,7 +443,7 @@ def test_kang2018_interferon_genes_up_in_cd14_monocytes():
     a.obs[schema.OBS_CELL_TYPE] = a.obs["cluster_id"].astype(str)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        tables = A.run_analyses(a, reference="ctrl")
+        tables = get_tables(A.run_analyses(a, reference="ctrl"))
     de = tables[schema.TABLE_DE]
     mono = de[de[schema.COL_CELL_TYPE] == "CD14+ Monocytes"].set_index(schema.COL_GENE)
     assert mono["paired"].all()  # donors 101 and 107 in both arms

@@ -39,7 +39,7 @@ def _pca_build(a: ad.AnnData, **cluster) -> ad.AnnData:
     I.select_hvg(a, n_top_genes=1500)
     I.compute_pca(a, n_comps=30)
     a.obsm[schema.OBSM_SCVI] = a.obsm[schema.OBSM_PCA]
-    run_clustering(a, ClusterConfig(**cluster), umap=False)
+    run_clustering(a, config=ClusterConfig(**cluster), umap=False)
     return a
 
 
@@ -185,7 +185,7 @@ def test_unassigned_when_no_marker_fits():
     I.normalize(a)
     I.compute_pca(a, n_comps=10, hvg_key="none")
     a.obsm[schema.OBSM_SCVI] = a.obsm[schema.OBSM_PCA]
-    run_clustering(a, ClusterConfig(resolutions=[0.5, 2.0]), umap=False)
+    run_clustering(a, config=ClusterConfig(resolutions=[0.5, 2.0]), umap=False)
     A.annotate(a, species="human", marker_table=False)
     ct = a.obs[schema.OBS_CELL_TYPE].astype(str).values
     assert (ct[group == 0] == "Classical monocyte").mean() > 0.9

@@ -26,7 +26,7 @@ def _latent(n_per=150, k=4, seed=0) -> ad.AnnData:
 def test_run_clustering_writes_resolutions_default_and_umap():
     a = _latent()
     cfg = ClusterConfig(resolutions=[0.3, 1.0], default_resolution=0.5, seed=1)
-    run_clustering(a, cfg)
+    run_clustering(a, config=cfg)
     for r in (0.3, 0.5, 1.0):
         key = schema.leiden_key(r)
         assert key in a.obs and a.obs[key].dtype.name == "category"
@@ -66,7 +66,7 @@ def test_exact_knn_up_to_the_threshold_then_pynndescent():
     the same clusters on well-separated data."""
     a, b = _latent(), _latent()
     run_clustering(a, umap=False)
-    run_clustering(b, ClusterConfig(exact_knn_max_cells=100), umap=False)
+    run_clustering(b, config=ClusterConfig(exact_knn_max_cells=100), umap=False)
     assert a.uns[schema.UNS_PARAMS_PREFIX + "cluster"]["knn"].startswith("exact")
     assert b.uns[schema.UNS_PARAMS_PREFIX + "cluster"]["knn"].startswith("approximate")
     for x in (a, b):

@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 from conftest import fast_config
 
+import references
 from atlas import schema
-from atlas.tables import get_table
+from atlas.tables import get_table, get_tables
 from preprocessing import crosstalk as ct
 
 # ----------------------------------------------------------------------------- helpers
@@ -89,13 +90,13 @@ def small_crosstalk(small_sim):
     cfg = fast_config()
     run_analyses(a, config=cfg)
     with _NoNetwork():
-        tables = ct.run_crosstalk(a, config=cfg)
+        tables = get_tables(ct.run_crosstalk(a, config=cfg))
     return a, tables
 
 
 # ----------------------------------------------------------------------------- curated table
 def test_curated_table_shipped_and_in_resources():
-    cur = pd.read_csv(ct.references_path(ct.CURATED_FILE), dtype=str).fillna("")
+    cur = pd.read_csv(references.path(ct.CURATED_FILE), dtype=str).fillna("")
     for col in (
         "ligand",
         "receptor",
@@ -377,7 +378,7 @@ def test_recovers_planted_lr_changes_default_sim():
     run_analyses(a, config=cfg)
     t = time.perf_counter()
     with _NoNetwork():
-        tables = ct.run_crosstalk(a, config=cfg)
+        tables = get_tables(ct.run_crosstalk(a, config=cfg, keep_all_diff=True))
     elapsed = time.perf_counter() - t
     res = score_against_truth(tables["interactions_diff_all"], sim.truth["lr"])
     print(f"crosstalk on the default sim: {elapsed:.0f}s; {res}")

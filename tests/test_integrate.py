@@ -138,7 +138,7 @@ def test_condition_is_never_a_batch_covariate():
     cfg = ScviConfig()
     object.__setattr__(cfg, "categorical_covariates", ["condition"])  # bypass validation
     with pytest.raises(ValueError, match="biology"):
-        I.run_scvi(a, cfg)
+        I.run_scvi(a, config=cfg)
 
 
 def test_run_scvi_small(tmp_path):
@@ -146,7 +146,7 @@ def test_run_scvi_small(tmp_path):
     I.normalize(a)
     I.select_hvg(a, n_top_genes=100)
     cfg = ScviConfig(max_steps=40, batch_size=128, n_latent=5, torch_threads=1, seed=3)
-    I.run_scvi(a, cfg, model_dir=tmp_path / "model")
+    I.run_scvi(a, config=cfg, model_dir=tmp_path / "model")
     z = a.obsm[schema.OBSM_SCVI]
     assert z.shape == (400, 5) and np.isfinite(z).all()
     assert a.obsm[schema.OBSM_PCA].shape[0] == 400
@@ -160,7 +160,7 @@ def test_run_scvi_small(tmp_path):
     b = _toy_counts(n_cells=400)
     I.normalize(b)
     I.select_hvg(b, n_top_genes=100)
-    I.run_scvi(b, cfg)
+    I.run_scvi(b, config=cfg)
     np.testing.assert_allclose(b.obsm[schema.OBSM_SCVI], z, atol=1e-4)
 
 
@@ -173,7 +173,7 @@ def test_run_scvi_trains_at_least_min_steps():
         max_steps=200, min_steps=150, early_stopping_patience=1, batch_size=128, n_latent=5,
         torch_threads=1,
     )  # fmt: skip
-    I.run_scvi(a, cfg)
+    I.run_scvi(a, config=cfg)
     p = a.uns[schema.UNS_PARAMS_PREFIX + "integrate"]
     assert p["min_epochs"] * 3 >= 150  # 3 steps per epoch at 360 training cells / 128
     assert p["steps_trained"] >= 150
@@ -186,7 +186,7 @@ def test_run_scvi_needs_hvg_and_batch():
         I.run_scvi(a)
     I.select_hvg(a, n_top_genes=50)
     with pytest.raises(schema.MissingKeyError):
-        I.run_scvi(a, ScviConfig(batch_key="nope"))
+        I.run_scvi(a, config=ScviConfig(batch_key="nope"))
 
 
 # ----------------------------------------------------------------------------- metrics

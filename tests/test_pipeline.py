@@ -16,6 +16,9 @@ from test_ingest import barcodes, sheet, write_10x
 
 from atlas import schema
 from atlas.errors import InputError
+from preprocessing.stages import names
+
+STAGE_NAMES = names()
 
 N_GENES = 300
 
@@ -102,8 +105,6 @@ class StandIns:
         return run
 
     def install(self, monkeypatch):
-        from preprocessing import pipeline
-
         for stage in (
             "integrate",
             "cluster",
@@ -112,8 +113,27 @@ class StandIns:
             "analyses",
             "crosstalk",
         ):
-            monkeypatch.setitem(pipeline.STAGE_FUNCS, stage, self.make(stage))
+            patch_stage(monkeypatch, stage, self.make(stage))
         return self
+
+
+def patch_stage(monkeypatch, name: str, func) -> None:
+    """Replace the registry entry ``name`` by one running ``func(adata, ctx)``."""
+    import dataclasses
+
+    from preprocessing import stages
+
+    def options(ctx):
+        return {"ctx": ctx}
+
+    def run(adata, *, ctx):
+        return func(adata, ctx)
+
+    new = tuple(
+        dataclasses.replace(s, run=run, options=options) if s.name == name else s
+        for s in stages.STAGES
+    )
+    monkeypatch.setattr(stages, "STAGES", new)
 
 
 @pytest.fixture
@@ -178,7 +198,7 @@ def test_build_outputs_and_provenance(tiny, tmp_path, stand_ins, capsys):
     assert prov["config"]["hvg"]["n_top_genes"] == 100
     assert "samplesheet.csv" in prov["input_checksums"]
     assert sum(k.startswith("S1/") for k in prov["input_checksums"]) == 3
-    for stage in schema.STAGES:
+    for stage in STAGE_NAMES:
         t = prov["stages"][stage]
         assert t["status"] == "done", stage
         assert t["seconds"] >= 0 and t["peak_rss_mb"] > 0
@@ -355,9 +375,9 @@ def test_stage_hashes_chain():
         conditions=["a", "b"],
     )
     h1 = stage_hashes(changed)
-    i = schema.STAGES.index("cluster")
-    assert all(h0[s] == h1[s] for s in schema.STAGES[:i])
-    assert all(h0[s] != h1[s] for s in schema.STAGES[i:])
+    i = STAGE_NAMES.index("cluster")
+    assert all(h0[s] == h1[s] for s in STAGE_NAMES[:i])
+    assert all(h0[s] != h1[s] for s in STAGE_NAMES[i:])
     kept = BuildContext(out=Path("x"), config=load_config(env={}), conditions=["a", "b"],
                         keep_all=True)  # fmt: skip
     h2 = stage_hashes(kept)
@@ -371,9 +391,9 @@ def test_resume_with_real_stages(small_sim_dir, small_atlas_dir_session, tmp_pat
     the same atlas as an uninterrupted build (``small_atlas_dir_session``)."""
     from conftest import fast_config
 
-    from preprocessing import pipeline
+    from preprocessing import pipeline, stages
 
-    real = dict(pipeline.STAGE_FUNCS)
+    real = {s.name: s for s in stages.STAGES if s.run is not None}
     ran: list[str] = []
 
     def wrap(stage, fail):
@@ -381,12 +401,12 @@ def test_resume_with_real_stages(small_sim_dir, small_atlas_dir_session, tmp_pat
             ran.append(stage)
             if fail:
                 raise KeyboardInterrupt  # as if killed
-            return real[stage](adata, ctx)
+            return pipeline.run_stage(adata, real[stage], ctx)
 
         return run
 
     for s in real:
-        monkeypatch.setitem(pipeline.STAGE_FUNCS, s, wrap(s, s == "programs"))
+        patch_stage(monkeypatch, s, wrap(s, s == "programs"))
     out = tmp_path / "atlas"
     with pytest.raises(KeyboardInterrupt):
         pipeline.run_build(
@@ -394,7 +414,7 @@ def test_resume_with_real_stages(small_sim_dir, small_atlas_dir_session, tmp_pat
         )
     assert not (out / schema.ATLAS_FILE).exists()
     for s in real:
-        monkeypatch.setitem(pipeline.STAGE_FUNCS, s, wrap(s, False))
+        patch_stage(monkeypatch, s, wrap(s, False))
     ran.clear()
     pipeline.run_build(
         samplesheet=small_sim_dir / "samplesheet.csv", out=out, config=fast_config(), resume=True

@@ -34,9 +34,12 @@ def _raw(adata):
 @pytest.fixture(scope="module")
 def qc_small(small_sim):
     """run_qc on the small simulation, all cells kept (flags only)."""
+    from atlas.tables import get_table
     from preprocessing.qc import run_qc
 
-    return run_qc(_raw(small_sim.adata), keep_all=True, seed=0)
+    a = _raw(small_sim.adata)
+    out = run_qc(a, keep_all=True, seed=0)
+    return out, get_table(out, schema.TABLE_QC_SUMMARY), a.obs
 
 
 def test_planted_low_quality_cells_removed(qc_small):
@@ -98,7 +101,8 @@ def test_failing_cells_removed_by_default(small_sim):
     from preprocessing.qc import run_qc
 
     a = _raw(small_sim.adata[small_sim.adata.obs[schema.OBS_SAMPLE].isin(["P01_NAIVE"])])
-    out, summary, obs = run_qc(a, doublet_free_config(), keep_all=False)
+    out = run_qc(a, config=doublet_free_config(), keep_all=False)
+    obs = a.obs  # the flags of every cell, removed ones included
     assert out.n_obs == int(obs[schema.OBS_QC_PASS].sum()) < a.n_obs
     assert out.obs[schema.OBS_QC_PASS].all()
     assert out.obs["low_quality"].sum() == 0
@@ -138,14 +142,15 @@ def test_mito_prefix_is_species_aware(species):
     from preprocessing.qc import run_qc
 
     a, bad = _toy(species)
-    out, _, obs = run_qc(
-        a, doublet_free_config(min_genes=0, min_counts=0), species=species, keep_all=True
+    out = run_qc(
+        a, config=doublet_free_config(min_genes=0, min_counts=0), species=species, keep_all=True
     )
+    obs = a.obs
     assert obs[schema.OBS_PCT_MITO].iloc[bad].min() > 20
     assert obs[schema.OBS_PCT_MITO].iloc[20:].median() < 5
     hm = obs[schema.OBS_QC_REASON].str.contains("high_mito").to_numpy()
     assert hm[bad].all()
-    assert out.uns[schema.UNS_PARAMS_PREFIX + "qc"]["mito_prefix"] == (
+    assert out.uns[schema.params_key("qc")]["mito_prefix"] == (
         "MT-" if species == "human" else "mt-"
     )
 
@@ -155,10 +160,12 @@ def test_hard_floors_are_configurable():
 
     a, _ = _toy()
     med_genes = float(np.median(np.asarray((a.X > 0).sum(1)).ravel()))
-    _, _, obs = run_qc(a.copy(), doublet_free_config(min_genes=int(med_genes) + 1), keep_all=True)
+    obs = run_qc(
+        a.copy(), config=doublet_free_config(min_genes=int(med_genes) + 1), keep_all=True
+    ).obs
     low = obs[schema.OBS_QC_REASON].str.contains("low_genes")
     assert low.mean() >= 0.5
-    _, _, obs = run_qc(a.copy(), doublet_free_config(min_genes=0, min_counts=0), keep_all=True)
+    obs = run_qc(a.copy(), config=doublet_free_config(min_genes=0, min_counts=0), keep_all=True).obs
     assert obs[schema.OBS_QC_REASON].str.contains("low_genes").mean() < 0.1
 
 
@@ -180,11 +187,11 @@ def test_sample_with_no_cells_left_is_an_error(tmp_path):
     total_empty = float(np.asarray(both.X[~s1].sum(1)).max())
     cfg = doublet_free_config(min_counts=int(total_empty) + 1, min_genes=0)
     with pytest.raises(InputError) as ei:
-        run_qc(both.copy(), cfg, report_dir=tmp_path / "qc")
+        run_qc(both.copy(), config=cfg, report_dir=tmp_path / "qc")
     assert len(ei.value.problems) == 1
     assert "EMPTY" in ei.value.problems[0] and "no cells left" in ei.value.problems[0]
     assert (tmp_path / "qc" / "report.html").is_file()  # the report explains why
-    out, summary, _ = run_qc(both.copy(), cfg, keep_all=True)  # --keep-all: a warning only
+    out = run_qc(both.copy(), config=cfg, keep_all=True)  # --keep-all: a warning only
     assert out.n_obs == both.n_obs
 
 
