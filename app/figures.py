@@ -409,10 +409,19 @@ def umap_figure(
     return fig
 
 
-def selection_geometry(selected: dict | None) -> list[tuple[int, str, np.ndarray]]:
+MAX_LASSO_VERTICES = 1000
+MAX_SHAPES = 64
+
+
+def selection_geometry(
+    selected: dict | None, *, max_vertices: int = MAX_LASSO_VERTICES
+) -> list[tuple[int, str, np.ndarray]]:
     """Shapes of a plotly ``selectedData``: ``(panel index, "lasso"|"box", vertices)``.
 
-    A box gives its two corners; a lasso its polygon. Axis ``x3`` -> panel 2.
+    A box gives its two corners; a lasso its polygon. Axis ``x3`` -> panel 2. A lasso of
+    more than ``max_vertices`` vertices is thinned to that many (evenly along the path: a
+    hand-drawn outline keeps its shape, and the point-in-polygon test costs at most that);
+    at most :data:`MAX_SHAPES` shapes are used.
     """
     out: list[tuple[int, str, np.ndarray]] = []
     if not selected:
@@ -420,13 +429,16 @@ def selection_geometry(selected: dict | None) -> list[tuple[int, str, np.ndarray
     for kind, key in (("lasso", "lassoPoints"), ("box", "range")):
         geo = selected.get(key) or {}
         for axis, xs in geo.items():
-            if not axis.startswith("x"):
+            if not axis.startswith("x") or len(out) >= MAX_SHAPES:
                 continue
             suffix = axis[1:]
             ys = geo.get("y" + suffix)
-            if ys is None:
+            if ys is None or len(xs) != len(ys) or len(xs) < 2:
                 continue
             idx = int(suffix) - 1 if suffix else 0
+            if kind == "lasso" and len(xs) > max_vertices:
+                keep = np.linspace(0, len(xs) - 1, max_vertices).round().astype(np.int64)
+                xs, ys = [xs[i] for i in keep], [ys[i] for i in keep]
             out.append((idx, kind, np.column_stack([np.asarray(xs, float), np.asarray(ys, float)])))
     return out
 

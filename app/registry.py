@@ -60,7 +60,9 @@ class _Entry:
 
 
 def _identity(path: Path) -> tuple:
-    """Cheap fingerprint of an atlas directory; raises OSError when it is gone."""
+    """Cheap fingerprint of an atlas directory and of every file of its read store (inode,
+    size, mtime: a file truncated or replaced in place changes it, and the store is then
+    reopened and verified); raises OSError when the directory is gone."""
     st = os.stat(path)
     parts: list = [st.st_dev, st.st_ino, st.st_mtime_ns]
     for rel in (schema.STORE_DIR, schema.ATLAS_FILE):
@@ -70,7 +72,28 @@ def _identity(path: Path) -> tuple:
             parts.append(None)
         else:
             parts.extend((s.st_ino, s.st_mtime_ns))
+    parts.extend(_tree_identity(path / schema.STORE_DIR))
     return tuple(parts)
+
+
+def _tree_identity(folder: Path, depth: int = 2) -> list:
+    out: list = []
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError:
+        return out
+    for e in entries:
+        try:
+            if e.is_dir(follow_symlinks=False):
+                if depth > 1:
+                    out.append(e.name)
+                    out.extend(_tree_identity(Path(e.path), depth - 1))
+                continue
+            s = e.stat()
+        except OSError:
+            continue
+        out.append((e.name, s.st_ino, s.st_size, s.st_mtime_ns))
+    return out
 
 
 def _default_opener(path: Path) -> Any:
@@ -239,22 +262,17 @@ class AtlasRegistry:
             entry.ident, entry.opened_at, entry.error = ident, time.time(), None
 
     def health(self) -> tuple[bool, dict]:
-        """``(ok, details)`` for /healthz: ok when the default atlas can be opened."""
+        """``(ok, details)`` for /healthz: ok when every configured atlas opens and its
+        store verifies (every part the explorer serves); the details stay in the server
+        (/healthz shows the status only)."""
         status: dict[str, str] = {}
-        for name, entry in self._entries.items():
+        for name in self._entries:
             try:
-                _identity(entry.path)
-                status[name] = "open" if entry.store is not None else "available"
-            except OSError:
-                status[name] = "missing"
-        try:
-            self.get(self.default)
-            status[self.default] = "open"
-            ok = True
-        except AtlasUnavailableError:
-            status[self.default] = "unavailable"
-            ok = False
-        return ok, {"atlases": status, "default": self.default, "pid": os.getpid()}
+                self.get(name)
+                status[name] = "open"
+            except AtlasUnavailableError:
+                status[name] = "unavailable"
+        return all(v == "open" for v in status.values()), {"atlases": status}
 
     def close(self) -> None:
         with self._lock:
@@ -335,6 +353,14 @@ class AtlasDispatcher:
         install_security(root, config, app=None, health=registry.health)
         self._unavailable_text = _ERROR_TEXT[503]
 
+        def _add_slash(**_):
+            return flask.redirect(flask.request.path + "/", code=308)
+
+        for name, prefix in self.prefix.items() if self.multi else ():
+            root.add_url_rule(
+                prefix.rstrip("/"), f"tme_slash_{self.slugs[name]}", _add_slash, methods=["GET"]
+            )
+
         @root.route(base, methods=["GET"])
         def _index():
             choice = flask.request.args.get("atlas")
@@ -410,9 +436,8 @@ class AtlasDispatcher:
     def __call__(self, environ, start_response):
         path = environ.get("PATH_INFO", "") or "/"
         if self.multi and path + "/" in self._prefixes:
-            from werkzeug.utils import redirect
-
-            return redirect(path + "/", code=308)(environ, start_response)
+            # through the root app: with auth on, a known slug answers 401 like an unknown one
+            return self.root(environ, start_response)
         if path == "/healthz" or (self.multi and path in (self.base, self.base.rstrip("/"))):
             return self.root(environ, start_response)
         name = self._atlas_for(path)

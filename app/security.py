@@ -78,6 +78,7 @@ _ERROR_TEXT = {
     405: "Method not allowed.",
     413: "Request too large.",
     415: "Unsupported media type.",
+    429: "Too many attempts; wait a little and try again.",
     500: "Internal server error. The problem has been logged; please try again or "
     "contact the site administrator.",
     503: "Service unavailable: the atlas cannot be read right now. Please try again later "
@@ -109,23 +110,94 @@ def hash_password(password: str) -> str:
     return generate_password_hash(password)
 
 
-# a fixed hash checked for unknown users so that timing does not reveal valid names
-_DUMMY_HASH: str | None = None
+# hashes checked for unknown users, one per hash method (``scrypt:32768:8:1``,
+# ``pbkdf2:sha256:600000``, ...): an unknown name costs what a wrong password costs
+_DUMMY_HASHES: dict[str, str] = {}
+_DUMMY_LOCK = threading.Lock()
 
 
-def _dummy_hash() -> str:
-    global _DUMMY_HASH
-    if _DUMMY_HASH is None:
-        _DUMMY_HASH = hash_password(os.urandom(16).hex())
-    return _DUMMY_HASH
+def _dummy_hash(method: str | None = None) -> str:
+    from werkzeug.security import generate_password_hash
+
+    key = method or "default"
+    with _DUMMY_LOCK:
+        if key not in _DUMMY_HASHES:
+            pw = os.urandom(16).hex()
+            try:
+                h = generate_password_hash(pw, method=method) if method else hash_password(pw)
+            except (ValueError, TypeError):  # an unknown method: the default one
+                h = hash_password(pw)
+            _DUMMY_HASHES[key] = h
+        return _DUMMY_HASHES[key]
+
+
+def _hash_method(stored: str) -> str:
+    """``scrypt:32768:8:1`` of ``scrypt:32768:8:1$salt$hash``."""
+    return stored.split("$", 1)[0]
+
+
+class LoginThrottle:
+    """Failed logins per username and per client address, with exponential backoff.
+
+    The first :attr:`free` failures of a key cost nothing; after that the key is refused
+    (HTTP 429, no password hash computed) for ``2 ** (failures - free)`` seconds after its
+    last failure, at most :attr:`max_delay`. A success clears the username's count; keys
+    are forgotten :attr:`forget` seconds after their last failure. Counted per worker
+    process (gunicorn: each worker keeps its own counts).
+    """
+
+    free = 5
+    max_delay = 300.0
+    forget = 900.0
+    max_keys = 10_000
+
+    def __init__(self, clock: Callable[[], float] | None = None):
+        import time
+
+        self._clock = clock or time.monotonic
+        self._fail: OrderedDict[tuple[str, str], tuple[int, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _delay(self, n: int) -> float:
+        return 0.0 if n < self.free else min(self.max_delay, 2.0 ** (n - self.free))
+
+    def retry_after(self, *keys: tuple[str, str]) -> float:
+        """Seconds until ``keys`` may try again (0: now)."""
+        now = self._clock()
+        wait = 0.0
+        with self._lock:
+            for k in keys:
+                n, last = self._fail.get(k, (0, 0.0))
+                if n and now - last > self.forget:
+                    self._fail.pop(k, None)
+                    continue
+                wait = max(wait, last + self._delay(n) - now) if n >= self.free else wait
+        return max(0.0, wait)
+
+    def failed(self, *keys: tuple[str, str]) -> None:
+        now = self._clock()
+        with self._lock:
+            for k in keys:
+                n, _ = self._fail.pop(k, (0, 0.0))
+                self._fail[k] = (n + 1, now)
+            while len(self._fail) > self.max_keys:
+                self._fail.popitem(last=False)
+
+    def succeeded(self, *keys: tuple[str, str]) -> None:
+        with self._lock:
+            for k in keys:
+                self._fail.pop(k, None)
 
 
 class PasswordChecker:
-    """Checks ``(username, password)`` against werkzeug hashes, with a small success cache.
+    """Checks ``(username, password)`` against werkzeug hashes, with a small success cache
+    and a :class:`LoginThrottle`.
 
-    A scrypt check costs ~50 ms of CPU; the browser resends Basic credentials with every
+    A scrypt check costs ~50-100 ms of CPU; the browser resends Basic credentials with every
     request (dozens per page), so verified credentials are remembered per process, keyed
-    by an HMAC with a random per-process key (no password is kept in memory).
+    by an HMAC with a random per-process key (no password is kept in memory). An unknown
+    username is checked against a dummy hash made with the configured users' own hash
+    method, so that it takes as long as a wrong password.
     """
 
     def __init__(self, users: Mapping[str, str], cache_size: int = 256):
@@ -134,8 +206,16 @@ class PasswordChecker:
         self._ok: OrderedDict[bytes, None] = OrderedDict()
         self._lock = threading.Lock()
         self._size = cache_size
+        self.throttle = LoginThrottle()
+        methods = [_hash_method(h) for h in self.users.values() if isinstance(h, str)]
+        # the most used method of the configured users (ties: the first configured)
+        self._unknown_method = max(methods, key=methods.count) if methods else None
 
     def __call__(self, username: str, password: str) -> bool:
+        return self.check(username, password)[0] == "ok"
+
+    def check(self, username: str, password: str, client: str = "") -> tuple[str, float]:
+        """``("ok" | "bad" | "throttled", retry_after_seconds)``."""
         from werkzeug.security import check_password_hash
 
         stored = self.users.get(username)
@@ -145,19 +225,83 @@ class PasswordChecker:
         with self._lock:
             if stored is not None and digest in self._ok:
                 self._ok.move_to_end(digest)
-                return True
+                return "ok", 0.0
+        keys = [("user", username)] + ([("client", client)] if client else [])
+        wait = self.throttle.retry_after(*keys)
+        if wait > 0:
+            return "throttled", wait
         try:
-            ok = check_password_hash(stored or _dummy_hash(), password)
+            ok = check_password_hash(
+                stored if stored is not None else _dummy_hash(self._unknown_method), password
+            )
         except (ValueError, TypeError):  # a malformed hash in the config
-            log.error("auth: the password hash of user %r is malformed", username)
+            log.error("auth: the password hash of user %s is malformed", safe_log_value(username))
             ok = False
         ok = ok and stored is not None
         if ok:
+            self.throttle.succeeded(*keys)
             with self._lock:
                 self._ok[digest] = None
                 while len(self._ok) > self._size:
                     self._ok.popitem(last=False)
-        return ok
+            return "ok", 0.0
+        self.throttle.failed(*keys)
+        log.warning(
+            "auth: failed login for user %s from %s",
+            safe_log_value(username),
+            safe_log_value(client or "-"),
+        )
+        return "bad", 0.0
+
+
+# ------------------------------------------------------------------------ log fields
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)}
+_CONTROL.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
+
+
+def safe_log_value(value: Any, limit: int = 200) -> str:
+    """``value`` for a log line: control characters (newlines included) escaped, so that a
+    user-supplied value cannot start a forged line; at most ``limit`` characters."""
+    s = value if isinstance(value, str) else str(value)
+    s = s.translate(_CONTROL)
+    return s if len(s) <= limit else s[: limit - 1] + "…"
+
+
+def _sanitising_record_factory(base):
+    def factory(*args, **kwargs):
+        record = base(*args, **kwargs)
+        if record.name.startswith(("tme_atlas", "gunicorn", "werkzeug")) and record.args:
+            if isinstance(record.args, tuple):
+                record.args = tuple(
+                    safe_log_value(a, 2000) if isinstance(a, str) else a for a in record.args
+                )
+        return record
+
+    factory._tme_sanitising = True  # type: ignore[attr-defined]
+    return factory
+
+
+def install_log_sanitizer() -> None:
+    """Escape control characters in the string arguments of every log record of the
+    project, gunicorn and werkzeug (idempotent)."""
+    base = logging.getLogRecordFactory()
+    if not getattr(base, "_tme_sanitising", False):
+        logging.setLogRecordFactory(_sanitising_record_factory(base))
+
+
+try:  # gunicorn's access log: the same escaping for every atom (user, path, headers)
+    from gunicorn.glogging import Logger as _GunicornLogger
+except ImportError:  # pragma: no cover - gunicorn is a dependency
+    _GunicornLogger = object  # type: ignore[assignment,misc]
+
+
+class SafeGunicornLogger(_GunicornLogger):  # type: ignore[misc,valid-type]
+    """gunicorn's logger with every access-log field passed through :func:`safe_log_value`
+    (gunicorn writes the Basic-auth username as it was sent, newlines included)."""
+
+    def atoms(self, resp, req, environ, request_time):
+        atoms = super().atoms(resp, req, environ, request_time)
+        return {k: safe_log_value(v, 2000) if isinstance(v, str) else v for k, v in atoms.items()}
 
 
 def _parse_basic(header: str | None) -> tuple[str, str] | None:
@@ -183,35 +327,12 @@ def install_basic_auth(
     are a 401, never a 500.
     """
     import dash_auth
-    import flask
 
     checker = PasswordChecker(users)
 
     class _HashedBasicAuth(dash_auth.BasicAuth):
         def _protect(self) -> None:  # replaces dash_auth's hook (it 500s on bad bodies)
-            server = self.app.server
-
-            @server.before_request
-            def _require_login():
-                if flask.request.path == HEALTH_PATH:
-                    return None
-                if self.is_authorized():
-                    return None
-                return self.login_request()
-
-        def is_authorized(self) -> bool:
-            creds = _parse_basic(flask.request.headers.get("Authorization"))
-            if creds is None:
-                return False
-            return bool(checker(*creds))
-
-        def login_request(self):
-            return flask.Response(
-                _ERROR_TEXT[401] + "\n",
-                status=401,
-                mimetype="text/plain",
-                headers={"WWW-Authenticate": f'Basic realm="{realm}", charset="UTF-8"'},
-            )
+            self.app.server.before_request(_login_hook(checker, realm))
 
     _HashedBasicAuth(app, auth_func=checker)
     return checker
@@ -221,17 +342,34 @@ def install_flask_basic_auth(
     server: Any, users: Mapping[str, str], realm: str = "CLL TME Atlas"
 ) -> Callable[[str, str], bool]:
     """The same Basic authentication for a plain Flask ``server`` (no Dash app)."""
+    checker = PasswordChecker(users)
+    server.before_request(_login_hook(checker, realm))
+    return checker
+
+
+def _login_hook(checker: PasswordChecker, realm: str) -> Callable[[], Any]:
+    """The ``before_request`` hook of both: 401 without valid credentials, 429 with a
+    ``Retry-After`` while the user or the client address is throttled."""
+    import math
+
     import flask
 
-    checker = PasswordChecker(users)
-
-    @server.before_request
     def _require_login():
         if flask.request.path == HEALTH_PATH:
             return None
         creds = _parse_basic(flask.request.headers.get("Authorization"))
-        if creds is not None and checker(*creds):
+        status, wait = "bad", 0.0
+        if creds is not None:
+            status, wait = checker.check(*creds, client=flask.request.remote_addr or "")
+        if status == "ok":
             return None
+        if status == "throttled":
+            return flask.Response(
+                _ERROR_TEXT[429] + "\n",
+                status=429,
+                mimetype="text/plain",
+                headers={"Retry-After": str(max(1, math.ceil(wait)))},
+            )
         return flask.Response(
             _ERROR_TEXT[401] + "\n",
             status=401,
@@ -239,7 +377,7 @@ def install_flask_basic_auth(
             headers={"WWW-Authenticate": f'Basic realm="{realm}", charset="UTF-8"'},
         )
 
-    return checker
+    return _require_login
 
 
 # ------------------------------------------------------------------------ the hook
@@ -272,7 +410,12 @@ def install_security(
     server.debug = False
     server.config["PROPAGATE_EXCEPTIONS"] = False
     server.config["TRAP_HTTP_EXCEPTIONS"] = False
-    server.config.setdefault("MAX_CONTENT_LENGTH", 8 * 1024 * 1024)  # callback bodies are small
+    # Flask defines the key (as None): set it, do not setdefault it. Bigger bodies: 413.
+    limits = getattr(config, "limits", None)
+    server.config["MAX_CONTENT_LENGTH"] = int(
+        getattr(limits, "max_request_bytes", DEFAULT_MAX_REQUEST_BYTES)
+    )
+    install_log_sanitizer()
 
     csp_cache: dict[str, str] = {}
 
@@ -316,9 +459,9 @@ def install_security(
         return _plain(503 if unavailable else 500)
 
     def _healthz():
-        ok, details = (True, {}) if health is None else _safe_health(health)
-        body = {"status": "ok" if ok else "unavailable", **details}
-        resp = flask.jsonify(body)
+        # the status only: no atlas names, paths, sizes or process ids to the public
+        ok = True if health is None else _safe_health(health)[0]
+        resp = flask.jsonify({"status": "ok" if ok else "unavailable"})
         resp.status_code = 200 if ok else 503
         return resp
 
@@ -348,7 +491,9 @@ def install_security(
             install_flask_basic_auth(server, auth.users)
         else:
             install_basic_auth(app, auth.users)
-    else:
+    if app is not None:  # after the login check: no callback-name oracle without a login
+        server.before_request(_callback_body_check(app))
+    if not (auth is not None and auth.enabled):
         serve = getattr(config, "serve", None)
         host = getattr(serve, "host", "127.0.0.1")
         if host not in ("127.0.0.1", "localhost", "::1"):
@@ -357,6 +502,40 @@ def install_security(
                 "enable it for unpublished data",
                 host,
             )
+
+
+DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024
+CALLBACK_PATH = "_dash-update-component"
+
+
+def _callback_body_check(app: Any) -> Callable[[], Any]:
+    """A ``before_request`` hook: a Dash callback request whose body is not a JSON object
+    naming a callback of this app, with a list of inputs, is a 400 (no traceback, one log
+    line) before Dash sees it."""
+    import flask
+
+    def _check():
+        req = flask.request
+        if req.method != "POST" or not req.path.endswith("/" + CALLBACK_PATH):
+            return None
+        body = req.get_json(silent=True)  # over MAX_CONTENT_LENGTH: 413 from werkzeug
+        problem = None
+        if not isinstance(body, dict):
+            problem = "not a JSON object"
+        elif not isinstance(body.get("output"), str):
+            problem = "no output"
+        elif body["output"] not in app.callback_map:
+            problem = "unknown callback"
+        elif not isinstance(body.get("inputs"), list) or not isinstance(
+            body.get("state", []), list
+        ):
+            problem = "inputs/state not lists"
+        if problem is None:
+            return None
+        log.warning("callback request refused (400): %s", problem)
+        return _plain(400)
+
+    return _check
 
 
 def _classify(e: BaseException) -> str:

@@ -127,6 +127,14 @@ class LimitsConfig(_Section):
     max_cells_quick_de: int = Field(20000, ge=100)
     max_export_cells: int = Field(200000, ge=1)
     max_display_points: int = Field(200000, ge=1000, description="scatter downsampling cap")
+    # request bodies (Dash callbacks are small JSON; a lasso sends its polygon and points)
+    max_request_bytes: int = Field(8 * 1024 * 1024, ge=64 * 1024)
+    max_lasso_vertices: int = Field(1000, ge=16, description="longer lassos are thinned")
+    # h5ad exports of the explorer (files kept on disk until downloaded or expired)
+    max_export_bytes: int = Field(2 * 1024**3, ge=1024 * 1024)
+    max_export_disk_bytes: int = Field(8 * 1024**3, ge=1024 * 1024)
+    exports_per_hour: int = Field(10, ge=1, description="per user (or client address)")
+    export_ttl_s: int = Field(3600, ge=60)
 
 
 class AuthConfig(_Section):
@@ -142,6 +150,9 @@ class ServeConfig(_Section):
     atlases: dict[str, str] = Field(default_factory=dict)
     debug: bool = False
     url_base_pathname: str = "/"
+    # where finished exports wait for their download, shared by every worker and process
+    # of one instance ("" = <temp dir>/tme-atlas-exports-<uid>)
+    export_dir: str = ""
 
 
 class Config(BaseModel):

@@ -87,6 +87,10 @@ class NotAnAtlasError(InputError):
     """``DIR`` is not a (finished, current-format) atlas directory."""
 
 
+class StoreCorruptError(NotAnAtlasError):
+    """A file of the read store is truncated or unreadable (checked on every open)."""
+
+
 class UnknownGeneError(InputError, KeyError):
     """A gene symbol is not in the atlas; the message lists close matches."""
 
@@ -618,7 +622,82 @@ class AtlasStore:
         self._summary: dict[str, Any] | None = None
         self._obs_names: pd.Index | None = None
         self._var: pd.DataFrame | None = None
-        self._open_expression()
+        try:
+            self._open_expression()
+        except (OSError, KeyError, ValueError) as e:
+            raise StoreCorruptError(
+                f"atlas {self.path}: {schema.STORE_DIR}/{schema.STORE_EXPR_FILE} is unreadable "
+                f"({e.__class__.__name__}); rebuild the store with python -m atlas.store "
+                f"{self.path}"
+            ) from None
+        problems = self.verify()
+        if problems:
+            raise StoreCorruptError(
+                [
+                    f"atlas {self.path}: {p}; rebuild the store with python -m atlas.store "
+                    f"{self.path}"
+                    for p in problems
+                ]
+            )
+
+    def verify(self) -> list[str]:
+        """Problems with the store's files, without reading their data: every memory-mapped
+        array lies within its file (a truncated file would kill the reader with SIGBUS),
+        every parquet file has its footer and the row counts of the metadata. Cheap
+        (file sizes and parquet footers); run on every open, so also when a replaced or
+        truncated store is reopened by the explorer."""
+        import pyarrow.parquet as pq
+
+        problems = []
+        expr = self.store_path / schema.STORE_EXPR_FILE
+        size = expr.stat().st_size
+        for name, arr in (("data", self._data), ("indices", self._indices)):
+            if isinstance(arr, np.memmap) and arr.offset + arr.nbytes > size:
+                problems.append(
+                    f"{schema.STORE_DIR}/{schema.STORE_EXPR_FILE} is truncated ({name} ends at "
+                    f"byte {arr.offset + arr.nbytes:,}, the file has {size:,})"
+                )
+        parquets = {
+            schema.STORE_OBS_FILE: self.n_cells,
+            schema.STORE_VAR_FILE: self.n_genes,
+        }
+        if self.has_summary:
+            parquets[schema.STORE_SUMMARY_FILE] = None
+        for name in self.meta.get("tables", []):
+            parquets[f"{schema.STORE_TABLES_DIR}/{_safe_name(name)}.parquet"] = None
+        for rel, rows in parquets.items():
+            file = self.store_path / rel
+            if not file.exists() and rel.startswith(schema.STORE_TABLES_DIR):
+                continue  # tables may live in atlas.h5ad only
+            try:
+                md = pq.read_metadata(file)
+            except Exception as e:  # noqa: BLE001 - arrow raises several kinds
+                problems.append(f"{schema.STORE_DIR}/{rel} is unreadable ({e.__class__.__name__})")
+                continue
+            if rows is not None and md.num_rows != rows:
+                problems.append(
+                    f"{schema.STORE_DIR}/{rel} has {md.num_rows:,} rows, expected {rows:,}"
+                )
+        for name in self.meta.get("embeddings", {}):
+            file = self.store_path / schema.STORE_EMBEDDINGS_DIR / f"{_safe_name(name)}.npy"
+            try:
+                with file.open("rb") as fh:
+                    version = np.lib.format.read_magic(fh)
+                    read = (
+                        np.lib.format.read_array_header_1_0
+                        if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0
+                    )
+                    shape, _, dtype = read(fh)
+                    need = fh.tell() + int(np.prod(shape)) * np.dtype(dtype).itemsize
+                if file.stat().st_size < need:
+                    raise ValueError("truncated")
+            except (OSError, ValueError) as e:
+                problems.append(
+                    f"{schema.STORE_DIR}/{schema.STORE_EMBEDDINGS_DIR}/{file.name} is "
+                    f"unreadable or truncated ({e.__class__.__name__})"
+                )
+        return problems
 
     # ------------------------------------------------------------------ basics
     def _open_expression(self) -> None:

@@ -83,7 +83,9 @@ def selected_cells(view, selected: dict | None, split: bool) -> np.ndarray:
     """Positions of all cells (not only displayed ones) inside the lasso/box selection."""
     if not selected or view.umap is None:
         return np.zeros(0, dtype=np.int64)
-    shapes = F.selection_geometry(selected)
+    shapes = F.selection_geometry(
+        selected, max_vertices=int(getattr(view.limits, "max_lasso_vertices", 1000))
+    )
     xy = view.umap
     if shapes:
         mask = np.zeros(view.n_cells, dtype=bool)
