@@ -81,6 +81,8 @@ worker_tmp_dir = (
 )
 accesslog = os.environ.get("TME_ATLAS_ACCESS_LOG", "-") or None
 errorlog = "-"
+# every access-log field escaped (a Basic-auth username with a newline forged log lines)
+logger_class = "app.security.SafeGunicornLogger"
 loglevel = os.environ.get("TME_ATLAS_LOG_LEVEL", "info")
 proc_name = "tme-atlas"
 # never the development server's reloader or debugger
@@ -98,6 +100,12 @@ def when_ready(server):  # noqa: D401 - gunicorn hook
 
 def post_fork(server, worker):  # gunicorn hook
     logging.getLogger("tme_atlas").setLevel(logging.INFO)
+
+
+def on_exit(server):  # gunicorn hook (master): nothing left in the export folder
+    from app.exports import clear_export_dir
+
+    clear_export_dir(_config)
 
 
 def worker_abort(worker):  # gunicorn hook: a request ran past `timeout`

@@ -530,6 +530,12 @@ def _callback_body_check(app: Any) -> Callable[[], Any]:
             body.get("state", []), list
         ):
             problem = "inputs/state not lists"
+        else:
+            cb = app.callback_map[body["output"]]
+            if len(body["inputs"]) != len(cb.get("inputs", [])) or len(
+                body.get("state", [])
+            ) != len(cb.get("state", [])):
+                problem = "inputs/state do not match the callback"
         if problem is None:
             return None
         log.warning("callback request refused (400): %s", problem)

@@ -135,6 +135,7 @@ class LimitsConfig(_Section):
     max_export_disk_bytes: int = Field(8 * 1024**3, ge=1024 * 1024)
     exports_per_hour: int = Field(10, ge=1, description="per user (or client address)")
     export_ttl_s: int = Field(3600, ge=60)
+    export_inline_bytes: int = Field(20_000_000, ge=0, description="smaller: sent inline")
 
 
 class AuthConfig(_Section):

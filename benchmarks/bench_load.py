@@ -40,8 +40,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from app.server import GUNICORN_ARGS  # the image's CMD after "gunicorn" (one definition)
+
 REPO = Path(__file__).resolve().parents[1]
-GUNICORN_ARGS = ["-c", "app/gunicorn_conf.py", "app.wsgi:server"]
 WORK = REPO / "benchmarks" / "_work"
 # what users type into gene search boxes (prefixes of common markers)
 SEARCH_PREFIXES = [

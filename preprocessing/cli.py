@@ -155,7 +155,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "serve":
         from app.server import serve
 
-        serve(args.atlas_dir, config=config)
+        serve(args.atlas_dir, config=config, config_file=args.config)
     return 0
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -62,10 +63,17 @@ def app_atlas_dir_bare(app_atlas_dir, tmp_path_factory) -> Path:
     return out
 
 
+# exports of the tests in their own folder (the rate limit and disk bound are per folder)
+_EXPORT_DIR = tempfile.mkdtemp(prefix="tme-test-exports-")
+
+
 def small_config(**limits):
     from atlas.config import load_config
 
-    return load_config(env={}, overrides={"limits": limits} if limits else None)
+    overrides = {"serve": {"export_dir": _EXPORT_DIR}}
+    if limits:
+        overrides["limits"] = limits
+    return load_config(env={}, overrides=overrides)
 
 
 @pytest.fixture(scope="session")

@@ -91,7 +91,7 @@ def route(app, path: str, search: str = ""):
 def test_healthz_index_and_no_cdn(dash_app):
     c = dash_app.server.test_client()
     r = c.get("/healthz")
-    assert r.status_code == 200 and r.get_json() == {"status": "ok", "cells": 3000}
+    assert r.status_code == 200 and r.get_json() == {"status": "ok"}  # the status only
     html = c.get("/").get_data(as_text=True)
     assert "CLL TME Atlas" in html
     assert "https://" not in html.split("<body>")[0]  # no external scripts or styles
@@ -454,23 +454,32 @@ def test_wsgi_server_from_environment(app_atlas_dir, monkeypatch):
     monkeypatch.setenv("TME_ATLAS_ATLAS", str(app_atlas_dir))
     monkeypatch.setattr(wsgi, "_APP", None)
     server = wsgi.get_app().server  # the Flask server of the explorer
-    assert server.test_client().get("/healthz").get_json()["cells"] == 3000
+    assert server.test_client().get("/healthz").get_json() == {"status": "ok"}
 
 
 def test_serve_uses_config(app_atlas_dir, monkeypatch):
-    import dash
+    import os
 
     from app.server import serve
 
     seen = {}
-    monkeypatch.setattr(dash.Dash, "run", lambda self, **kw: seen.update(kw))
+
+    def fake_exec(file, argv, env):
+        seen.update(file=file, argv=argv, env=env)
+
+    monkeypatch.setattr(os, "execvpe", fake_exec)
     serve(
         app_atlas_dir,
         config=small_config().model_copy(
             update={"serve": small_config().serve.model_copy(update={"port": 8123})}
         ),
     )
-    assert seen == {"host": "127.0.0.1", "port": 8123, "debug": False}
+    # the production command (gunicorn, the image's CMD), never Flask's development server
+    assert seen["argv"][1:3] == ["-m", "gunicorn"]
+    assert seen["argv"][-1] == "app.wsgi:server" and seen["argv"][-2].endswith("gunicorn_conf.py")
+    env = seen["env"]
+    assert env["TME_ATLAS__SERVE__PORT"] == "8123" and env["TME_ATLAS__SERVE__HOST"] == "127.0.0.1"
+    assert env["TME_ATLAS_ATLAS"] == str(app_atlas_dir.resolve())
     from atlas.errors import InputError
 
     with pytest.raises(InputError):
@@ -487,11 +496,9 @@ def test_volcano_click_selects_gene(dash_app):
     assert res["response"]["genes-gene"]["value"] == "CD19"
 
 
-def test_large_export_is_a_one_time_link(dash_app, vocab, monkeypatch):
+def test_large_export_is_a_one_time_link(app_atlas_dir, vocab):
     pytest.importorskip("atlas.export")
-    import app.pages.downloads as dl
-
-    monkeypatch.setattr(dl, "INLINE_MAX_BYTES", 0)
+    dash_app = create_app(app_atlas_dir, small_config(export_inline_bytes=0))
     res = dispatch(
         dash_app,
         "dl-export-msg.children",

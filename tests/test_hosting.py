@@ -36,6 +36,7 @@ from benchmarks.bench_load import (  # noqa: E402
     Server,
     gunicorn_command,
     run_load,
+    walk,
 )
 
 DOCKERFILE = REPO / "Dockerfile"
@@ -333,8 +334,8 @@ def test_several_atlases_by_name(host_atlas, host_atlas_b):
         layout = c.get(f"/atlas/{slug}/_dash-layout")
         assert layout.status_code == 200 and n in layout.get_data(as_text=True)
     assert c.get("/atlas/tcl1-mouse").status_code == 308
-    health = c.get("/healthz").get_json()
-    assert set(health["atlases"]) == {"CLL patients", "TCL1 mouse"}
+    health = c.get("/healthz")
+    assert health.get_json() == {"status": "ok"}  # every atlas checked, no names shown
 
 
 def test_missing_atlas_gives_503_page_not_a_crash(tmp_path):
@@ -587,3 +588,297 @@ def test_build_killed_with_sigkill_at_each_stage_then_resume(kill_dataset, tmp_p
     assert atlas_pkg.open(out).n_cells > 0
     assert not (out / schema.WORK_DIR).exists()
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+# ----------------------------------------------------------------------------- hardening (#18)
+def test_export_store_shared_one_time_expiring_bounded(tmp_path):
+    """Two ExportStore objects on one folder stand for two workers / processes."""
+    from app.exports import ExportRefused, ExportStore
+
+    now = [1_000_000.0]
+    a = ExportStore(
+        tmp_path / "ex", ttl_s=600, per_hour=3, max_disk_bytes=10_000, clock=lambda: now[0]
+    )
+    b = ExportStore(
+        tmp_path / "ex", ttl_s=600, per_hour=3, max_disk_bytes=10_000, clock=lambda: now[0]
+    )
+    assert (tmp_path / "ex").stat().st_mode & 0o777 == 0o700
+
+    def made(store, owner="user:alice", size=1000):
+        store.admit(owner)
+        with store.workdir() as w:
+            f = w / "x.h5ad"
+            f.write_bytes(b"x" * size)
+            store.check_size(f)
+            return store.add(f, owner)
+
+    t1 = made(a)
+    p = b.take(t1)  # another worker serves the link, once
+    assert p is not None and p.read_bytes() == b"x" * 1000
+    assert a.take(t1) is None and b.take(t1) is None
+    p.unlink()
+    for bad in ("../../etc/passwd", "x" * 32 + "/..", "", "a" * 200):
+        assert a.take(bad) is None
+    t2 = made(b, owner="addr:10.0.0.1")
+    now[0] += 601  # expired: refused and deleted
+    assert a.take(t2) is None
+    assert [q.name for q in (tmp_path / "ex").iterdir() if q.name != "rate"] == []
+    # rate: 3 per hour per owner (alice has used 1, in the last hour)
+    made(a)
+    made(b)
+    with pytest.raises(ExportRefused, match="3 exports per hour"):
+        a.admit("user:alice")
+    b.admit("user:bob")
+    # disk: an export above the folder's bound is refused and nothing of it stays
+    with pytest.raises(ExportRefused, match="export space is full"):
+        made(a, owner="user:carol", size=20_000)
+    a.sweep()
+    now[0] += 4000
+    a.sweep()
+    assert [q.name for q in (tmp_path / "ex").iterdir() if q.name != "rate"] == []
+    assert list((tmp_path / "ex" / "rate").iterdir()) == []
+    made(a, owner="user:dave")
+    a.clear()
+    assert list((tmp_path / "ex").iterdir()) == []
+
+
+def _truncate_by_rename(file: Path) -> None:
+    """What an operator's interrupted copy does: a truncated file renamed into place."""
+    tmp = file.with_name(file.name + ".part")
+    tmp.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    os.replace(tmp, file)
+
+
+@pytest.mark.parametrize("part", ["obs.parquet", "var.parquet", "embeddings", "expr_csc.h5"])
+def test_corrupt_store_part_gives_503_and_healthz_503(atlas_copy, part):
+    from atlas import schema
+
+    c = _client(build_wsgi(_config(), atlas_copy))
+    assert c.get("/healthz").status_code == 200 and c.get("/").status_code == 200
+    store = atlas_copy / schema.STORE_DIR
+    target = next((store / part).glob("*.npy")) if part == "embeddings" else store / part
+    _truncate_by_rename(target)
+    r = c.get("/healthz")
+    assert r.status_code == 503 and r.get_json() == {"status": "unavailable"}
+    for path in ("/", "/_dash-layout"):
+        r = c.get(path)
+        assert r.status_code == 503 and "atlas cannot be read" in r.get_data(as_text=True), path
+
+
+def test_store_verify_names_the_truncated_file(atlas_copy):
+    import atlas
+    from atlas import schema
+    from atlas.store import StoreCorruptError
+
+    _truncate_by_rename(atlas_copy / schema.STORE_DIR / schema.STORE_OBS_FILE)
+    with pytest.raises(StoreCorruptError, match=r"store/obs\.parquet is unreadable"):
+        atlas.open(atlas_copy)
+
+
+def test_no_slug_oracle_without_credentials(host_atlas, host_atlas_b):
+    """Without credentials a known slug and an unknown one answer alike (401)."""
+    from app.security import hash_password
+
+    cfg = _config(
+        auth={"enabled": True, "users": {"alice": hash_password("pw")}},
+        serve={"atlases": {"CLL patients": str(host_atlas), "TCL1 mouse": str(host_atlas_b)}},
+    )
+    c = _client(build_wsgi(cfg))
+    for path in ("/atlas/tcl1-mouse", "/atlas/nope", "/atlas/tcl1-mouse/", "/atlas/nope/"):
+        r = c.get(path)
+        assert r.status_code == 401, path
+    import base64
+
+    ok = {"Authorization": "Basic " + base64.b64encode(b"alice:pw").decode()}
+    assert c.get("/atlas/tcl1-mouse", headers=ok).status_code == 308
+
+
+# ---- one gunicorn (2 workers, password, two atlases) for the probes below, in this order
+HARD_PW = "s3cret horse"
+
+
+@pytest.fixture(scope="module")
+def hard_srv(host_atlas, host_atlas_b, tmp_path_factory):
+    from app.security import hash_password
+
+    root = tmp_path_factory.mktemp("hard")
+    a, c = root / "a", root / "c"
+    shutil.copytree(host_atlas, a)
+    shutil.copytree(host_atlas_b, c)
+    exports = root / "exports"
+    cfg = root / "atlas.yaml"
+    cfg.write_text(
+        f'auth:\n  enabled: true\n  users:\n    alice: "{hash_password(HARD_PW)}"\n'
+        f"serve:\n  export_dir: {exports}\n  atlases:\n    A: {a}\n    C: {c}\n"
+        "limits:\n  export_inline_bytes: 0\n  exports_per_hour: 6\n"
+    )
+    srv = _server(
+        None,
+        root,
+        workers=2,
+        threads=2,
+        env={"TME_ATLAS_CONFIG": str(cfg), "TME_ATLAS_ACCESS_LOG": "-"},
+    )
+    srv.start()
+    srv.root, srv.exports, srv.atlas_c = root, exports, c
+    yield srv
+    srv.stop()
+
+
+def _auth(user: str = "alice", pw: str = HARD_PW):
+    return (user, pw)
+
+
+def _export_link(srv) -> str:
+    """Run the Downloads page's export callback of atlas A; returns the link (or the text)."""
+    import requests
+    from test_security import _payload
+
+    deps = requests.get(srv.url + "/atlas/a/_dash-dependencies", auth=_auth(), timeout=30).json()
+    cb = next(d for d in deps if "dl-export-msg.children" in d["output"])
+    r = requests.post(
+        srv.url + "/atlas/a/_dash-update-component",
+        json=_payload(cb, {"dl-export-btn": 1}),
+        auth=_auth(),
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text[:300]
+    hrefs = [
+        n["props"]["href"] for n in walk(r.json()) if "_tme_export/" in n["props"].get("href", "")
+    ]
+    return hrefs[0] if hrefs else json.dumps(r.json())
+
+
+def test_exports_work_across_workers_once_and_clean_up(hard_srv):
+    """2 workers: every first download works (was 404 4 times in 5), the second is a 404,
+    the file is deleted once sent, the hourly limit holds."""
+    import requests
+
+    links = [_export_link(hard_srv) for _ in range(5)]
+    assert all("_tme_export/" in x for x in links), links
+    for href in links:  # a new connection each: any worker may answer
+        r = requests.get(hard_srv.url + href, auth=_auth(), timeout=60)
+        assert r.status_code == 200 and len(r.content) > 10_000
+        assert requests.get(hard_srv.url + href, auth=_auth(), timeout=30).status_code == 404
+    time.sleep(0.5)
+    left = [p.name for p in hard_srv.exports.iterdir() if p.name != "rate"]
+    assert left == [], left
+    kept = _export_link(hard_srv)  # the 6th: not downloaded (shutdown removes it)
+    assert "_tme_export/" in kept
+    refused = _export_link(hard_srv)
+    assert "exports per hour" in refused
+    assert len([p for p in hard_srv.exports.iterdir() if p.suffix == ".h5ad"]) == 1
+
+
+def test_forged_log_line_through_username(hard_srv):
+    import requests
+
+    r = requests.get(
+        hard_srv.url + "/atlas/a/", auth=("eve\nFORGED 10.0.0.1 admin", "x"), timeout=30
+    )
+    assert r.status_code == 401
+    time.sleep(0.5)
+    lines = hard_srv.log_tail(200_000).splitlines()
+    assert not [ln for ln in lines if ln.startswith("FORGED")]
+    assert any("eve\\nFORGED" in ln for ln in lines)
+
+
+def test_store_truncated_in_place_while_serving(hard_srv):
+    """expr_csc.h5 truncated in place (mmapped by the workers: was SIGBUS): 503 pages, 503
+    /healthz, the same workers."""
+    import requests
+
+    from atlas import schema
+
+    url = hard_srv.url + "/atlas/c/_dash-layout"
+    for _ in range(4):  # both workers have the atlas open and mapped
+        assert requests.get(url, auth=_auth(), timeout=30).status_code == 200
+    workers = hard_srv.workers()
+    expr = hard_srv.atlas_c / schema.STORE_DIR / schema.STORE_EXPR_FILE
+    with open(expr, "r+b") as fh:
+        fh.truncate(expr.stat().st_size // 3)
+    for _ in range(6):
+        r = requests.get(url, auth=_auth(), timeout=30)
+        assert r.status_code == 503 and "atlas cannot be read" in r.text
+    assert requests.get(hard_srv.url + "/healthz", timeout=10).status_code == 503
+    assert requests.get(hard_srv.url + "/atlas/a/_dash-layout", auth=_auth(), timeout=30).ok
+    assert hard_srv.workers() == workers and hard_srv.proc.poll() is None
+
+
+def test_login_throttled_per_user_and_address(hard_srv):
+    import requests
+
+    t0 = time.monotonic()
+    codes = [
+        requests.get(
+            hard_srv.url + "/atlas/a/", auth=("mallory", f"guess{i}"), timeout=30
+        ).status_code
+        for i in range(40)
+    ]
+    assert set(codes) <= {401, 429} and codes.count(429) >= 25, codes
+    assert time.monotonic() - t0 < 30
+    r = requests.get(hard_srv.url + "/atlas/a/", auth=("mallory", "again"), timeout=30)
+    assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
+
+
+def test_shutdown_empties_the_export_folder(hard_srv):
+    assert any(p.suffix == ".h5ad" for p in hard_srv.exports.iterdir())
+    hard_srv.stop()
+    assert list(hard_srv.exports.iterdir()) == []
+
+
+def test_serve_runs_gunicorn_with_several_atlases(host_atlas, host_atlas_b, tmp_path):
+    """`tme-atlas serve` is the production command (gunicorn), several atlases included."""
+    import requests
+
+    from benchmarks.bench_load import free_port
+
+    port = free_port()
+    cfg = tmp_path / "atlas.yaml"
+    cfg.write_text(
+        f"serve:\n  export_dir: {tmp_path / 'ex'}\n  atlases:\n    A: {host_atlas}\n    B: {host_atlas_b}\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TME_ATLAS")}
+    env.update(TME_ATLAS_WORKERS="2", TME_ATLAS_THREADS="2", TME_ATLAS_ACCESS_LOG="")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "preprocessing.cli",
+                "serve",
+                "--config",
+                str(cfg),
+                "--port",
+                str(port),
+            ],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(url + "/healthz", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.3)
+        r = requests.get(url + "/atlas/b/", timeout=30)
+        assert r.status_code == 200 and r.headers["Server"].startswith("gunicorn")
+        assert requests.get(url + "/", timeout=30).status_code == 200
+        import psutil
+
+        assert len(psutil.Process(proc.pid).children()) == 2  # gunicorn's workers
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    text = log.read_text()
+    assert "development server" not in text and "Traceback" not in text

@@ -632,3 +632,143 @@ def test_pages_with_hostile_url_parameters(explorer_client, search):
         body = r.get_data(as_text=True)
         assert r.status_code == 200, (page, search, r.status_code)
         assert "Traceback" not in body and "<script>alert" not in body
+
+
+# ----------------------------------------------------------------------------- hardening (#18)
+def _padded_callback(pad_bytes: int) -> bytes:
+    """A *valid* callback request of the test app, padded to ``pad_bytes``."""
+    import json
+
+    payload = {
+        "output": "..umap.figure...violin.figure..",
+        "outputs": [{"id": "umap", "property": "figure"}, {"id": "violin", "property": "figure"}],
+        "inputs": [{"id": "gene", "property": "value", "value": "CD19"}],
+        "changedPropIds": ["gene.value"],
+        "state": [],
+        "pad": "p" * pad_bytes,  # Dash ignores unknown keys
+    }
+    return json.dumps(payload).encode()
+
+
+def test_request_size_limit_is_real():
+    """Flask defines MAX_CONTENT_LENGTH (as None): the limit must be set, not setdefault."""
+    app = _dash_app()
+    assert app.server.config["MAX_CONTENT_LENGTH"] == _config().limits.max_request_bytes
+    c = app.server.test_client()
+    small = c.post(
+        "/_dash-update-component", data=_padded_callback(1000), content_type="application/json"
+    )
+    assert small.status_code == 200
+    big = c.post(
+        "/_dash-update-component",
+        data=_padded_callback(9 * 1024 * 1024),
+        content_type="application/json",
+    )
+    assert big.status_code == 413 and "Traceback" not in big.get_data(as_text=True)
+    app = _dash_app(_config(limits={"max_request_bytes": 128 * 1024}))
+    r = app.server.test_client().post(
+        "/_dash-update-component", data=_padded_callback(200_000), content_type="application/json"
+    )
+    assert r.status_code == 413
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"not json",
+        b"{}",
+        b"[1, 2]",
+        b'{"output": 1}',
+        b'{"output": "nope.children", "inputs": []}',
+        b'{"output": "out.children", "inputs": "x"}',
+        b'{"output": "out.children", "inputs": [], "state": []}',
+        b"\xff\xfe\x00garbage",
+    ],
+)
+def test_malformed_or_unknown_callback_is_400_without_traceback(body, caplog):
+    app = _dash_app()
+    with caplog.at_level("DEBUG"):
+        r = app.server.test_client().post(
+            "/_dash-update-component", data=body, content_type="application/json"
+        )
+    assert r.status_code == 400, r.get_data(as_text=True)
+    assert "Traceback" not in r.get_data(as_text=True)
+    assert not [rec for rec in caplog.records if rec.exc_info], "a traceback was logged"
+    assert "callback request refused (400)" in caplog.text
+
+
+def test_healthz_reveals_the_status_only():
+    app = _dash_app(health=lambda: (True, {"atlases": {"CLL patients": "open"}, "pid": 123}))
+    r = app.server.test_client().get(HEALTH_PATH)
+    assert r.get_json() == {"status": "ok"}
+
+
+def test_unknown_user_costs_a_hash_of_the_users_method(monkeypatch):
+    """pbkdf2 users: an unknown name is checked against a pbkdf2 hash with the same
+    parameters (was scrypt: a different time than a wrong password)."""
+    import werkzeug.security as ws
+
+    from app.security import PasswordChecker
+
+    pbkdf2 = ws.generate_password_hash("pw", method="pbkdf2:sha256:1000")
+    checker = PasswordChecker({"carol": pbkdf2})
+    seen = []
+    real = ws.check_password_hash
+    monkeypatch.setattr(ws, "check_password_hash", lambda h, p: seen.append(h) or real(h, p))
+    assert checker("carol", "wrong") is False
+    assert checker("mallory", "wrong") is False
+    methods = [h.split("$", 1)[0] for h in seen]
+    assert methods == ["pbkdf2:sha256:1000", "pbkdf2:sha256:1000"]
+
+
+def test_login_throttle_per_user_and_client(monkeypatch):
+    import werkzeug.security as ws
+
+    from app.security import LoginThrottle, PasswordChecker
+
+    now = [1000.0]
+    checker = PasswordChecker({"alice": USERS["alice"]})
+    checker.throttle = LoginThrottle(clock=lambda: now[0])
+    calls = []
+    real = ws.check_password_hash
+    monkeypatch.setattr(ws, "check_password_hash", lambda h, p: calls.append(1) or real(h, p))
+    for _ in range(LoginThrottle.free):
+        assert checker.check("alice", "guess", client="10.0.0.9") == ("bad", 0.0)
+    status, wait = checker.check("alice", "guess", client="10.0.0.9")
+    assert status == "throttled" and wait == pytest.approx(1.0)
+    n = len(calls)
+    for _ in range(50):  # refused without computing a hash
+        assert checker.check("alice", "correct horse", client="10.0.0.7")[0] == "throttled"
+        assert checker.check("bob", "guess", client="10.0.0.9")[0] == "throttled"
+    assert len(calls) == n
+    now[0] += 1.01
+    assert checker.check("alice", "guess", client="10.0.0.9")[0] == "bad"
+    status, wait = checker.check("alice", "guess", client="10.0.0.9")
+    assert status == "throttled" and wait == pytest.approx(2.0)  # backoff doubles
+    now[0] += 2.01
+    assert checker.check("alice", "correct horse", client="10.0.0.9") == ("ok", 0.0)
+    assert checker.check("alice", "guess", client="10.0.0.8")[0] == "bad"  # count cleared
+
+
+def test_login_throttle_answers_429_with_retry_after():
+    app = _auth_app()
+    c = app.server.test_client()
+    codes = [c.get("/", headers=_basic("alice", f"guess{i}")).status_code for i in range(8)]
+    assert codes[:5] == [401] * 5 and codes[-1] == 429
+    r = c.get("/", headers=_basic("alice", "guess"))
+    assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
+    assert c.get(HEALTH_PATH).status_code == 200
+
+
+def test_log_fields_are_escaped(caplog):
+    from app.security import safe_log_value
+
+    assert safe_log_value("eve\nFORGED 127.0.0.1 GET /admin\r\x1b[31m") == (
+        "eve\\nFORGED 127.0.0.1 GET /admin\\r\\x1b[31m"
+    )
+    app = _auth_app()
+    with caplog.at_level("INFO"):
+        app.server.test_client().get("/", headers=_basic("eve\nFORGED line", "x"))
+    lines = caplog.text.splitlines()
+    assert not any(ln.startswith("FORGED") for ln in lines)
+    assert "eve\\nFORGED line" in caplog.text

@@ -5,9 +5,7 @@ atlas as h5ad (through ``atlas.export.export_atlas``, refused above
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
-from pathlib import Path
+import os
 
 from dash import Input, Output, State, dcc, html, no_update
 
@@ -16,6 +14,7 @@ from atlas.tables import csv_text
 
 from .. import components as C
 from ..data import UnknownValue
+from ..exports import ExportRefused, ExportStore
 
 log = logging.getLogger("tme_atlas.app")
 
@@ -147,7 +146,7 @@ def register(app, ctx) -> None:
         return chosen, n
 
     present = [k for k in keys if cols[k] in ctx.view.obs.columns]
-    exports = ExportFiles()
+    exports = ExportStore.from_config(ctx.config)
     ctx.exports = exports
 
     @app.callback(
@@ -214,23 +213,26 @@ def register(app, ctx) -> None:
             from atlas.export import export_atlas
         except ImportError:
             return no_update, C.message("Export is not available in this installation.", "error")
-        tmp = Path(tempfile.mkdtemp(prefix="tme-export-"))
-        out = tmp / EXPORT_NAME
         try:
-            export_atlas(ctx.atlas_path, out, **chosen)
-        except Exception:  # noqa: BLE001 - report, never a traceback in the browser
-            shutil.rmtree(tmp, ignore_errors=True)
-            log.exception("export failed")
-            return no_update, C.message("The export failed; the error was logged.", "error")
-        size = out.stat().st_size
-        if size <= INLINE_MAX_BYTES:  # small: straight to the browser's downloads
+            exports.admit(_requester())
+        except ExportRefused as e:
+            return no_update, C.message(str(e), "warn")
+        inline_max = int(getattr(ctx.limits, "export_inline_bytes", INLINE_MAX_BYTES))
+        with exports.workdir() as tmp:
+            out = tmp / EXPORT_NAME
             try:
+                export_atlas(ctx.atlas_path, out, **chosen)
+                size = exports.check_size(out)
+            except ExportRefused as e:
+                return no_update, C.message(str(e), "warn")
+            except Exception:  # noqa: BLE001 - report, never a traceback in the browser
+                log.exception("export failed")
+                return no_update, C.message("The export failed; the error was logged.", "error")
+            if size <= inline_max:  # small: straight to the browser's downloads
                 data = dcc.send_file(str(out), filename=EXPORT_NAME)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-            return data, C.message(f"Exported {count:,} cells ({size / 1e6:.1f} MB).", "info")
-        # large: a one-time link streamed by Flask (no base64 through the callback)
-        token = exports.add(out)
+                return data, C.message(f"Exported {count:,} cells ({size / 1e6:.1f} MB).", "info")
+            # large: a one-time link any worker can serve, streamed by Flask
+            token = exports.add(out, _requester())
         href = app.get_relative_path(f"/{EXPORT_ROUTE}/{token}")
         link = html.A(
             f"Download {EXPORT_NAME} ({size / 1e6:,.0f} MB)",
@@ -238,11 +240,11 @@ def register(app, ctx) -> None:
             className="btn",
             download=EXPORT_NAME,
         )
+        ttl_min = int(exports.ttl_s // 60)
         return no_update, html.Div(
             [
                 C.message(
-                    f"Exported {count:,} cells. The link works once, for "
-                    f"{EXPORT_TTL_S // 60} minutes.",
+                    f"Exported {count:,} cells. The link works once, for {ttl_min} minutes.",
                     "info",
                 ),
                 link,
@@ -254,47 +256,20 @@ def register(app, ctx) -> None:
 
 EXPORT_NAME = "atlas_subset.h5ad"
 EXPORT_ROUTE = "_tme_export"
-EXPORT_TTL_S = 3600
 INLINE_MAX_BYTES = 20_000_000
 
 
-class ExportFiles:
-    """Finished exports waiting to be downloaded: token -> file; one download each,
-    removed after EXPORT_TTL_S."""
+def _requester() -> str:
+    """Who asks (for the export rate limit): the logged-in user, else the client address."""
+    import flask
 
-    def __init__(self):
-        import threading
-
-        self._files: dict[str, tuple[Path, float]] = {}
-        self._lock = threading.Lock()
-
-    def add(self, path: Path) -> str:
-        import secrets
-        import time
-
-        self.cleanup()
-        token = secrets.token_urlsafe(24)
-        with self._lock:
-            self._files[token] = (path, time.time())
-        return token
-
-    def take(self, token: str) -> Path | None:
-        with self._lock:
-            item = self._files.pop(token, None)
-        return item[0] if item else None
-
-    def cleanup(self) -> None:
-        import time
-
-        now = time.time()
-        with self._lock:
-            old = [t for t, (_, t0) in self._files.items() if now - t0 > EXPORT_TTL_S]
-            paths = [self._files.pop(t)[0] for t in old]
-        for p in paths:
-            shutil.rmtree(p.parent, ignore_errors=True)
+    auth = flask.request.authorization
+    if auth is not None and auth.username:
+        return f"user:{auth.username}"
+    return f"addr:{flask.request.remote_addr or '-'}"
 
 
-def _add_export_route(app, exports: ExportFiles) -> None:
+def _add_export_route(app, exports: ExportStore) -> None:
     import flask
 
     server = app.server
@@ -304,13 +279,24 @@ def _add_export_route(app, exports: ExportFiles) -> None:
     prefix = app.config.routes_pathname_prefix or "/"
 
     def download(token: str):
-        path = exports.take(token) if len(token) < 100 else None
-        if path is None or not path.is_file():
+        path = exports.take(token)
+        if path is None:
             flask.abort(404)
+        try:
+            fh = path.open("rb")
+        except OSError:
+            flask.abort(404)
+        finally:  # gone from the folder now; the open handle streams it, then it is freed
+            path.unlink(missing_ok=True)
         resp = flask.send_file(
-            path, as_attachment=True, download_name=EXPORT_NAME, mimetype="application/octet-stream"
+            fh,
+            as_attachment=True,
+            download_name=EXPORT_NAME,
+            mimetype="application/octet-stream",
+            max_age=0,
         )
-        resp.call_on_close(lambda: shutil.rmtree(path.parent, ignore_errors=True))
+        resp.headers["Content-Length"] = str(os.fstat(fh.fileno()).st_size)
+        resp.call_on_close(fh.close)
         return resp
 
     server.add_url_rule(f"{prefix}{EXPORT_ROUTE}/<token>", endpoint, download, methods=["GET"])
