@@ -38,7 +38,18 @@ class QCConfig(_Section):
     max_pct_mito: float = Field(25.0, gt=0, le=100, description="hard ceiling on % mito")
     min_cells_gene: int = Field(3, ge=0, description="drop genes seen in fewer cells")
     doublets: bool = Field(True, description="run scrublet per sample")
-    doublet_rate: float = Field(0.06, gt=0, lt=1, description="expected doublet rate")
+    doublet_rate_per_1k: float = Field(
+        0.8,
+        gt=0,
+        le=10,
+        description="expected doublets, percent per 1,000 cells recovered (10x: ~0.8)",
+    )
+    doublet_rate: float | None = Field(
+        None, gt=0, lt=1, description="fixed expected doublet rate (overrides the per-1k rate)"
+    )
+    doublet_fdr: float = Field(
+        0.2, gt=0, lt=1, description="doublet threshold: estimated false-discovery rate"
+    )
     remove_doublets: bool = True
 
 

@@ -411,6 +411,7 @@ TABLE_COLUMNS: dict[str, list[str]] = {
         "median_pct_mito_before",
         "median_pct_mito",
         "doublet_threshold",
+        "expected_doublet_rate",
     ],
     TABLE_INTEGRATION_METRICS: ["embedding", "metric", "value"],
 }

