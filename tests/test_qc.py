@@ -98,7 +98,10 @@ def test_planted_doublets_at_10x_loading(n_cells, n_samples):
         doublet_rate_per_1k=0.8,
     )
     a = _raw(sim.adata[sim.adata.obs["condition"] == "NAIVE"])
-    _, summary, obs = run_qc(a, keep_all=True, seed=0)
+    from atlas.tables import get_table
+
+    out = run_qc(a, keep_all=True, seed=0)
+    summary, obs = get_table(out, schema.TABLE_QC_SUMMARY), out.obs
     db = obs["is_doublet"].to_numpy(bool)
     pair = obs["doublet_of"].map(_lineage_pair).to_numpy()
     called = obs[schema.OBS_PREDICTED_DOUBLET].to_numpy(bool)
