@@ -668,6 +668,9 @@ def add_synthetic_tables(adata, *, rng=None) -> None:
             "n_samples_ref": n_ref,
             "t": lfc * 2.0,
             "paired": True,
+            "compartment": [
+                "malignant" if types[t].startswith(schema.CLL_LABEL_PREFIX) else "tme" for t in ct
+            ],
         },
     )
     put_table(adata, schema.TABLE_COMPOSITION, comp)
@@ -892,6 +895,7 @@ def add_synthetic_tables(adata, *, rng=None) -> None:
             "median_pct_mito_before": med[schema.OBS_PCT_MITO].reindex(sid).to_numpy() * 1.1,
             "median_pct_mito": med[schema.OBS_PCT_MITO].reindex(sid).to_numpy(),
             "doublet_threshold": 0.35,
+            "expected_doublet_rate": 0.008,
         },
     )
     put_table(adata, schema.TABLE_QC_SUMMARY, qc)

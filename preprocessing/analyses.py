@@ -307,6 +307,96 @@ def sample_proportions(adata, groupby: str = schema.OBS_CELL_TYPE) -> pd.DataFra
     return long[PROPORTIONS_COLUMNS]
 
 
+def malignant_mask(adata, groupby: str = schema.OBS_CELL_TYPE) -> np.ndarray:
+    """Boolean mask of malignant cells: the per-cell call ``obs["malignant"]``
+    (:data:`~atlas.schema.OBS_MALIGNANT`) when present, else the CLL labels of the
+    annotation (``groupby`` values starting with ``CLL``)."""
+    if schema.OBS_MALIGNANT in adata.obs:
+        return adata.obs[schema.OBS_MALIGNANT].fillna(False).astype(bool).to_numpy()
+    lab = _obs_str(adata, groupby)
+    return lab.str.startswith(schema.CLL_LABEL_PREFIX).to_numpy()
+
+
+def compare_tme_composition(
+    adata,
+    reference: str,
+    contrasts: Sequence[str],
+    *,
+    groupby: str = schema.OBS_CELL_TYPE,
+    moderate: bool = True,
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    """Composition of the microenvironment among NON-malignant cells, plus the malignant
+    fraction of all cells as its own row (:data:`~atlas.schema.MALIGNANT_ROW`).
+
+    In CLL blood 50-99% of cells are leukaemic: proportions over all cells move with the
+    tumour burden alone. Both parts use the propeller-style test of
+    :func:`compare_composition` (paired when patients are sampled in several conditions;
+    the sample's ``tissue`` as a covariate when the samples span several tissues).
+    Column ``compartment``: ``tme`` or ``malignant``. Returns ``(composition,
+    proportions, info)``; the proportions are over non-malignant cells, the malignant row
+    over all cells.
+    """
+    mal = malignant_mask(adata, groupby)
+    props_tme = sample_proportions(adata[~mal], groupby)
+    # samples without non-malignant cells still count (all zero)
+    props_all = sample_proportions(adata, groupby)
+    samples = props_all.drop_duplicates(schema.OBS_SAMPLE).set_index(schema.OBS_SAMPLE)
+    mal_by_sample = (
+        pd.Series(mal, index=_obs_str(adata, schema.OBS_SAMPLE).to_numpy())
+        .groupby(level=0)
+        .sum()
+        .reindex(samples.index, fill_value=0)
+    )
+    rows = []
+    for sid, r in samples.iterrows():
+        n_mal = int(mal_by_sample[sid])
+        for name, n in ((schema.MALIGNANT_ROW, n_mal), ("_rest", int(r["n_total"]) - n_mal)):
+            rows.append(
+                {
+                    schema.OBS_SAMPLE: sid,
+                    schema.COL_CELL_TYPE: name,
+                    "n_cells": n,
+                    "n_total": int(r["n_total"]),
+                    "prop": n / max(int(r["n_total"]), 1),
+                    schema.OBS_PATIENT: r[schema.OBS_PATIENT],
+                    schema.OBS_CONDITION: r[schema.OBS_CONDITION],
+                }
+            )
+    props_mal = pd.DataFrame(rows)[PROPORTIONS_COLUMNS]
+    tissue = _sample_tissue(adata)
+    comp_tme, info = compare_composition(
+        props_tme, reference, contrasts, moderate=moderate, covariates=tissue
+    )
+    comp_mal, _ = compare_composition(
+        props_mal, reference, contrasts, exclude=("_rest",), moderate=False, covariates=tissue
+    )
+    comp_tme["compartment"] = "tme"
+    comp_mal["compartment"] = "malignant"
+    comp = pd.concat([comp_mal, comp_tme], ignore_index=True)[COMPOSITION_COLUMNS]
+    info["n_malignant"] = int(mal.sum())
+    info["malignant_source"] = (
+        schema.OBS_MALIGNANT if schema.OBS_MALIGNANT in adata.obs else f"{groupby} CLL labels"
+    )
+    return comp, props_tme, info
+
+
+def _sample_tissue(adata) -> pd.Series | None:
+    """Per-sample tissue when the samples span more than one (a composition covariate)."""
+    if schema.OBS_TISSUE not in adata.obs:
+        return None
+    t = (
+        pd.DataFrame(
+            {
+                "s": _obs_str(adata, schema.OBS_SAMPLE).to_numpy(),
+                "t": _obs_str(adata, schema.OBS_TISSUE).to_numpy(),
+            }
+        )
+        .drop_duplicates("s")
+        .set_index("s")["t"]
+    )
+    return t if t.nunique() > 1 else None
+
+
 def compare_composition(
     props: pd.DataFrame,
     reference: str,
@@ -314,10 +404,13 @@ def compare_composition(
     *,
     exclude: Sequence[str] = (schema.UNASSIGNED,),
     moderate: bool = True,
+    covariates: pd.Series | None = None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """propeller-style composition test on a ``proportions`` table.
 
-    Returns ``(composition table, info)``; ``info`` says whether the patient block was used.
+    ``covariates``: a per-sample categorical (e.g. tissue) added to the design as
+    indicator columns. Returns ``(composition table, info)``; ``info`` says whether the
+    patient block was used.
     """
     conds = [reference, *contrasts]
     sub = props[props[schema.OBS_CONDITION].isin(conds)]
@@ -341,6 +434,14 @@ def compare_composition(
     ]
     y_all = np.log(pseudo / (1 - pseudo))
     X, paired = _design(meta, reference, conds)
+    if covariates is not None:
+        cov = covariates.reindex(meta.index).astype(str)
+        for lvl in sorted(pd.unique(cov))[1:]:
+            col = (cov == lvl).to_numpy(float)
+            X2 = X.assign(**{f"cov_{lvl}": col})
+            if np.linalg.matrix_rank(X2.to_numpy()) == X2.shape[1]:
+                X = X2
+        info["covariates"] = [c for c in X.columns if c.startswith("cov_")]
     info["paired"] = paired
     n, k = X.shape
     dfres = n - k
@@ -780,8 +881,7 @@ def run_analyses(
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    props = sample_proportions(adata, groupby)
-    comp, comp_info = compare_composition(props, ref, cons)
+    comp, props, comp_info = compare_tme_composition(adata, ref, cons, groupby=groupby)
     timings["composition"] = time.perf_counter() - t0
     n_sig = int((comp[schema.COL_PADJ] < 0.1).sum()) if len(comp) else 0
     log.info(
@@ -880,6 +980,19 @@ def run_analyse_dir(atlas_dir: str | Path, *, config=None):
 # ======================================================================================
 # scoring against planted truth (simulator; tests and benchmarks)
 # ======================================================================================
+def _tme_truth(tc: pd.DataFrame, min_abs_log2: float = 0.3) -> pd.DataFrame:
+    """The planted composition re-expressed among non-malignant types (what the
+    composition table tests): direction from the change of each type's share of the
+    non-malignant cells (``|log2| >= min_abs_log2``), CLL states dropped."""
+    tc = tc[~tc["cell_type"].astype(str).str.startswith(schema.CLL_LABEL_PREFIX)].copy()
+    share = tc["proportion"] / tc.groupby("condition")["proportion"].transform("sum")
+    ref = tc.assign(_s=share)
+    base = ref[ref["condition"] == ref["reference"]].set_index("cell_type")["_s"]
+    lfc = np.log2(share.to_numpy() / base.reindex(tc["cell_type"]).to_numpy())
+    tc["direction"] = np.where(np.abs(lfc) < min_abs_log2, "none", np.where(lfc > 0, "up", "down"))
+    return tc
+
+
 def score_against_truth(
     tables: dict[str, pd.DataFrame],
     truth: dict[str, pd.DataFrame],
@@ -908,6 +1021,7 @@ def score_against_truth(
     comp = tables.get(schema.TABLE_COMPOSITION)
     tc = truth.get("composition")
     if comp is not None and tc is not None and len(comp):
+        tc = _tme_truth(tc)
         tc = tc[tc["condition"] != tc["reference"]]
         mc = tc.merge(comp, on=[schema.COL_CELL_TYPE, schema.COL_CONDITION], how="inner")
         shifted = mc[mc["direction"] != "none"]

@@ -831,12 +831,31 @@ def _to_fraction(logcp: np.ndarray) -> np.ndarray:
 # ======================================================================================
 # condition effects and truth
 # ======================================================================================
-def _composition_table(conditions: tuple[str, ...]) -> pd.DataFrame:
+def _composition_shifts(
+    tme_shifts: bool, burden_log2: dict[str, float] | None
+) -> dict[str, dict[str, float]]:
+    """Planted log2 shifts per condition: the TME shifts of :data:`COMPOSITION_SHIFTS`
+    (or none), and a tumour-burden change that scales every CLL state alike."""
+    out: dict[str, dict[str, float]] = {}
+    for c in CONDITIONS:
+        sh = dict(COMPOSITION_SHIFTS.get(c, {})) if tme_shifts else {}
+        b = (burden_log2 or {}).get(c, 0.0)
+        if b:
+            for t in CLL_TYPES:
+                sh[t] = sh.get(t, 0.0) + b
+        out[c] = sh
+    return out
+
+
+def _composition_table(
+    conditions: tuple[str, ...], shifts: dict[str, dict[str, float]] | None = None
+) -> pd.DataFrame:
     base = np.array([BASE_PROPORTIONS[t] for t in CELL_TYPES])
     base = base / base.sum()
+    shifts = COMPOSITION_SHIFTS if shifts is None else shifts
     rows = []
     for c in conditions:
-        shift = COMPOSITION_SHIFTS.get(c, {})
+        shift = shifts.get(c, {})
         p = base * np.exp2([shift.get(t, 0.0) for t in CELL_TYPES])
         p = p / p.sum()
         for t, pt, b in zip(CELL_TYPES, p, base):
@@ -1152,6 +1171,8 @@ def simulate(
     conditions: tuple[str, ...] | list[str] = CONDITIONS,
     tissue: str = DEFAULT_TISSUE,
     doublet_rate_per_1k: float | None = DOUBLET_RATE_PER_1K_10X,
+    tme_shifts: bool = True,
+    tumour_burden_log2: dict[str, float] | None = None,
 ) -> Simulation:
     """Simulate a paired CLL TME cohort (``n_patients`` x ``conditions`` samples).
 
@@ -1172,6 +1193,11 @@ def simulate(
         Plant doublets at this many percent per 1,000 cells of the sample (10x loading;
         default :data:`DOUBLET_RATE_PER_1K_10X`, ~0.9% of a 1,100-cell sample, 12% of a
         15,000-cell one); ``None``: a fixed :data:`DOUBLET_RATE` whatever the size.
+    tme_shifts
+        Plant the microenvironment shifts of :data:`COMPOSITION_SHIFTS` (``False``: none).
+    tumour_burden_log2
+        Condition -> log2 change of every CLL state's share (a tumour-burden change that
+        leaves the non-malignant composition as it is); in ``truth/composition.csv``.
 
     Returns
     -------
@@ -1220,7 +1246,7 @@ def simulate(
 
     # ------------------------------------------------------------------- truth tables
     gset = set(internal)
-    comp = _composition_table(conditions)
+    comp = _composition_table(conditions, _composition_shifts(tme_shifts, tumour_burden_log2))
     planted = _planted_de_table(gset, conditions)
     trng = np.random.default_rng(s_truth)
     nulls = _null_de_table(internal, frac0, planted, conditions, trng)
