@@ -75,6 +75,20 @@ class ScviConfig(_Section):
         1000, ge=0, description="no early stopping before this many gradient steps"
     )
     max_epochs: int | None = Field(None, description="override the step budget")
+    budget_by_batch_strength: bool = Field(
+        True,
+        description="grow max_steps with the number and strength of batches (measured on the "
+        "uncorrected PCA before training)",
+    )
+    max_budget_factor: float = Field(
+        6.0, ge=1, description="the grown budget is at most this many times max_steps"
+    )
+    kl_warmup_steps: int | None = Field(
+        None,
+        ge=0,
+        description="steps to ramp the KL weight to 1 (default: min_steps; scvi-tools' own "
+        "default, 400 epochs, leaves a short run at a fraction of the KL weight)",
+    )
     batch_size: int = Field(512, ge=16)
     learning_rate: float = Field(2e-3, gt=0)
     early_stopping: bool = True

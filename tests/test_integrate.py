@@ -233,3 +233,72 @@ def test_batch_entropy_normaliser():
     assert I.knn_batch_entropy(idx, np.array(["a", "a", "a", "a"])) != I.knn_batch_entropy(
         idx, np.array(["a", "b", "a", "b"])
     )
+
+
+# ----------------------------------------------------------------------------- budget
+def _pca_blobs(strong: bool, seed=0, n=600, n_batches=4):
+    rng = np.random.default_rng(seed)
+    a = ad.AnnData(np.zeros((n, 1), np.float32))
+    batch = np.tile([f"b{i}" for i in range(n_batches)], n // n_batches)
+    emb = rng.normal(0, 1, (n, 10))
+    emb[:, 0] += np.repeat([0.0, 10.0], n // 2)  # two cell types, every batch in both
+    if strong:
+        emb[:, 1] += pd.Categorical(batch).codes * 6.0
+    a.obs[schema.OBS_SAMPLE] = batch
+    a.obsm[schema.OBSM_PCA] = emb.astype(np.float32)
+    return a
+
+
+def test_batch_strength_and_step_budget():
+    weak, strong = I.batch_strength(_pca_blobs(False)), I.batch_strength(_pca_blobs(True))
+    assert weak < 0.1 and strong > 0.9
+    assert I.step_budget(1500, strength=weak, n_batches=16) == (1500, 1.0)  # mild: unchanged
+    steps, factor = I.step_budget(1500, strength=strong, n_batches=16, max_factor=6.0)
+    assert steps == 9000 and factor == 6.0  # strong: grown, capped
+    s4, _ = I.step_budget(1000, strength=0.4, n_batches=16)
+    s64, _ = I.step_budget(1000, strength=0.4, n_batches=64)
+    assert 1000 < s4 < s64  # grows with strength and with the number of batches
+
+
+def test_scvi_trains_longer_under_strong_batches():
+    """Tiny data: the same config trains more steps where batches separate in the PCA."""
+
+    def steps(strong: bool) -> int:
+        a = _toy_counts(n_cells=300, batches=("s1", "s2"))
+        if strong:  # a gene-wise multiplier per batch, on every group alike
+            rng = np.random.default_rng(1)
+            m = np.exp(rng.normal(0, 1.0, (2, a.n_vars)))
+            codes = a.obs[schema.OBS_SAMPLE].cat.codes.to_numpy()
+            X = a.X.toarray() * m[codes]
+            a.X = sp.csr_matrix(np.round(X).astype(np.float32))
+        I.normalize(a)
+        I.select_hvg(a, n_top_genes=100)
+        cfg = ScviConfig(
+            max_steps=20, min_steps=10, batch_size=128, n_latent=5, torch_threads=1, n_hidden=32
+        )
+        I.run_scvi(a, cfg)
+        p = a.uns[schema.UNS_PARAMS_PREFIX + "integrate"]
+        assert p["kl_warmup_steps"] == 10
+        return p["steps_trained"], p["batch_strength"]
+
+    (weak, s_weak), (strong, s_strong) = steps(False), steps(True)
+    assert s_strong > s_weak + 0.3, (s_weak, s_strong)
+    assert strong > weak, (weak, strong)
+
+
+def test_scib_metrics_on_planted_mixing():
+    """scib-metrics wrapper: a well-mixed vs a batch-split embedding of the same labels."""
+    good = I.scib_integration_metrics(_blobs(True), embeddings=["X_emb"], n_neighbors=15)
+    bad = I.scib_integration_metrics(_blobs(False), embeddings=["X_emb"], n_neighbors=15)
+    g = good.set_index("metric")["value"]
+    b = bad.set_index("metric")["value"]
+    # scaled iLISI of 2 randomly mixed batches at perplexity k/3 is ~0.55, split ~0
+    assert g["ilisi"] > 0.4 and b["ilisi"] < 0.05
+    assert g["ilisi_within_label"] > 0.4 and b["ilisi_within_label"] < 0.05
+    assert g["batch_asw"] > b["batch_asw"] + 0.3
+    assert g["knn_purity"] > 0.99 and b["knn_purity"] > 0.99  # labels separate in both
+    # a label-scrambled embedding loses purity
+    s = _blobs(True)
+    s.obsm["X_emb"] = s.obsm["X_emb"][np.random.default_rng(0).permutation(s.n_obs)]
+    sc = I.scib_integration_metrics(s, embeddings=["X_emb"], n_neighbors=15)
+    assert sc.set_index("metric")["value"]["knn_purity"] < 0.5

@@ -512,3 +512,26 @@ def test_every_sample_has_the_major_types():
         assert (counts[t] >= 1).all(), t
     major = [t for t in CELL_TYPES if simmod.BASE_PROPORTIONS[t] >= 0.02]
     assert (counts[major] >= 5).all().all()
+
+
+def test_strong_sample_batch_effect(small_sim):
+    """The option separates samples in an uncorrected PCA; labels and mito counts unchanged."""
+    from preprocessing.integrate import batch_strength, compute_pca, normalize, select_hvg
+    from preprocessing.simulate import add_sample_batch_effect
+
+    strong = add_sample_batch_effect(small_sim, sd=0.6, seed=0)
+    assert strong.adata.uns["simulation"]["sample_batch_sd"] == 0.6
+    assert (strong.adata.obs["true_cell_type"] == small_sim.adata.obs["true_cell_type"]).all()
+    mt = np.asarray(small_sim.adata.var_names.str.upper().str.startswith("MT-"))
+    assert (strong.adata.X[:, mt] != small_sim.adata.X[:, mt]).nnz == 0
+    assert (strong.adata.X != small_sim.adata.X).nnz > 0
+
+    def strength(sim):
+        a = sim.adata[~sim.adata.obs["is_doublet"].astype(bool)].copy()
+        normalize(a)
+        select_hvg(a, species="human")
+        compute_pca(a)
+        return batch_strength(a)
+
+    s0, s1 = strength(small_sim), strength(strong)
+    assert s0 < 0.35 and s1 > s0 + 0.25, (s0, s1)
