@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ours_max_steps:
         over.update(max_steps=args.ours_max_steps, min_steps=0)
     wall, cpu = timed(lambda: run_scvi(a, **over))
-    prm = a.uns[schema.UNS_PARAMS_PREFIX + "integrate"]
+    prm = a.uns[schema.params_key("integrate")]
     result["ours"] = {
         "train_wall_s": wall,
         "train_cpu_s": cpu,

@@ -270,7 +270,7 @@ def step_budget(
     strength: float,
     n_batches: int,
     max_factor: float = 6.0,
-    mild: float = 0.25,
+    mild: float = 0.3,
     slope: float = 8.0,
     ref_batches: int = 16,
 ) -> tuple[int, float]:

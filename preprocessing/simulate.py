@@ -1500,13 +1500,15 @@ def add_sample_batch_effect(sim: Simulation, *, sd: float = 0.6, seed: int = 0) 
     Simulation
         A copy with new counts and ``uns["simulation"]["sample_batch_sd"]``.
     """
+    from atlas import schema
+
     if sd < 0:
         raise ValueError("sd must be >= 0")
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5BA7C4]))
     adata = sim.adata.copy()
     X = sp.csr_matrix(adata.X, copy=True)
     is_mt = np.asarray(adata.var_names.str.upper().str.startswith("MT-"))
-    samples = adata.obs["sample_id"].astype(str).to_numpy()
+    samples = adata.obs[schema.OBS_SAMPLE].astype(str).to_numpy()
     uniq = pd.unique(samples)
     mult = np.exp(rng.normal(0.0, sd, (len(uniq), adata.n_vars)))
     mult[:, is_mt] = 1.0

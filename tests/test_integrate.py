@@ -276,8 +276,8 @@ def test_scvi_trains_longer_under_strong_batches():
         cfg = ScviConfig(
             max_steps=20, min_steps=10, batch_size=128, n_latent=5, torch_threads=1, n_hidden=32
         )
-        I.run_scvi(a, cfg)
-        p = a.uns[schema.UNS_PARAMS_PREFIX + "integrate"]
+        I.run_scvi(a, config=cfg)
+        p = a.uns[schema.params_key("integrate")]
         assert p["kl_warmup_steps"] == 10
         return p["steps_trained"], p["batch_strength"]
 
