@@ -255,6 +255,12 @@ def test_batch_strength_and_step_budget():
     assert I.step_budget(1500, strength=weak, n_batches=16) == (1500, 1.0)  # mild: unchanged
     steps, factor = I.step_budget(1500, strength=strong, n_batches=16, max_factor=6.0)
     assert steps == 9000 and factor == 6.0  # strong: grown, capped
+    # samples that differ only by condition (biology) are not a batch effect
+    bio = _pca_blobs(True)
+    bio.obs[schema.OBS_CONDITION] = bio.obs[schema.OBS_SAMPLE]
+    bio.obs[schema.OBS_SAMPLE] = [f"{c}_{i % 3}" for i, c in enumerate(bio.obs[schema.OBS_SAMPLE])]
+    assert I.batch_strength(bio) < 0.1
+    assert I.batch_strength(bio, condition_key=None) > 0.5
     s4, _ = I.step_budget(1000, strength=0.4, n_batches=16)
     s64, _ = I.step_budget(1000, strength=0.4, n_batches=64)
     assert 1000 < s4 < s64  # grows with strength and with the number of batches
