@@ -62,6 +62,7 @@ SHEET_PATIENT = "patient"
 SHEET_CONDITION = "condition"
 SHEET_TISSUE = "tissue"
 SHEET_SPECIES = "species"
+SHEET_VDJ = "vdj"  # optional: Cell Ranger filtered_contig_annotations.csv of the sample
 SHEET_REQUIRED = (
     SHEET_SAMPLE,
     SHEET_PATH,
@@ -107,6 +108,16 @@ OBS_DOUBLET_CLUSTER = "doublet_like_cluster"  # bool
 OBS_MARKER_SCORE_PREFIX = "marker_"  # per-cell marker scores, "marker_<cell type>"
 UNASSIGNED = "Unassigned"
 
+# malignant-cell call (stage "malignant": copy number, BCR clonality, CLL programme)
+OBS_MALIGNANT = "malignant"  # bool: the one malignant (CLL) call per cell
+OBS_MALIGNANT_CONFIDENCE = "malignant_confidence"  # float in [0, 1]
+OBS_MALIGNANT_EVIDENCE = "malignant_evidence"  # str: "+"-joined evidence (clonotype, cnv, ...)
+OBS_CNV_SCORE = "cnv_score"  # float: mean |inferred copy-number signal| (NaN: not inferred)
+OBS_CLONOTYPE = "clonotype"  # str: BCR clonotype (V(D)J) or "<IGHV>|<light V>" from expression
+OBS_CLONOTYPE_SOURCE = "clonotype_source"  # "vdj", "expression" or ""
+OBS_IN_DOMINANT_CLONE = "in_dominant_clone"  # bool: carries the patient's dominant B clone
+OBS_CLL_PROGRAMME = "cll_programme_score"  # float: CLL-vs-normal-B programme (TCL1 excluded)
+
 # gene programmes (stage "programs")
 OBS_SCORE_PREFIX = "score_"  # "score_<programme>"
 
@@ -135,6 +146,10 @@ UNS_PROGRAMS = "tme_programs"  # dict: programme name -> list of genes used
 UNS_LEIDEN_RESOLUTIONS = "tme_leiden_resolutions"
 UNS_EXPORT = "tme_export"  # dict in an exported h5ad: source, filters (JSON), sizes, time
 
+UNS_MALIGNANT = "tme_malignant"  # dict: parameters, versions, lesion regions used
+OBSM_CNV = "X_cnv"  # infercnvpy's smoothed copy-number signal (dropped before the atlas is written)
+UNS_CNV = "cnv"  # infercnvpy's chromosome start positions in OBSM_CNV
+
 # table names (in .uns[UNS_TABLES] and as DIR/tables/<name>.csv)
 TABLE_QC_SUMMARY = "qc_summary"
 TABLE_INTEGRATION_METRICS = "integration_metrics"
@@ -149,6 +164,10 @@ TABLE_INTERACTIONS_DIFF = "interactions_diff"
 TABLE_INTERACTIONS_DIFF_ALL = "interactions_diff_all"
 TABLE_LIGREC_AGREEMENT = "ligrec_agreement"
 TABLE_MARKERS = "cluster_markers"
+TABLE_VDJ_CONTIGS = "vdj_contigs"  # parsed contigs of the sample sheet's vdj files (build only)
+TABLE_LESIONS = "cnv_lesions"  # per patient x lesion: fraction of B / malignant cells carrying it
+TABLE_CNV_PROFILE = "cnv_profile"  # per patient x group x window: mean copy-number signal
+TABLE_CLONES = "b_clones"  # per patient: dominant B clone, IGHV, mutation status, fractions
 TABLES = (
     TABLE_QC_SUMMARY,
     TABLE_INTEGRATION_METRICS,
@@ -162,6 +181,10 @@ TABLES = (
     TABLE_INTERACTIONS_DIFF_ALL,
     TABLE_LIGREC_AGREEMENT,
     TABLE_MARKERS,
+    TABLE_VDJ_CONTIGS,
+    TABLE_LESIONS,
+    TABLE_CNV_PROFILE,
+    TABLE_CLONES,
 )
 
 # columns of result tables that several modules share
@@ -418,4 +441,33 @@ TABLE_COLUMNS: dict[str, list[str]] = {
         "expected_doublet_rate",
     ],
     TABLE_INTEGRATION_METRICS: ["embedding", "metric", "value"],
+    TABLE_LESIONS: [
+        OBS_PATIENT,
+        "lesion",
+        "chromosome",
+        "start",
+        "end",
+        "kind",
+        "called",
+        "frac_b_cells",
+        "frac_malignant",
+        "frac_reference",
+        "n_b_cells",
+        "recurrent",
+    ],
+    TABLE_CNV_PROFILE: [OBS_PATIENT, "group", "window", "chromosome", "start", "end", "mean"],
+    TABLE_CLONES: [
+        OBS_PATIENT,
+        "source",
+        "clonotype",
+        "ighv",
+        "light_v",
+        "ighv_identity",
+        "ighv_status",
+        "n_b_cells",
+        "n_typed",
+        "clone_fraction",
+        "clonal",
+        "n_malignant",
+    ],
 }

@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cells-per-sample", type=int, default=None, metavar="N")
     p.add_argument("--patients", type=int, default=None, metavar="N")
     p.add_argument("--species", choices=["human", "mouse"], default="human")
+    p.add_argument("--healthy", action="store_true", help="healthy donors: no leukaemia")
+    p.add_argument(
+        "--vdj", action="store_true", help="also write Cell Ranger V(D)J contigs (sheet column vdj)"
+    )
     p.add_argument("-v", "--verbose", action="store_true")
 
     p = sub.add_parser("build", help="raw counts of many samples -> integrated, annotated atlas")
@@ -104,6 +108,8 @@ def _run(args: argparse.Namespace) -> int:
             cells_per_sample=args.cells_per_sample,
             n_patients=args.patients,
             species=args.species,
+            healthy=args.healthy,
+            vdj=args.vdj,
         )
         return 0
 

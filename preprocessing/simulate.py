@@ -543,6 +543,8 @@ class Simulation:
     truth: dict[str, pd.DataFrame]
     samplesheet: pd.DataFrame
     params: dict = field(default_factory=dict)
+    # sample_id -> Cell Ranger filtered_contig_annotations.csv rows (see add_vdj)
+    vdj: dict[str, pd.DataFrame] = field(default_factory=dict)
 
 
 # ======================================================================================
@@ -1173,6 +1175,9 @@ def simulate(
     doublet_rate_per_1k: float | None = DOUBLET_RATE_PER_1K_10X,
     tme_shifts: bool = True,
     tumour_burden_log2: dict[str, float] | None = None,
+    healthy: bool = False,
+    lesions: bool = False,
+    vdj: bool = False,
 ) -> Simulation:
     """Simulate a paired CLL TME cohort (``n_patients`` x ``conditions`` samples).
 
@@ -1198,6 +1203,13 @@ def simulate(
     tumour_burden_log2
         Condition -> log2 change of every CLL state's share (a tumour-burden change that
         leaves the non-malignant composition as it is); in ``truth/composition.csv``.
+    healthy
+        Healthy donors: no leukaemia (CLL proportions 0; the B cells are polyclonal normal B).
+    lesions
+        Plant copy-number lesions in each patient's CLL clone (:func:`plant_lesions`;
+        ``truth["lesions"]``, ``truth["cells"]["lesions"]``).
+    vdj
+        Also simulate Cell Ranger V(D)J contigs of the B cells (:func:`add_vdj`).
 
     Returns
     -------
@@ -1322,6 +1334,9 @@ def simulate(
         .to_numpy()
         for c in conditions
     }
+    if healthy:
+        comp_p = _healthy_proportions(comp_p)
+        clones = []
     lib_med = np.array([LIBRARY_MEDIAN[t] for t in CELL_TYPES], float)
     normal_b = CELL_TYPES.index(NORMAL_B)
     light_k = np.array([gidx["IGKC"], *ig_idx["IGKV"]])
@@ -1467,9 +1482,262 @@ def simulate(
         "simulated %d cells x %d genes (%d doublets, %d low-quality)",
         adata.n_obs, adata.n_vars, int(obs["is_doublet"].sum()), int(obs["low_quality"].sum()),
     )  # fmt: skip
-    return Simulation(
+    sim = Simulation(
         adata=adata, truth=truth, samplesheet=sheet, params=dict(adata.uns["simulation"])
     )
+    adata.uns["simulation"]["healthy"] = bool(healthy)
+    _malignant_truth(sim)
+    if lesions and not healthy:
+        plant_lesions(sim, seed=seed)
+    if vdj:
+        add_vdj(sim, seed=seed)
+    return sim
+
+
+# ======================================================================================
+# leukaemia truth: healthy donors, copy-number lesions, V(D)J contigs
+# ======================================================================================
+# Copy-number lesions planted in the CLL clone: name -> (chromosome, start, end, kind,
+# expression factor). Human (hg38): the recurrent CLL lesions of Doehner et al. NEJM 2000
+# (trisomy 12, del(13q14), del(11q22-q23), del(17p13)); the 13q deletion is planted as a large
+# ("type II", RB1-spanning) deletion and the 11q / 17p deletions at their usual size.
+# Mouse (GRCm38): Emu-TCL1 leukaemias, illustrative (trisomy 15; a chr14 deletion syntenic to
+# human 13q14 around Dleu2).
+SIM_LESIONS: dict[str, dict[str, tuple[str, int, int, str, float]]] = {
+    "human": {
+        "trisomy 12": ("12", 0, 134_000_000, "gain", 1.5),
+        "del(13q14)": ("13", 40_000_000, 80_000_000, "loss", 0.5),
+        "del(11q22)": ("11", 95_000_000, 125_000_000, "loss", 0.5),
+        "del(17p13)": ("17", 0, 22_000_000, "loss", 0.5),
+    },
+    "mouse": {
+        "trisomy 15": ("15", 0, 104_100_000, "gain", 1.5),
+        "del(14qC)": ("14", 45_000_000, 80_000_000, "loss", 0.5),
+    },
+}
+# which lesions each patient's clone carries (cycled over patients; "" = none), and the
+# fraction of the clone carrying each (del(17p) subclonal)
+_LESION_PLAN = {
+    "human": [("trisomy 12", "del(13q14)"), ("del(13q14)", "del(11q22)"), (), ("del(17p13)",)],
+    "mouse": [("trisomy 15",), (), ("del(14qC)",)],
+}
+_LESION_FRACTION = {"del(17p13)": 0.7}
+VDJ_RECOVERY = 0.85  # fraction of B cells with contigs (Cell Ranger V(D)J typically 60-90%)
+_CELLRANGER_COLS = [
+    "barcode", "is_cell", "contig_id", "high_confidence", "length", "chain", "v_gene",
+    "d_gene", "j_gene", "c_gene", "full_length", "productive", "cdr3", "cdr3_nt", "reads",
+    "umis", "raw_clonotype_id", "raw_consensus_id",
+]  # fmt: skip
+
+
+def _healthy_proportions(comp_p: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Composition without leukaemia: CLL states at 0, the rest renormalised."""
+    cll = [CELL_TYPES.index(t) for t in CLL_TYPES]
+    out = {}
+    for c, p in comp_p.items():
+        q = p.copy()
+        q[cll] = 0.0
+        out[c] = q / q.sum()
+    return out
+
+
+def _malignant_truth(sim: Simulation) -> None:
+    """``truth["cells"]["malignant"]`` (singlet CLL cells) and a typed empty clones table."""
+    cells = sim.truth["cells"]
+    cells["malignant"] = cells["cell_type"].isin(CLL_TYPES).to_numpy()
+    cells["lesions"] = ""
+    if sim.truth["clones"].empty:
+        sim.truth["clones"] = pd.DataFrame(
+            columns=["patient", "ighv", "light_chain", "light_v", "isotype", "ig_fraction_cll"]
+        )
+
+
+def _segment_genes(var_names, species: str, chrom: str, start: int, end: int) -> np.ndarray:
+    from references import gene_positions
+
+    pos = gene_positions(species).set_index("symbol")
+    pos = pos[pos["chromosome"] == chrom]
+    inside = pos.index[(pos["start"] >= start) & (pos["end"] <= end)]
+    return np.flatnonzero(pd.Index(var_names).isin(inside))
+
+
+def plant_lesions(sim: Simulation, *, seed: int = 0) -> None:
+    """Scale the counts of a segment's genes in each patient's CLL clone (copy number).
+
+    Losses thin every count of the segment's genes binomially (factor 0.5: one copy lost),
+    gains add a binomial share (factor 1.5: a third copy), in the CLL cells that carry the
+    lesion (all of the clone, or a subclone). Writes ``truth["lesions"]`` (patient, lesion,
+    chromosome, start, end, kind, fraction) and ``truth["cells"]["lesions"]`` (``;``-joined).
+    """
+    adata = sim.adata
+    species = sim.params.get("species", "human")
+    r = np.random.default_rng([seed, 14_001])
+    X = adata.X.tocsr()
+    obs = adata.obs
+    cell_type = obs["true_cell_type"].astype(str).to_numpy()
+    patient = obs["patient"].astype(str).to_numpy()
+    plan = _LESION_PLAN[species]
+    carried = np.full(adata.n_obs, "", dtype=object)
+    rows = []
+    for i, p in enumerate(sorted(set(patient))):
+        clone = np.flatnonzero((patient == p) & np.isin(cell_type, CLL_TYPES))
+        for name in plan[i % len(plan)]:
+            chrom, start, end, kind, factor = SIM_LESIONS[species][name]
+            frac = _LESION_FRACTION.get(name, 1.0)
+            cells = clone[r.random(clone.size) < frac] if frac < 1 else clone
+            genes = _segment_genes(adata.var_names, species, chrom, start, end)
+            rows.append(
+                {
+                    "patient": p,
+                    "lesion": name,
+                    "chromosome": chrom,
+                    "start": start,
+                    "end": end,
+                    "kind": kind,
+                    "fraction": frac,
+                    "n_genes": int(genes.size),
+                }  # fmt: skip
+            )
+            carried[cells] = [f"{c};{name}" if c else name for c in carried[cells]]
+            gmask = np.zeros(adata.n_vars, bool)
+            gmask[genes] = True
+            for c in cells:
+                lo, hi = X.indptr[c], X.indptr[c + 1]
+                hit = lo + np.flatnonzero(gmask[X.indices[lo:hi]])
+                d = X.data[hit]
+                if factor < 1:
+                    X.data[hit] = r.binomial(d, factor)
+                else:
+                    X.data[hit] = d + r.binomial(d, factor - 1.0)
+    X.eliminate_zeros()
+    adata.X = X
+    sim.truth["lesions"] = pd.DataFrame(
+        rows,
+        columns=["patient", "lesion", "chromosome", "start", "end", "kind", "fraction", "n_genes"],
+    )
+    ids = sim.truth["cells"]["cell_id"].to_numpy()
+    pos = pd.Index(adata.obs_names).get_indexer(ids)
+    sim.truth["cells"]["lesions"] = carried[pos]
+
+
+def _random_nt(r: np.random.Generator, n: int) -> str:
+    return "TGT" + _ACGT[r.integers(4, size=n)].tobytes().decode() + "TGG"
+
+
+_AA = np.frombuffer(b"ACDEFGHIKLMNPQRSTVWY", dtype=np.uint8)
+
+
+def _aa(nt: str) -> str:
+    # a stable pseudo-translation (a real translation is not needed for clonotyping)
+    h = zlib.crc32(nt.encode())
+    r = np.random.default_rng(h)
+    return "C" + _AA[r.integers(20, size=max(3, len(nt) // 3 - 2))].tobytes().decode() + "W"
+
+
+def add_vdj(sim: Simulation, *, seed: int = 0) -> None:
+    """Cell Ranger V(D)J contigs (``filtered_contig_annotations.csv`` rows) of the B cells.
+
+    Each patient's CLL clone shares one heavy and one light CDR3 (its IGHV / light V from
+    ``truth["clones"]``); every normal B cell has its own CDR3s and the V genes it expresses
+    most (polyclonal). :data:`VDJ_RECOVERY` of the B cells get contigs; doublets with a B
+    partner get that partner's contigs. Fills ``sim.vdj`` (sample_id -> DataFrame) and
+    ``sim.samplesheet["vdj"]``; IGHV identity to germline goes in ``truth["clones"]``.
+    """
+    adata = sim.adata
+    r = np.random.default_rng([seed, 14_002])
+    obs = adata.obs
+    species = sim.params.get("species", "human")
+    names = list(adata.var_names)
+    internal, symbols = gene_universe(species)
+    to_sp = dict(zip(internal, symbols))
+    vsets = {
+        "IGH": [to_sp[g] for g in IGHV if g in to_sp],
+        "IGK": [to_sp[g] for g in IGKV if g in to_sp],
+        "IGL": [to_sp[g] for g in IGLV if g in to_sp],
+    }
+    vidx = {k: np.array([names.index(g) for g in v]) for k, v in vsets.items()}
+    c_gene = {"IGH": to_sp.get("IGHM", "IGHM"), "IGK": "IGKC" if species == "human" else "Igkc",
+              "IGL": to_sp.get("IGLC2", "IGLC2")}  # fmt: skip
+    clones = sim.truth["clones"].set_index("patient") if len(sim.truth["clones"]) else None
+    clone_seq = {}
+    if clones is not None:
+        for p in clones.index:
+            light = "IGK" if str(clones.loc[p, "light_chain"]).upper().startswith("IGK") else "IGL"
+            clone_seq[p] = {
+                "IGH": (clones.loc[p, "ighv"], _random_nt(r, 48)),
+                light: (clones.loc[p, "light_v"], _random_nt(r, 30)),
+            }
+        ident = r.choice([99.6, 100.0, 95.1, 93.4], size=len(clones))
+        sim.truth["clones"]["ighv_identity"] = ident
+    X = adata.X.tocsr()
+    tct = obs["true_cell_type"].astype(str).to_numpy()
+    dbl = obs["doublet_of"].astype(str).to_numpy()
+    b_types = (*CLL_TYPES, NORMAL_B)
+    rows_by_sample: dict[str, list] = {}
+    for i in range(adata.n_obs):
+        t = tct[i]
+        if t == DOUBLET:
+            parts = [x for x in dbl[i].split("+") if x in b_types]
+            if not parts:
+                continue
+            t = parts[0]
+        elif t not in b_types:
+            continue
+        if r.random() > VDJ_RECOVERY:
+            continue
+        sid, bc, p = (
+            str(obs["sample_id"].iat[i]),
+            str(obs["barcode"].iat[i]),
+            str(obs["patient"].iat[i]),
+        )
+        if t in CLL_TYPES and p in clone_seq:
+            chains = clone_seq[p]
+        else:
+            row = X[i]
+            chains = {}
+            for ch in ("IGH", "IGK" if r.random() < 0.6 else "IGL"):
+                # the V gene the cell expresses most (the simulated cell's own choice)
+                counts = row[:, vidx[ch]].toarray().ravel() if vidx[ch].size else np.zeros(0)
+                if counts.size == 0:
+                    continue
+                v = (
+                    vsets[ch][int(counts.argmax())]
+                    if counts.max() > 0
+                    else vsets[ch][int(r.integers(len(vsets[ch])))]
+                )
+                chains[ch] = (v, _random_nt(r, 48 if ch == "IGH" else 30))
+        rows = rows_by_sample.setdefault(sid, [])
+        for j, (ch, (v, nt)) in enumerate(chains.items()):
+            umis = int(r.integers(2, 30))
+            rows.append(
+                {
+                    "barcode": bc,
+                    "is_cell": "True",
+                    "contig_id": f"{bc}_contig_{j + 1}",
+                    "high_confidence": "True",
+                    "length": 550,
+                    "chain": ch,
+                    "v_gene": v,
+                    "d_gene": "",
+                    "j_gene": "",
+                    "c_gene": c_gene[ch],
+                    "full_length": "True",
+                    "productive": "True",
+                    "cdr3": _aa(nt),
+                    "cdr3_nt": nt,
+                    "reads": umis * 40,
+                    "umis": umis,
+                    "raw_clonotype_id": "",
+                    "raw_consensus_id": "",
+                }  # fmt: skip
+            )
+    sim.vdj = {
+        sid: pd.DataFrame(rows_by_sample.get(sid, []), columns=_CELLRANGER_COLS)
+        for sid in sim.samplesheet["sample_id"]
+    }
+    sim.samplesheet["vdj"] = [
+        f"vdj/{sid}_filtered_contig_annotations.csv" for sid in sim.samplesheet["sample_id"]
+    ]
 
 
 # ======================================================================================
@@ -1606,6 +1874,8 @@ def write_dataset(
     n_patients: int | None = None,
     species: str = "human",
     sim: Simulation | None = None,
+    healthy: bool = False,
+    vdj: bool = False,
 ) -> Path:
     """Simulate and write the cohort as a user's input.
 
@@ -1620,8 +1890,9 @@ def write_dataset(
     ----------
     out
         Output folder.
-    seed, cells_per_sample, n_patients, species
-        As for :func:`simulate`.
+    seed, cells_per_sample, n_patients, species, healthy, vdj
+        As for :func:`simulate` (``vdj``: also ``out/vdj/<sample>_filtered_contig_annotations.csv``
+        and the sample sheet's ``vdj`` column).
     sim
         Write this simulation instead of simulating (the other arguments are ignored).
 
@@ -1652,7 +1923,12 @@ def write_dataset(
     if sim is None:
         try:
             sim = simulate(
-                seed=seed, n_patients=n_patients, cells_per_sample=cells_per_sample, species=species
+                seed=seed,
+                n_patients=n_patients,
+                cells_per_sample=cells_per_sample,
+                species=species,
+                healthy=healthy,
+                vdj=vdj,
             )
         except ValueError as e:
             raise InputError(f"simulate: {e}") from None
@@ -1668,6 +1944,10 @@ def write_dataset(
             m = np.flatnonzero(sample_codes == row.sample_id)
             write_10x(X[m], list(barcodes[m]), gene_ids, symbols, tmp / row.path)
         (tmp / "samplesheet.csv").write_text(_csv(sim.samplesheet))
+        if sim.vdj:
+            (tmp / "vdj").mkdir()
+            for sid, rel in zip(sim.samplesheet["sample_id"], sim.samplesheet["vdj"]):
+                (tmp / rel).write_text(_csv(sim.vdj[sid]))
         (tmp / "truth").mkdir()
         for name, df in sim.truth.items():
             (tmp / "truth" / f"{name}.csv").write_text(_csv(df))
@@ -1689,7 +1969,7 @@ def load_truth(path: str | Path) -> dict[str, pd.DataFrame]:
     for f in sorted(path.glob("*.csv")):
         df = pd.read_csv(f, keep_default_na=False, na_values=[])
         if f.stem == "cells":
-            for col in ("is_doublet", "low_quality"):
+            for col in ("is_doublet", "low_quality", "malignant"):
                 if col in df:
                     df[col] = df[col].astype(str).str.lower().eq("true")
         for col in df.columns:
@@ -1714,7 +1994,15 @@ _TRUTH_README = """# Simulation truth
   log2fc_vs_reference, planted_log2_shift, direction (up/down/none). `none` means no planted
   shift; by closure (proportions sum to 1) such types still move a little
   (`log2fc_vs_reference` ~ -0.3..+0.2), which is the exact expected value.
-* `clones.csv`: the clonal immunoglobulin of each patient's leukaemia.
+* `clones.csv`: the clonal immunoglobulin of each patient's leukaemia (empty for healthy
+  donors); `ighv_identity` (percent identity to germline) when V(D)J contigs were simulated.
+* `cells.csv` also holds `malignant` (singlet CLL cell) and `lesions` (`;`-joined copy-number
+  lesions the cell carries).
+* `lesions.csv`: patient, lesion, chromosome, start, end, kind (gain/loss), fraction (of the
+  clone carrying it), n_genes (simulated genes in the segment). A patient absent here has no
+  lesion.
+* `vdj/<sample>_filtered_contig_annotations.csv` (beside `truth/`, named by the sample
+  sheet's `vdj` column, with `--vdj`): Cell Ranger V(D)J contigs of the B cells.
 """
 
 

@@ -1,0 +1,102 @@
+"""Malignant-cell call (clonality + copy number + programme) against the simulator's truth."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_annotate import _clean, _pca_build
+
+from atlas import schema
+from atlas.tables import get_table, put_table
+from preprocessing import annotate as A
+from preprocessing.malignant import call_malignant
+from preprocessing.simulate import CLL_TYPES, simulate
+from preprocessing.vdj import contigs_table, read_contigs
+
+B_TYPES = (*CLL_TYPES, "Normal B")
+
+
+@pytest.fixture(scope="module")
+def cll_cohort():
+    sim = simulate(seed=3, n_patients=4, cells_per_sample=300, lesions=True, vdj=True)
+    a = _pca_build(_clean(sim))
+    A.annotate(a, species="human")
+    return sim, a
+
+
+def _scores(a):
+    t = a.obs["true_cell_type"].astype(str).to_numpy()
+    truth = np.isin(t, CLL_TYPES)
+    tb = np.isin(t, B_TYPES)
+    pred = a.obs[schema.OBS_MALIGNANT].to_numpy(dtype=bool)
+    normal = tb & ~truth
+    return (pred[tb] == truth[tb]).mean(), (~pred[normal]).mean()
+
+
+def _with_contigs(sim, a, tmp_path):
+    parts = {}
+    for sid, df in sim.vdj.items():
+        f = tmp_path / f"{sid}.csv"
+        df.to_csv(f, index=False)
+        bcs = sim.adata.obs.loc[sim.adata.obs["sample_id"] == sid, "barcode"].astype(str)
+        parts[sid] = read_contigs(f, bcs, label=f"sample '{sid}'")
+    put_table(a, schema.TABLE_VDJ_CONTIGS, contigs_table(parts))
+    return a
+
+
+def test_call_without_vdj_and_lesions(cll_cohort):
+    sim, a = cll_cohort
+    a = call_malignant(a.copy(), species="human")
+    acc, spec = _scores(a)
+    assert acc >= 0.95, acc
+    assert spec >= 0.8, spec
+    # planted lesions recovered per patient; none called where none was planted
+    les = get_table(a, schema.TABLE_LESIONS)
+    called = {(r.patient, r.lesion) for r in les[les["called"]].itertuples()}
+    planted = {(r.patient, r.lesion) for r in sim.truth["lesions"].itertuples()}
+    planted = {(p, "del(13q14)" if x.startswith("del(13q") else x) for p, x in planted}
+    sens = len(called & planted) / len(planted)
+    assert sens >= 0.9, (called, planted)
+    assert not (called - planted), called - planted
+    # labels follow the call
+    ct = a.obs[schema.OBS_CELL_TYPE].astype(str)
+    mal = a.obs[schema.OBS_MALIGNANT].to_numpy(dtype=bool)
+    assert not ct[~mal].str.startswith("CLL").any()
+    assert (a.obs[schema.OBS_MALIGNANT_CONFIDENCE][mal] > 0.5).mean() > 0.9
+
+
+def test_call_with_vdj(cll_cohort, tmp_path):
+    sim, a = cll_cohort
+    a = call_malignant(_with_contigs(sim, a.copy(), tmp_path), species="human")
+    acc, spec = _scores(a)
+    assert acc >= 0.98, acc
+    assert spec >= 0.9, spec
+    clones = get_table(a, schema.TABLE_CLONES)
+    truth = sim.truth["clones"].set_index("patient")
+    for r in clones.itertuples():
+        assert r.clonal and r.source == "vdj"
+        assert r.ighv == truth.loc[r.patient, "ighv"]
+
+
+def test_healthy_donors_have_no_cll():
+    sim = simulate(seed=4, n_patients=2, cells_per_sample=250, healthy=True)
+    a = _pca_build(_clean(sim))
+    A.annotate(a, species="human")
+    a = call_malignant(a, species="human")
+    assert int(a.obs[schema.OBS_MALIGNANT].sum()) == 0
+    assert not a.obs[schema.OBS_CELL_TYPE].astype(str).str.startswith("CLL").any()
+    assert not get_table(a, schema.TABLE_LESIONS)["called"].any()
+
+
+def test_bad_vdj_files(tmp_path, cll_cohort):
+    sim, _ = cll_cohort
+    sid = next(iter(sim.vdj))
+    other = list(sim.vdj)[-1]
+    f = tmp_path / "x.csv"
+    sim.vdj[other].to_csv(f, index=False)
+    bcs = sim.adata.obs.loc[sim.adata.obs["sample_id"] == sid, "barcode"].astype(str)
+    with pytest.raises(ValueError, match="cell barcodes"):
+        read_contigs(f, bcs, label=f"sample '{sid}'")
+    f.write_text("this,is\nnot,contigs\n")
+    with pytest.raises(ValueError, match="missing column"):
+        read_contigs(f, bcs, label=f"sample '{sid}'")
