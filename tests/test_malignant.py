@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 from test_annotate import _clean, _pca_build
 
@@ -100,3 +101,38 @@ def test_bad_vdj_files(tmp_path, cll_cohort):
     f.write_text("this,is\nnot,contigs\n")
     with pytest.raises(ValueError, match="missing column"):
         read_contigs(f, bcs, label=f"sample '{sid}'")
+
+
+def test_mouse_cohort():
+    sim = simulate(seed=5, n_patients=3, cells_per_sample=250, species="mouse", lesions=True)
+    a = _pca_build(_clean(sim))
+    A.annotate(a, species="mouse")
+    a = call_malignant(a, species="mouse")
+    acc, spec = _scores(a)
+    assert acc >= 0.95, acc
+
+
+@pytest.mark.realdata
+def test_kang_healthy_pbmc_has_no_cll():
+    """Real healthy-donor PBMC: at most 2% of B cells called CLL (even if every B cell
+    arrives labelled CLL)."""
+    import anndata as ad
+    import scanpy as sc
+    from conftest import shared_file
+
+    a = ad.read_h5ad(shared_file("kang2018_pbmc_ifnb_labelled.h5ad"))
+    a.layers[schema.LAYER_COUNTS] = a.X.copy()
+    sc.pp.normalize_total(a, target_sum=1e4)
+    sc.pp.log1p(a)
+    a.obs[schema.OBS_PATIENT] = a.obs["sample_id"].astype(str).str[-3:]
+    lab = a.obs["cluster_id"].astype(str)
+    is_b = (lab == "B cells").to_numpy()
+    a.obs[schema.OBS_LINEAGE] = np.where(
+        is_b, "B/CLL", np.where(lab.str.contains("T cells"), "T/NK", "Myeloid")
+    )
+    a.obs[schema.OBS_CELL_TYPE] = pd.Categorical(np.where(is_b, "CLL resting", lab))
+    a.obs[schema.OBS_CELL_TYPE_CONFIDENCE] = 1.0
+    a = call_malignant(a, species="human")
+    frac = a.obs.loc[is_b, schema.OBS_MALIGNANT].mean()
+    assert frac <= 0.02, frac
+    assert (a.obs.loc[is_b, schema.OBS_CELL_TYPE].astype(str) == "Normal B").all()
