@@ -6,10 +6,12 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+# not `from tests.conftest import REPO`: some wheels install a top-level `tests` package
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
