@@ -129,7 +129,31 @@ class AnalysesConfig(_Section):
     # demo cohort (recovery vs true labels 0.86 -> 0.99 at 5; null false positives 1 -> 2/1,170)
     min_cells: int = Field(5, ge=1, description="pseudobulk: min cells per sample x type")
     min_samples: int = Field(2, ge=1, description="pseudobulk: min samples per condition")
-    n_cpus: int = Field(1, ge=1)
+    n_cpus: int = Field(1, ge=1, description="DESeq2: cell types fitted in parallel")
+    de_covariates: list[str] = Field(
+        default_factory=list,
+        description="sample-sheet columns added to the pseudobulk DESeq2 design as categorical "
+        "covariates (e.g. ighv_status, sex, lane); a patient-level one is absorbed by the "
+        "patient block of a paired design (recorded)",
+    )
+    de_engine: Literal["fast", "pydeseq2"] = Field(
+        "fast",
+        description="DESeq2 inference: 'fast' (vectorised, reproduces stock pydeseq2) or "
+        "'pydeseq2' (stock per-gene backend)",
+    )
+
+    @field_validator("de_covariates")
+    @classmethod
+    def _covariates_not_design(cls, v: list[str]) -> list[str]:
+        taken = {"sample_id", "patient", "condition"} & set(v)
+        if taken:
+            raise ValueError(
+                f"{', '.join(sorted(taken))} is already in the design (condition is tested, "
+                "patient is the block); list other sample-sheet columns"
+            )
+        if len(set(v)) != len(v):
+            raise ValueError("a covariate is listed twice")
+        return v
 
 
 class CrosstalkConfig(_Section):

@@ -241,6 +241,137 @@ def _design(
     return X, True
 
 
+def _sample_level_columns(adata) -> list[str]:
+    """obs columns holding one value per sample (the sample sheet's, among others)."""
+    sm = _obs_str(adata, schema.OBS_SAMPLE)
+    out = []
+    for c in adata.obs.columns:
+        if c == schema.OBS_SAMPLE or not (
+            isinstance(adata.obs[c].dtype, pd.CategoricalDtype) or adata.obs[c].dtype == object
+        ):
+            continue
+        if (adata.obs[c].astype(str).groupby(sm.to_numpy()).nunique() <= 1).all():
+            out.append(str(c))
+    return out
+
+
+def sample_covariates(
+    adata, names: Sequence[str], reference: str, conditions: Sequence[str]
+) -> pd.DataFrame:
+    """Per-sample values of the sample-sheet columns ``names`` (DE covariates), validated.
+
+    One row per sample (index ``sample_id``), one string column per covariate. Raises
+    :class:`InputError`, one line per problem, when a column is not in ``obs`` (the
+    sheet's columns are carried there), is part of the design already, is empty for
+    some sample or varies within a sample, takes one value over the samples of
+    ``conditions``, or is confounded with the condition over those samples (intercept +
+    condition + covariate indicators not of full rank).
+    """
+    names = list(names)
+    if not names:
+        return pd.DataFrame(index=_sample_table(adata).index)
+    samples = _sample_table(adata)
+    problems: list[str] = []
+    sm = _obs_str(adata, schema.OBS_SAMPLE).to_numpy()
+    cols: dict[str, pd.Series] = {}
+    for name in names:
+        where = f"analyses.de_covariates: sample-sheet column {name!r}"
+        if name in (schema.OBS_SAMPLE, schema.OBS_PATIENT, schema.OBS_CONDITION):
+            problems.append(f"{where} is already in the design; list other columns")
+            continue
+        if name not in adata.obs:
+            have = _sample_level_columns(adata)
+            problems.append(
+                f"{where} is not in the sample sheet (sample-level columns: "
+                f"{', '.join(have) if have else 'none'})"
+            )
+            continue
+        raw = adata.obs[name]
+        vals = raw.astype(str).where(raw.notna(), "")
+        vals = vals.str.strip()
+        empty = sorted(set(sm[(vals == "").to_numpy() | (vals == "nan").to_numpy()]))
+        if empty:
+            problems.append(f"{where} is empty for sample(s) {', '.join(empty[:5])}")
+            continue
+        per = vals.groupby(sm).nunique()
+        mixed = sorted(per.index[per > 1])
+        if mixed:
+            problems.append(
+                f"{where} varies within sample(s) {', '.join(mixed[:5])}; a covariate is "
+                "one value per sample"
+            )
+            continue
+        cols[name] = vals.groupby(sm).first().reindex(samples.index)
+    cov = pd.DataFrame(cols, index=samples.index)
+    used = samples[samples[schema.OBS_CONDITION].isin(conditions)]
+    if len(cols) and len(used):
+        base, _ = _design(used, reference, conditions, block=False)
+        for name in cols:
+            v = cov.loc[used.index, name]
+            levels = sorted(pd.unique(v))
+            where = f"analyses.de_covariates: sample-sheet column {name!r}"
+            if len(levels) < 2:
+                problems.append(
+                    f"{where} takes the single value {levels[0]!r} over the samples "
+                    f"compared; nothing to adjust for"
+                )
+                continue
+            X = base.assign(
+                **{f"_{i}": (v == lvl).to_numpy(float) for i, lvl in enumerate(levels[1:])}
+            )
+            if np.linalg.matrix_rank(X.to_numpy()) < X.shape[1]:
+                by = used.assign(_v=v.to_numpy()).groupby("_v")[schema.OBS_CONDITION]
+                detail = "; ".join(f"{lvl}: {', '.join(sorted(pd.unique(c)))}" for lvl, c in by)
+                problems.append(
+                    f"{where} is confounded with the condition ({detail}); its effect "
+                    "cannot be told from the condition's"
+                )
+    if problems:
+        raise InputError(problems)
+    return cov
+
+
+def _add_covariates(
+    design: pd.DataFrame, meta: pd.DataFrame, cov: pd.DataFrame | None, paired: bool
+) -> tuple[pd.DataFrame, list[str], dict[str, str]]:
+    """Append covariate indicator columns (``cov_<name>_<level>``) to one cell type's design.
+
+    A covariate is left out of this cell type's design (reason returned) when its
+    samples show a single level, when it is nested in the patients of a paired design
+    (the patient block already removes it), when it is confounded with the rest of the
+    design or when no residual df would remain.
+    """
+    used: list[str] = []
+    dropped: dict[str, str] = {}
+    if cov is None or cov.shape[1] == 0:
+        return design, used, dropped
+    X = design
+    sids = meta[schema.OBS_SAMPLE].astype(str).to_numpy()
+    for name in cov.columns:
+        v = pd.Series(cov[name].reindex(sids).to_numpy(), index=meta.index).astype(str)
+        levels = sorted(pd.unique(v))
+        if len(levels) < 2:
+            dropped[name] = f"one level ({levels[0]}) among these samples"
+            continue
+        if paired and (v.groupby(meta[schema.OBS_PATIENT].astype(str)).nunique() <= 1).all():
+            dropped[name] = "constant within each patient: absorbed by the patient block"
+            continue
+        X2 = X.assign(**{f"cov_{name}_{lvl}": (v == lvl).to_numpy(float) for lvl in levels[1:]})
+        if np.linalg.matrix_rank(X2.to_numpy()) < X2.shape[1]:
+            dropped[name] = "confounded with condition/patient among these samples"
+            continue
+        if X2.shape[0] - X2.shape[1] < 1:
+            dropped[name] = "no residual degree of freedom left"
+            continue
+        X = X2
+        used.append(name)
+    return X, used, dropped
+
+
+def _formula(paired: bool, covariates: Sequence[str]) -> str:
+    return "~" + " + ".join([*(["patient"] if paired else []), *covariates, "condition"])
+
+
 def is_paired(meta: pd.DataFrame, reference: str, conditions: Sequence[str]) -> bool:
     """Whether the design over ``meta``'s samples uses the patient block."""
     return _design(meta, reference, conditions)[1]
@@ -563,8 +694,9 @@ def _run_deseq(
 ) -> dict[str, pd.DataFrame]:
     """One DESeq2 fit, one Wald test per contrast column; results per contrast key.
 
-    ``engine``: ``"fast"`` (:class:`preprocessing.deseq_fast.FastInference`, vectorised,
-    ~20x faster) or ``"pydeseq2"`` (``DefaultInference``, one scipy fit per gene).
+    ``engine``: ``"fast"`` (:class:`preprocessing.deseq_fast.FastInference`: stock
+    pydeseq2's algorithms run for all genes at once, same results, ~10x less CPU) or
+    ``"pydeseq2"`` (``DefaultInference``, one scipy fit per gene).
     """
     from pydeseq2.dds import DeseqDataSet
     from pydeseq2.default_inference import DefaultInference
@@ -601,6 +733,16 @@ def _run_deseq(
     return out
 
 
+def _deseq_job(ctype, cnt, design, contrast_cols, engine):
+    """One cell type's fit (a joblib task): ``(ctype, results | None, error | None, s)``."""
+    t0 = time.perf_counter()
+    try:
+        res = _run_deseq(cnt, design, contrast_cols, n_cpus=1, engine=engine)
+    except Exception as e:  # one failing cell type must not sink the stage
+        return ctype, None, f"{type(e).__name__}: {e}", time.perf_counter() - t0
+    return ctype, res, None, time.perf_counter() - t0
+
+
 def pseudobulk_de(
     adata,
     reference: str,
@@ -614,11 +756,16 @@ def pseudobulk_de(
     engine: str = "fast",
     cell_types: Sequence[str] | None = None,
     pb: Pseudobulk | None = None,
+    covariates: pd.DataFrame | None = None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """DESeq2 on pseudobulks: every contrast condition vs ``reference``, per cell type.
 
-    Returns ``(de table, info)``; ``info`` records skipped groups / contrasts and the
-    design used per cell type.
+    ``covariates``: per-sample categorical covariates (index ``sample_id``, one column
+    each; :func:`sample_covariates`) added to every cell type's design where estimable
+    (see :func:`_add_covariates`). ``n_cpus`` > 1 fits cell types in parallel (joblib).
+
+    Returns ``(de table, info)``; ``info`` records skipped groups / contrasts, the design
+    used per cell type, covariates left out per cell type, and fit seconds per type.
     """
     if pb is None:
         pb = pseudobulk(adata, groupby, min_cells=min_cells)
@@ -629,14 +776,17 @@ def pseudobulk_de(
         ],
         "skipped_contrasts": [],
         "designs": {},
+        "covariates_dropped": [],
         "n_genes_tested": {},
+        "fit_seconds": {},
     }
-    frames = []
     types = list(pd.unique(pb.meta[schema.COL_CELL_TYPE]))
     if len(pb.skipped):  # types with no group passing min_cells are reported as untested
         types += [t for t in pd.unique(pb.skipped[schema.COL_CELL_TYPE]) if t not in types]
     if cell_types is not None:
         types = [t for t in types if t in set(cell_types)]
+    jobs = []
+    setup: dict[str, tuple] = {}
     for ctype in sorted(types):
         m = pb.meta[
             (pb.meta[schema.COL_CELL_TYPE] == ctype) & pb.meta[schema.OBS_CONDITION].isin(conds)
@@ -661,29 +811,40 @@ def pseudobulk_de(
             for c in testable:
                 info["skipped_contrasts"].append(f"{ctype}: {c} vs {reference}: no residual df")
             continue
+        design, cov_used, cov_dropped = _add_covariates(design, m, covariates, paired)
+        for name, why in cov_dropped.items():
+            info["covariates_dropped"].append(f"{ctype}: {name} ({why})")
+            log.info("pseudobulk DE: %s: covariate %s left out (%s)", ctype, name, why)
         cnt = pb.counts.loc[m.index]
         genes = cnt.columns[cnt.sum(axis=0).to_numpy() >= min_gene_counts]
         if len(genes) == 0:
             continue
         cnt = cnt[genes]
-        info["designs"][ctype] = "~patient + condition" if paired else "~condition"
+        info["designs"][ctype] = _formula(paired, cov_used)
         info["n_genes_tested"][ctype] = int(len(genes))
-        t0 = time.perf_counter()
-        try:
-            res = _run_deseq(
-                cnt, design, {c: f"cond_{c}" for c in testable}, n_cpus=n_cpus, engine=engine
-            )
-        except Exception as e:  # one failing cell type must not sink the stage
-            log.warning("pseudobulk DE: %s failed (%s: %s); skipped", ctype, type(e).__name__, e)
-            info["skipped_contrasts"].append(f"{ctype}: DESeq2 failed ({type(e).__name__})")
+        setup[ctype] = (m, testable, n_per, n_ref, paired)
+        jobs.append((ctype, cnt, design, {c: f"cond_{c}" for c in testable}, engine))
+    if n_cpus > 1 and len(jobs) > 1:
+        from joblib import Parallel, delayed
+
+        results = Parallel(n_jobs=min(n_cpus, len(jobs)))(delayed(_deseq_job)(*j) for j in jobs)
+    else:
+        results = [_deseq_job(*j) for j in jobs]
+    frames = []
+    for ctype, res, err, secs in results:
+        m, testable, n_per, n_ref, paired = setup[ctype]
+        info["fit_seconds"][ctype] = round(float(secs), 3)
+        if res is None:
+            log.warning("pseudobulk DE: %s failed (%s); skipped", ctype, err)
+            info["skipped_contrasts"].append(f"{ctype}: DESeq2 failed ({err.split(':')[0]})")
             continue
         log.debug(
             "pseudobulk DE: %s, %d samples, %d genes, %s: %.1fs",
             ctype,
             len(m),
-            len(genes),
+            info["n_genes_tested"][ctype],
             info["designs"][ctype],
-            time.perf_counter() - t0,
+            secs,
         )
         for c, r in res.items():
             frames.append(
@@ -822,7 +983,7 @@ def run_analyses(
     reference: str | None = None,
     contrasts: Sequence[str] | None = None,
     groupby: str = schema.OBS_CELL_TYPE,
-    de_engine: str = "fast",
+    de_engine: str | None = None,
 ):
     """Run composition, pseudobulk DE and programme comparisons on an annotated atlas.
 
@@ -834,7 +995,9 @@ def run_analyses(
         and ``obs["doublet_like_cluster"]`` (those cells are left out).
     config
         :class:`~atlas.config.Config` or its ``analyses`` section (reference, contrasts,
-        min_cells, min_samples, n_cpus); default ``AnalysesConfig()``.
+        min_cells, min_samples, n_cpus, de_covariates, de_engine); default
+        ``AnalysesConfig()``. ``de_covariates`` are validated before anything runs
+        (:func:`sample_covariates`; :class:`InputError` naming the column).
     reference, contrasts
         Override ``config``; default reference: ``uns["tme_reference_condition"]``, else
         the sheet's first condition (``uns["tme_condition_order"][0]``); default
@@ -842,7 +1005,8 @@ def run_analyses(
     groupby
         ``obs`` column of cell labels (``"cell_type"``; the truth tests pass another).
     de_engine
-        ``"fast"`` (vectorised pydeseq2 backend) or ``"pydeseq2"`` (stock backend).
+        Overrides ``config.de_engine``: ``"fast"`` (vectorised backend, same results as
+        stock pydeseq2) or ``"pydeseq2"`` (stock per-gene backend).
 
     Returns
     -------
@@ -877,7 +1041,11 @@ def run_analyses(
         raise InputError(
             f"analyses: only one condition ({ref!r}); nothing to compare with the reference"
         )
+    de_engine = de_engine if de_engine is not None else cfg.de_engine
+    covariates = sample_covariates(adata, cfg.de_covariates, ref, [ref, *cons])
     log.info("analyses: reference %s; contrasts %s", ref, ", ".join(cons))
+    if cfg.de_covariates:
+        log.info("analyses: DE covariates %s", ", ".join(cfg.de_covariates))
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
@@ -902,6 +1070,7 @@ def run_analyses(
         min_samples=cfg.min_samples,
         n_cpus=cfg.n_cpus,
         engine=de_engine,
+        covariates=covariates if cfg.de_covariates else None,
     )
     timings["de"] = time.perf_counter() - t0
     log.info(
@@ -945,6 +1114,9 @@ def run_analyses(
                 "one fit per cell type, BH with independent filtering per contrast"
             ),
             "de_engine": de_engine,
+            "de_covariates": list(cfg.de_covariates),
+            "de_covariate_levels": {c: sorted(pd.unique(covariates[c])) for c in cfg.de_covariates},
+            "de_covariates_dropped": list(de_info["covariates_dropped"]),
             "de_designs": [f"{k}: {v}" for k, v in de_info["designs"].items()],
             "de_skipped_groups": list(de_info["skipped_groups"]),
             "de_skipped_contrasts": list(de_info["skipped_contrasts"]),

@@ -225,9 +225,13 @@ class FastInference(DefaultInference):
         for i in np.flatnonzero(~success):  # stock: grid search when L-BFGS-B fails
             out[i] = np.exp(
                 grid_fit_alpha(
-                    np.asarray(counts)[:, i], X, np.asarray(mu)[:, i], alpha_hat[i],
-                    min_disp, max_disp,
-                )  # fmt: skip
+                    np.asarray(counts)[:, i],
+                    X,
+                    np.asarray(mu)[:, i],
+                    alpha_hat[i],
+                    min_disp,
+                    max_disp,
+                )
             )
         return out, success
 
@@ -245,9 +249,7 @@ class FastInference(DefaultInference):
         X = np.asarray(design_matrix, float)
         sf = np.asarray(size_factors, float)
         Y = np.asarray(counts, float) / sf[:, None]
-        coef = np.stack(
-            [scipy.linalg.lstsq(X, Y[:, i], cond=1e-6)[0] for i in range(Y.shape[1])]
-        )
+        coef = np.stack([scipy.linalg.lstsq(X, Y[:, i], cond=1e-6)[0] for i in range(Y.shape[1])])
         pred = np.matmul(X, coef[:, :, None])[:, :, 0] + 0.0  # G, n
         return np.maximum(sf * pred, min_mu).T
 

@@ -13,6 +13,7 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 from conftest import ARTIFACTS, shared_file
 
 from atlas import schema
@@ -290,26 +291,183 @@ def test_programme_scores_compared_on_sample_means(small):
 
 
 # ----------------------------------------------------------------------------- DESeq2 backend
-def test_fast_inference_matches_pydeseq2(small):
-    """The vectorised backend reproduces pydeseq2's fit (LFCs, SEs, p-values)."""
-    pb = A.pseudobulk(small, min_cells=10)
-    m = pb.meta[pb.meta[schema.COL_CELL_TYPE] == "CLL resting"]
-    X, paired = A._design(m, REF, ["NAIVE", "IBR_EARLY", "IBR_RES", "VEN_RES"])
-    cnt = pb.counts.loc[m.index]
-    cnt = cnt.loc[:, cnt.sum(axis=0) >= 50].iloc[:, :200]
+def _deseq_fit(counts, design, col, inference):
+    """pydeseq2 fit + Wald test of ``col``: (dds.var, results_df)."""
+    from pydeseq2.dds import DeseqDataSet
+    from pydeseq2.ds import DeseqStats
+
+    meta = pd.DataFrame({"_": "x"}, index=counts.index)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fast = A._run_deseq(cnt, X, {"r": "cond_IBR_RES"}, engine="fast")["r"]
-        ref = A._run_deseq(cnt, X, {"r": "cond_IBR_RES"}, engine="pydeseq2")["r"]
-    for col in ("log2FoldChange", "lfcSE", "pvalue"):
-        a, b = fast[col].to_numpy(), ref[col].to_numpy()
-        ok = np.isfinite(a) & np.isfinite(b)
-        assert ok.mean() > 0.95
-        assert np.corrcoef(a[ok], b[ok])[0, 1] > 0.99, col
-    close = np.isclose(fast["log2FoldChange"], ref["log2FoldChange"], atol=0.05)
-    assert close.mean() > 0.9
-    sig_f, sig_r = fast["padj"] < 0.05, ref["padj"] < 0.05
-    assert (sig_f & sig_r).sum() >= 0.8 * max(sig_r.sum(), 1)
+        dds = DeseqDataSet(
+            counts=counts, metadata=meta, design=design, refit_cooks=True,
+            inference=inference, quiet=True,
+        )  # fmt: skip
+        dds.deseq2()
+        vec = (design.columns == col).astype(float)
+        ds = DeseqStats(dds, contrast=vec, inference=inference, quiet=True)
+        ds.summary()
+    return dds.var.copy(), ds.results_df.copy()
+
+
+# The fast backend's tolerances against stock pydeseq2, on every gene of the fit:
+DESEQ_RTOL = 1e-6  # dispersions (gene-wise, trend, MAP, final), log2FC, lfcSE, p, padj
+DESEQ_ATOL = 1e-9  # for values at or near 0 (log2FC, p)
+# calls at padj < 0.05 identical, except genes whose stock padj is within 1% of 0.05
+DESEQ_CALL_MARGIN = 0.01
+
+
+def test_fast_inference_reproduces_stock_pydeseq2_on_all_genes(small):
+    """Every gene, low counts included: the vectorised backend gives stock pydeseq2's
+    dispersions, trend, MAP dispersions, LFCs, SEs, p-values, independent filtering
+    (which genes get a padj) and calls, within the tolerances above. A paired design
+    (IRLS start for the gene-wise fit) and an unpaired one (linear-model start)."""
+    from pydeseq2.default_inference import DefaultInference
+
+    from preprocessing.deseq_fast import FastInference
+
+    pb = A.pseudobulk(small, min_cells=10)
+    conds = ["NAIVE", "IBR_EARLY", "IBR_RES", "VEN_RES"]
+    cases = []
+    rng = np.random.default_rng(0)
+    for ctype, paired in (("CD4 naive", True), ("CD4 naive", False)):
+        m = pb.meta[pb.meta[schema.COL_CELL_TYPE] == ctype]
+        if not paired:
+            m = m.assign(**{schema.OBS_PATIENT: m[schema.OBS_SAMPLE]})
+        X, is_paired = A._design(m, REF, conds)
+        assert is_paired == paired
+        cnt = pb.counts.loc[m.index]
+        cnt = cnt.loc[:, cnt.sum(axis=0) >= A.MIN_GENE_COUNTS]  # what the stage tests
+        # plant a IBR_RES effect on a quarter of the genes (x4 up / x0.25 down), so that
+        # hundreds of genes are called and independent filtering has a threshold to pick
+        v = cnt.to_numpy().copy()
+        rows = np.flatnonzero((m[schema.OBS_CONDITION] == "IBR_RES").to_numpy())
+        g = rng.choice(v.shape[1], v.shape[1] // 4, replace=False)
+        up, dn = np.ix_(rows, g[::2]), np.ix_(rows, g[1::2])
+        v[up] += rng.poisson(3 * v[up])
+        v[dn] = rng.binomial(v[dn], 0.25)
+        cases.append((ctype, pd.DataFrame(v, index=cnt.index, columns=cnt.columns), X))
+    filtered = 0
+    for ctype, cnt, X in cases:
+        var_f, res_f = _deseq_fit(cnt, X, "cond_IBR_RES", FastInference())
+        var_s, res_s = _deseq_fit(cnt, X, "cond_IBR_RES", DefaultInference(n_cpus=1))
+        # mostly low-count genes (over half under 5 counts per sample on average),
+        # many on the flat likelihood near min_disp, where a global optimiser and stock
+        # L-BFGS-B stop at different dispersions
+        assert (res_s["baseMean"] < 5).mean() > 0.5, ctype
+        assert (var_s["genewise_dispersions"] < 1e-4).sum() >= 20, ctype
+        for col in ("genewise_dispersions", "fitted_dispersions", "MAP_dispersions", "dispersions"):
+            np.testing.assert_allclose(
+                var_f[col], var_s[col], rtol=DESEQ_RTOL, atol=0, err_msg=f"{ctype} {col}"
+            )
+        np.testing.assert_array_equal(var_f["_outlier_genes"], var_s["_outlier_genes"])
+        for col in ("log2FoldChange", "lfcSE", "stat", "pvalue", "padj"):
+            np.testing.assert_allclose(
+                res_f[col], res_s[col], rtol=DESEQ_RTOL, atol=DESEQ_ATOL, err_msg=f"{ctype} {col}"
+            )  # NaNs in the same places: independent filtering and Cook's outliers agree
+        filtered += int(res_s["pvalue"].notna().sum() - res_s["padj"].notna().sum())
+        assert (res_s["padj"] < 0.05).sum() >= 50, ctype
+        sig_f, sig_s = res_f["padj"] < 0.05, res_s["padj"] < 0.05
+        near = np.abs(res_s["padj"] / 0.05 - 1) < DESEQ_CALL_MARGIN
+        assert not ((sig_f != sig_s) & ~near).any(), ctype
+    assert filtered > 100  # independent filtering chose a threshold, the same one
+
+
+# ----------------------------------------------------------------------------- DE covariates
+LANE_L2 = ("P01_IBR_RES", "P02_IBR_RES", "P03_IBR_RES", "P02_VEN_RES", "P03_VEN_RES")
+
+
+@pytest.fixture(scope="module")
+def lane_effect(small, small_sim):
+    """``small`` with a technical lane: lane L2 (all IBR_RES samples and two VEN_RES ones)
+    multiplies 40 genes by 4 in every cell (count + Poisson(3 x count)). The 40 genes
+    have no planted biology in resting CLL, so any IBR_RES call on them is the lane's."""
+    a = small.copy()
+    sid = a.obs[schema.OBS_SAMPLE].astype(str).to_numpy()
+    a.obs["lane"] = np.where(np.isin(sid, LANE_L2), "L2", "L1")
+    a.obs["sex"] = a.obs[schema.OBS_PATIENT].astype(str).map({"P01": "F", "P02": "M", "P03": "F"})
+    tde = small_sim.truth["de"]
+    biology = set(tde.loc[(tde["kind"] == "planted") & (tde["cell_type"] == "CLL resting"), "gene"])
+    pb = A.pseudobulk(a, min_cells=10)
+    mean = pb.counts.loc[pb.meta[schema.COL_CELL_TYPE] == "CLL resting"].mean(axis=0)
+    cand = [g for g in mean.index[mean > 30] if g not in biology]
+    rng = np.random.default_rng(7)
+    genes = sorted(rng.choice(cand, 40, replace=False))
+    counts = a.layers[schema.LAYER_COUNTS]
+    C = counts.toarray() if sp.issparse(counts) else np.array(counts)
+    rows = np.flatnonzero(a.obs["lane"].to_numpy() == "L2")
+    idx = np.ix_(rows, np.flatnonzero(np.isin(a.var_names, genes)))
+    C[idx] = C[idx] + rng.poisson(3 * C[idx])
+    a.layers[schema.LAYER_COUNTS] = sp.csr_matrix(C.astype(np.float32))
+    return a, genes
+
+
+def test_de_covariate_removes_a_planted_lane_effect(lane_effect):
+    """A lane effect confounded with IBR_RES is called as IBR_RES biology without the
+    covariate; with ``lane`` in the design it is removed and the planted biology stays."""
+    a, genes = lane_effect
+    conds = ["IBR_EARLY", "IBR_RES", "VEN_RES"]
+    out = {}
+    for covs in ([], ["lane"]):
+        cov = A.sample_covariates(a, covs, REF, [REF, *conds]) if covs else None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            de, info = A.pseudobulk_de(a, REF, conds, cell_types=["CLL resting"], covariates=cov)
+        r = de[de[schema.COL_CONDITION] == "IBR_RES"].set_index(schema.COL_GENE)
+        out[bool(covs)] = (r, info)
+    r0, info0 = out[False]
+    r1, info1 = out[True]
+    assert info0["designs"] == {"CLL resting": "~patient + condition"}
+    assert info1["designs"] == {"CLL resting": "~patient + lane + condition"}
+    lane0, lane1 = r0.loc[genes], r1.loc[genes]
+    # without the covariate the lane is read as a treatment effect
+    assert (lane0[schema.COL_PADJ] < 0.05).mean() >= 0.5
+    assert lane0[schema.COL_LOG2FC].median() > 1.5
+    # with it: no lane gene called (<= 5%), their log2FC centred on 0
+    assert (lane1[schema.COL_PADJ] < 0.05).mean() <= 0.05
+    assert abs(lane1[schema.COL_LOG2FC].median()) < 0.3
+    # the planted biology is still found
+    psmb5 = r1.loc["PSMB5"]
+    assert psmb5[schema.COL_LOG2FC] > 1 and psmb5[schema.COL_PADJ] < 0.05
+
+
+def test_de_covariates_validated_and_recorded(lane_effect):
+    from atlas.config import ConfigError, load_config
+
+    a, _ = lane_effect
+    a = a[a.obs[schema.OBS_CELL_TYPE].isin(["CLL resting", "CD4 naive"])].copy()
+    conds = [REF, "IBR_EARLY", "IBR_RES", "VEN_RES"]
+    # one clear line per problem, naming the column
+    with pytest.raises(InputError, match=r"'ighv_status' is not in the sample sheet.*lane"):
+        A.sample_covariates(a, ["ighv_status"], REF, conds)
+    b = a.copy()
+    b.obs["batch"] = "run1"
+    with pytest.raises(InputError, match="'batch' takes the single value 'run1'"):
+        A.sample_covariates(b, ["batch"], REF, conds)
+    b.obs["batch"] = np.where(b.obs[schema.OBS_CONDITION].astype(str) == "IBR_RES", "B", "A")
+    with pytest.raises(InputError, match="'batch' is confounded with the condition"):
+        A.sample_covariates(b, ["batch"], REF, conds)
+    b.obs["batch"] = np.where(np.arange(b.n_obs) % 2 == 0, "A", "B")
+    with pytest.raises(InputError, match="'batch' varies within sample"):
+        A.sample_covariates(b, ["batch"], REF, conds)
+    with pytest.raises(ConfigError, match="already in the design"):
+        load_config(env={}, overrides={"analyses": {"de_covariates": ["condition"]}})
+    bad_cfg = load_config(env={}, overrides={"analyses": {"de_covariates": ["ighv_status"]}})
+    with pytest.raises(InputError, match="'ighv_status' is not in the sample sheet"):
+        A.run_analyses(a.copy(), config=bad_cfg)  # raised before anything is computed
+    # a patient-level covariate is absorbed by the patient block; lane is used; recorded
+    cfg = load_config(env={}, overrides={"analyses": {"de_covariates": ["lane", "sex"]}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        A.run_analyses(a, config=cfg)
+    p = a.uns[A.PARAMS_KEY]
+    assert p["de_covariates"] == ["lane", "sex"]
+    assert p["de_covariate_levels"] == {"lane": ["L1", "L2"], "sex": ["F", "M"]}
+    assert "CLL resting: ~patient + lane + condition" in p["de_designs"]
+    assert any(
+        s.startswith("CLL resting: sex (constant within each patient: absorbed")
+        for s in p["de_covariates_dropped"]
+    )
 
 
 # ----------------------------------------------------------------------------- atlas dir / CLI
