@@ -167,6 +167,9 @@ class CrosstalkConfig(_Section):
     seed: int = 0
     top_n: int = Field(1000, ge=1, description="interactions kept per condition (plus curated)")
     diff_max_padj: float = Field(0.1, gt=0, le=1, description="differential rows kept: padj")
+    diff_alpha: float = Field(
+        0.05, gt=0, lt=1, description="differential call: per-sample padj and partners' padj"
+    )
     alpha: float = Field(0.05, gt=0, lt=1, description="significance for the ligrec check")
     ligrec_all_conditions: bool = Field(False, description="ligrec check: every condition")
 

@@ -12,27 +12,36 @@ What it computes, on the atlas grouped by ``config.crosstalk.groupby`` (the cell
    (``rank_aggregate.by_sample``), restricted to the interactions kept in (1); table
    ``interactions_by_sample`` (every kept interaction gets a score in every sample where both
    partners are expressed).
-3. **Differential interactions** (each condition vs the reference), from the pseudobulk DE
-   table ``de`` of the analyses stage -- a targeted-contrast scheme equivalent to LIANA+'s
-   ``df_to_lr``:
+3. **Differential interactions** (each condition vs the reference), paired design aware:
 
-   * for every LR pair of the resource and every sender -> receiver pair of cell types in
+   * rows: every LR pair of the resource and every sender -> receiver pair of cell types in
      which both partners are expressed (fraction of cells with non-zero expression
-     >= ``expr_prop`` in the condition *or* the reference; for complexes every subunit),
-   * a complex is represented by its *limiting subunit*, the one with the smallest
-     |shrunk log2FC| (the conservative analogue of liana's minimum-expression rule),
-   * ``score = (ligand_log2fc[sender] + receptor_log2fc[receiver]) / 2`` (liana's
-     ``interaction_stat`` with ``stat_keys=["log2fc"]``), on log2FCs shrunk towards 0 with a
-     zero-centred normal prior (posterior mean ``lfc * tau^2 / (tau^2 + lfcse^2)``, ``tau``
-     per contrast by DESeq2's betaPrior rule) so that noisy fold changes of weakly expressed
-     genes do not dominate the ranking (the raw log2FCs are reported alongside),
-   * ``pvalue``: Stouffer combination of the two DE p-values as signed z-scores,
-     ``z = sign(log2fc) * Phi^-1(1 - p / 2)``, ``Z = (z_L + z_R) / sqrt(2)``,
-     ``p = 2 * (1 - Phi(|Z|))``; a missing DE p-value counts as ``p = 1``,
-   * ``padj``: Benjamini-Hochberg within each condition.
+     >= ``expr_prop`` in the condition *or* the reference; for complexes every subunit);
+   * **primary evidence, per sample**: the row's score in each sample is liana's
+     ``lr_means`` (mean of the ligand's mean log-normalised expression in the sender and the
+     receptor's in the receiver; complexes: lowest subunit; both cell types with
+     ``min_cells`` cells in the sample). Per row ``lr_means ~ condition`` plus the patient
+     block when a patient is seen in both states (:func:`preprocessing.analyses._design`),
+     residual variances moderated across the contrast's rows (limma eBayes): ``score`` =
+     the condition coefficient (paired change), ``t``, ``pvalue``; ``padj``: BH over the
+     rows of the contrast (unit: one sender-receiver-ligand-receptor row; rows sharing a
+     partner are positively dependent, for which BH holds);
+   * **partners' evidence**: the pseudobulk DE (table ``de``; a complex by its *limiting
+     subunit*, the smallest |shrunk log2FC|; log2FCs shrunk towards 0 with DESeq2's
+     betaPrior rule, raw ones alongside). A partner without a DE test has *no evidence*
+     (NaN), never ``p = 1``. ``ligand_padj`` / ``receptor_padj``: BH over the distinct
+     (cell type, gene) DE tests that the contrast's rows use, each counted once however
+     many rows reuse it. ``driver``: ``both`` (both partners change at ``diff_alpha``, same
+     direction), ``ligand`` / ``receptor`` (only that one), ``opposing``, ``none``;
+   * ``called``: ``padj <= diff_alpha`` and ``driver == both`` in the direction of the
+     score -- one DE ligand no longer makes every receptor in every receiver significant;
+     ``pvalue_both``: the intersection-union p of the three (per-sample test and the two
+     partners in the direction of the score; NaN when a partner is untested), for ranking;
+   * abundance beside, not in the score: mean per-sample fraction of the sender and the
+     receiver among usable cells in both states and the log2 ratio.
 
-   Table ``interactions_diff``: rows with ``padj <= diff_max_padj``, plus the ``top_n`` by
-   |score| per condition, plus every curated interaction.
+   Table ``interactions_diff``: rows called or with ``padj <= diff_max_padj``, plus the
+   ``top_n`` by |score| per condition, plus every curated interaction.
 4. **Independent check** with ``squidpy.gr.ligrec`` (CellPhoneDB-style permutation test,
    same resource passed explicitly, single-gene pairs, ``use_raw=False``, same seed) on the
    reference condition (every condition with ``ligrec_all_conditions``), compared with liana's CellPhoneDB component: Jaccard / overlap of the
@@ -47,6 +56,8 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -448,19 +459,224 @@ def expression_props(w, groupby: str) -> pd.DataFrame:
     return df.melt(id_vars=["condition", "cell_type"], var_name="gene", value_name="prop")
 
 
-def _stouffer(lfc_l, p_l, lfc_r, p_r) -> tuple[np.ndarray, np.ndarray]:
-    from scipy.stats import norm
+@dataclass
+class SampleMeans:
+    """Per sample x cell type: mean log-normalised expression of every gene, whether the
+    cell type has ``min_cells`` usable cells there, and its fraction of the sample's usable
+    cells (the inputs of liana's per-sample ``lr_means`` and of the abundance columns)."""
 
-    def z(lfc, p):
-        p = np.clip(np.nan_to_num(np.asarray(p, dtype=float), nan=1.0), 1e-300, 1.0)
-        return np.sign(np.asarray(lfc, dtype=float)) * norm.isf(p / 2)
+    meta: pd.DataFrame  # index sample_id; columns patient, condition
+    types: list[str]
+    genes: pd.Index
+    mean: np.ndarray  # samples x types x genes
+    ok: np.ndarray  # samples x types (>= min_cells cells)
+    frac: np.ndarray  # samples x types (fraction of the sample's usable cells)
 
-    Z = (z(lfc_l, p_l) + z(lfc_r, p_r)) / np.sqrt(2.0)
-    return Z, 2 * norm.sf(np.abs(Z))
+    @classmethod
+    def from_adata(cls, w, groupby: str, min_cells: int) -> SampleMeans:
+        obs = w.obs
+        samples = pd.Index(pd.unique(obs[schema.OBS_SAMPLE].astype(str)))
+        types = sorted(pd.unique(obs[groupby].astype(str)))
+        si = samples.get_indexer(obs[schema.OBS_SAMPLE].astype(str))
+        ti = pd.Index(types).get_indexer(obs[groupby].astype(str))
+        codes = si * len(types) + ti
+        n_grp = len(samples) * len(types)
+        G = sp.csr_matrix(
+            (np.ones(len(codes), dtype=np.float64), (codes, np.arange(len(codes)))),
+            shape=(n_grp, len(codes)),
+        )
+        n = np.bincount(codes, minlength=n_grp).astype(float)
+        X = w.X if sp.issparse(w.X) else sp.csr_matrix(w.X)
+        sums = np.asarray((G @ X).todense(), dtype=np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = sums / n[:, None]
+        n = n.reshape(len(samples), len(types))
+        meta_cols = [schema.OBS_PATIENT, schema.OBS_CONDITION]
+        meta = (
+            obs[[schema.OBS_SAMPLE, *meta_cols]]
+            .astype(str)
+            .drop_duplicates(schema.OBS_SAMPLE)
+            .set_index(schema.OBS_SAMPLE)
+            .loc[samples]
+        )
+        return cls(
+            meta=meta,
+            types=list(types),
+            genes=pd.Index(w.var_names),
+            mean=mean.reshape(len(samples), len(types), -1),
+            ok=n >= min_cells,
+            frac=n / np.maximum(n.sum(axis=1, keepdims=True), 1),
+        )
+
+    def entity_means(self, names) -> tuple[dict[str, int], np.ndarray]:
+        """liana's complex rule: the mean of a complex is its lowest subunit mean.
+        Returns ``(name -> row, entities x samples x types)``; NaN when a gene is absent."""
+        names = list(pd.unique(np.asarray(names, dtype=object)))
+        out = np.full((len(names), *self.mean.shape[:2]), np.nan)
+        for k, name in enumerate(names):
+            idx = self.genes.get_indexer(str(name).split(COMPLEX_SEP))
+            if (idx >= 0).all():
+                out[k] = self.mean[:, :, idx].min(axis=2)
+        return {n: k for k, n in enumerate(names)}, out
+
+
+def sample_score_test(
+    res: pd.DataFrame, sm: SampleMeans, cond: str, ref: str
+) -> dict[str, np.ndarray]:
+    """Per-sample interaction scores tested between ``cond`` and ``ref`` (primary evidence).
+
+    The score of a row (sender, receiver, ligand, receptor) in a sample is liana's
+    ``lr_means``: the mean of the ligand's mean log-normalised expression in the sender and
+    the receptor's in the receiver (complexes: lowest subunit), where both cell types have
+    ``min_cells`` cells in the sample. Model per row ``score ~ condition`` plus the patient
+    block when a patient is seen in both states (:func:`preprocessing.analyses._design`),
+    residual variances moderated across the rows of the contrast (limma eBayes), moderated
+    t. Returns arrays over the rows of ``res``.
+    """
+    from scipy import stats
+
+    from preprocessing.analyses import _design, squeeze_var
+
+    keep = sm.meta[schema.OBS_CONDITION].isin([cond, ref]).to_numpy()
+    meta = sm.meta[keep]
+    lmap, L = sm.entity_means(res["ligand"])
+    rmap, R = sm.entity_means(res["receptor"])
+    tpos = {t: i for i, t in enumerate(sm.types)}
+    si = res["source"].map(tpos).to_numpy()
+    ti = res["target"].map(tpos).to_numpy()
+    li = res["ligand"].map(lmap).to_numpy()
+    ri = res["receptor"].map(rmap).to_numpy()
+    lv = L[li][:, keep, :][np.arange(len(res)), :, si]  # rows x samples
+    rv = R[ri][:, keep, :][np.arange(len(res)), :, ti]
+    Y = (lv + rv) / 2
+    avail = sm.ok[keep][:, si].T & sm.ok[keep][:, ti].T & np.isfinite(Y)
+    is_c = (meta[schema.OBS_CONDITION] == cond).to_numpy()
+    n = len(res)
+    est, s2, dfr, unsc = (np.full(n, np.nan) for _ in range(4))
+    n_samples = avail.sum(axis=1)
+    paired = np.zeros(n, dtype=bool)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # rows without samples: NaN
+        lr_c = np.nanmean(np.where(avail & is_c, Y, np.nan), axis=1) if n else np.zeros(0)
+        lr_r = np.nanmean(np.where(avail & ~is_c, Y, np.nan), axis=1) if n else np.zeros(0)
+    patterns, inverse = np.unique(avail, axis=0, return_inverse=True)
+    inverse = np.asarray(inverse).ravel()
+    for k, pat in enumerate(patterns):
+        rows = np.flatnonzero(inverse == k)
+        if not (pat & is_c).any() or not (pat & ~is_c).any():
+            continue
+        X, blk = _design(meta[pat], ref, [ref, cond])
+        dof = X.shape[0] - X.shape[1]
+        if dof < 1:
+            continue
+        Xv = X.to_numpy(float)
+        u = np.linalg.pinv(Xv.T @ Xv)
+        y = Y[np.ix_(rows, np.flatnonzero(pat))].T  # samples x rows
+        beta = u @ Xv.T @ y
+        j = list(X.columns).index(f"cond_{cond}")
+        est[rows] = beta[j]
+        s2[rows] = ((y - Xv @ beta) ** 2).sum(axis=0) / dof
+        dfr[rows] = dof
+        unsc[rows] = u[j, j]
+        paired[rows] = blk
+    ok = np.isfinite(est)
+    t = np.full(n, np.nan)
+    p = np.full(n, np.nan)
+    if ok.any():
+        post, d0, _ = squeeze_var(s2[ok], dfr[ok])
+        df_tot = dfr[ok] + (d0 if np.isfinite(d0) else 1e6)
+        se = np.sqrt(post * unsc[ok])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            tt = np.where(se > 0, est[ok] / se, 0.0)
+        t[ok] = tt
+        p[ok] = 2 * stats.t.sf(np.abs(tt), df_tot)
+    return {
+        "score": est,
+        "t": t,
+        "pvalue": p,
+        "lr_means": lr_c,
+        "lr_means_ref": lr_r,
+        "n_samples": n_samples,
+        "paired": paired,
+    }
+
+
+def _abundance(res: pd.DataFrame, sm: SampleMeans, cond: str, ref: str) -> dict[str, np.ndarray]:
+    """Mean per-sample fraction of the sender / receiver (among usable cells) in ``cond`` and
+    ``ref`` and the log2 ratio (shown beside the interaction; not part of its score)."""
+    c = (sm.meta[schema.OBS_CONDITION] == cond).to_numpy()
+    r = (sm.meta[schema.OBS_CONDITION] == ref).to_numpy()
+    tpos = {t: i for i, t in enumerate(sm.types)}
+    fc, fr = sm.frac[c].mean(axis=0), sm.frac[r].mean(axis=0)
+    out = {}
+    for side in ("source", "target"):
+        idx = res[side].map(tpos).to_numpy()
+        out[f"{side}_frac"] = fc[idx]
+        out[f"{side}_frac_ref"] = fr[idx]
+        out[f"{side}_frac_log2fc"] = np.log2((fc[idx] + 1e-4) / (fr[idx] + 1e-4))
+    return out
+
+
+def side_evidence(res: pd.DataFrame, alpha: float) -> dict[str, np.ndarray]:
+    """Which partner's DE supports the change, without imputing missing p-values.
+
+    Multiple-testing unit: the (cell type, gene) pseudobulk DE test. The ligand tests
+    (sender, ligand gene) and receptor tests (receiver, receptor gene) used by the contrast's
+    interactions are BH-adjusted together, each test counted once however many rows reuse
+    it. A side *changes* when its padj <= ``alpha``; a side without a DE test (gene not
+    tested) has no evidence (NaN), never p = 1. ``driver``: ``both`` (both sides change in
+    the same direction), ``ligand`` / ``receptor`` (only that side), ``opposing``, ``none``.
+    """
+    units = pd.concat(
+        [
+            res[["source", "ligand_gene", "ligand_pvalue"]].set_axis(["ct", "g", "p"], axis=1),
+            res[["target", "receptor_gene", "receptor_pvalue"]].set_axis(["ct", "g", "p"], axis=1),
+        ],
+        ignore_index=True,
+    ).dropna(subset=["p"])
+    units = units.drop_duplicates(["ct", "g"])
+    units["padj"] = bh_adjust(units["p"].to_numpy(float))
+    lookup = units.set_index(["ct", "g"])["padj"]
+
+    def padj(ct_col, g_col):
+        key = pd.MultiIndex.from_arrays([res[ct_col].astype(str), res[g_col].astype(str)])
+        return lookup.reindex(key).to_numpy(float)
+
+    lpadj = padj("source", "ligand_gene")
+    rpadj = padj("target", "receptor_gene")
+    sl = np.sign(res["ligand_log2fc"].to_numpy(float))
+    sr = np.sign(res["receptor_log2fc"].to_numpy(float))
+    ch_l = np.nan_to_num(lpadj, nan=1.0) <= alpha
+    ch_r = np.nan_to_num(rpadj, nan=1.0) <= alpha
+    driver = np.select(
+        [ch_l & ch_r & (sl == sr), ch_l & ch_r, ch_l, ch_r],
+        ["both", "opposing", "ligand", "receptor"],
+        default="none",
+    )
+    return {"ligand_padj": lpadj, "receptor_padj": rpadj, "driver": driver}
+
+
+def intersection_union_p(score, pvalue, lfc_l, p_l, lfc_r, p_r) -> np.ndarray:
+    """p of "the interaction score and both partners change, all in the direction of the
+    score": the largest of the per-sample p and the two DE p-values, a DE p counting as
+    ``2 - p`` (clipped to 1) when its log2FC points the other way. NaN when a partner was not
+    tested (no evidence is not imputed)."""
+    s = np.sign(np.asarray(score, float))
+
+    def directional(lfc, p):
+        p = np.asarray(p, float)
+        agree = np.sign(np.asarray(lfc, float)) == s
+        return np.where(agree, p, np.minimum(2 - p, 1.0))
+
+    out = np.maximum.reduce(
+        [np.asarray(pvalue, float), directional(lfc_l, p_l), directional(lfc_r, p_r)]
+    )
+    return np.where(s == 0, 1.0, out)
 
 
 def _side(names, de_ct: pd.DataFrame, expr_prop: float, prefix: str, group_col: str):
-    """Per (cell type, complex): limiting subunit's DE stats, if every subunit is expressed."""
+    """Per (cell type, complex) where every subunit is expressed: the limiting subunit's DE
+    stats (smallest |shrunk log2FC|); NaN DE stats when a subunit has no DE test."""
     ex = pd.DataFrame({prefix: pd.unique(np.asarray(names, dtype=object))})
     ex["gene"] = ex[prefix].str.split(COMPLEX_SEP)
     ex = ex.explode("gene")
@@ -471,7 +687,8 @@ def _side(names, de_ct: pd.DataFrame, expr_prop: float, prefix: str, group_col: 
     grp = m.groupby(["cell_type", prefix])
     m = m[grp["gene"].transform("nunique").to_numpy() == n_sub.loc[m[prefix]].to_numpy()]
     m = m[m.groupby(["cell_type", prefix])["prop"].transform("min") >= expr_prop]
-    m = m.assign(_abs=m["lfc_shrunk"].abs()).sort_values("_abs", kind="mergesort")
+    # a subunit without a DE test sorts first: the side then has no DE evidence
+    m = m.assign(_abs=m["lfc_shrunk"].abs().fillna(-1.0)).sort_values("_abs", kind="mergesort")
     m = m.groupby(["cell_type", prefix], sort=False).head(1)
     return m.rename(
         columns={
@@ -526,7 +743,9 @@ def differential_interactions(
     resource: pd.DataFrame,
     props: pd.DataFrame,
     *,
+    samples: SampleMeans,
     expr_prop: float = 0.1,
+    alpha: float = 0.05,
     curated: pd.DataFrame | None = None,
     shrink: bool = True,
 ) -> pd.DataFrame:
@@ -534,8 +753,11 @@ def differential_interactions(
 
     ``de``: the analyses stage's pseudobulk table (cell_type, gene, condition, reference,
     log2fc, pvalue, ...). ``props``: :func:`expression_props` (condition, cell_type, gene,
-    prop). See the module docstring for the score and the p-value. Returns every tested
-    sender -> receiver interaction (no filtering), columns :data:`DIFF_COLUMNS`.
+    prop). ``samples``: :class:`SampleMeans` of the working AnnData (per-sample scores and
+    abundances). Rows: every sender -> receiver pair of cell types in which both partners
+    are expressed (``expr_prop`` in the condition or the reference). See the module
+    docstring for the test, the partners' evidence and the call. Returns every tested row
+    (no filtering), columns :data:`DIFF_COLUMNS`.
     """
     need = {"cell_type", "gene", "condition", "reference", "log2fc", "pvalue"}
     missing = need - set(de.columns)
@@ -560,24 +782,37 @@ def differential_interactions(
         pr = props[props["condition"] == ref][["cell_type", "gene", "prop"]]
         p = pc.merge(pr, on=["cell_type", "gene"], how="outer", suffixes=("_c", "_r"))
         p["prop"] = p[["prop_c", "prop_r"]].max(axis=1)
-        d = d.merge(p[["cell_type", "gene", "prop"]], on=["cell_type", "gene"], how="inner")
+        # every expressed gene is a candidate; its DE stats where the DE table has them
+        d = p[["cell_type", "gene", "prop"]].merge(d, on=["cell_type", "gene"], how="left")
         L = _side(resource["ligand"], d, expr_prop, "ligand", "source")
         R = _side(resource["receptor"], d, expr_prop, "receptor", "target")
         res = resource.merge(L, on="ligand").merge(R, on="receptor")
+        known = set(samples.types)
+        res = res[res["source"].isin(known) & res["target"].isin(known)].reset_index(drop=True)
         if res.empty:
             continue
-        res["score"] = (res["ligand_log2fc_shrunk"] + res["receptor_log2fc_shrunk"]) / 2
-        z, pval = _stouffer(
+        primary = sample_score_test(res, samples, cond, ref)
+        for k, v in primary.items():
+            res[k] = v
+        for k, v in _abundance(res, samples, cond, ref).items():
+            res[k] = v
+        res["padj"] = bh_adjust(res["pvalue"].to_numpy(float))
+        for k, v in side_evidence(res, alpha).items():
+            res[k] = v
+        res["pvalue_both"] = intersection_union_p(
+            res["score"],
+            res["pvalue"],
             res["ligand_log2fc"],
             res["ligand_pvalue"],
             res["receptor_log2fc"],
             res["receptor_pvalue"],
         )
-        res["z"] = z
-        res["pvalue"] = pval
-        res["padj"] = bh_adjust(pval)
-        res["direction"] = np.where(
-            res["score"] > 0, "up", np.where(res["score"] < 0, "down", "none")
+        sgn = np.sign(res["score"].to_numpy(float))
+        res["direction"] = np.where(sgn > 0, "up", np.where(sgn < 0, "down", "none"))
+        res["called"] = (
+            (res["padj"].fillna(1.0) <= alpha)
+            & (res["driver"] == "both")
+            & (np.sign(res["ligand_log2fc"].to_numpy(float)) == sgn)
         )
         res.insert(0, "reference", ref)
         res.insert(0, "condition", cond)
@@ -585,6 +820,7 @@ def differential_interactions(
     if not out:
         res = pd.DataFrame(columns=DIFF_COLUMNS)
         res["curated"] = res["curated"].astype(bool)
+        res["called"] = res["called"].astype(bool)
         return res
     res = pd.concat(out, ignore_index=True)
     res = annotate_curated(res, curated if curated is not None else _no_curated())
@@ -757,8 +993,15 @@ def run_crosstalk(adata, *, config=None, keep_all_diff: bool = False):
     t = time.perf_counter()
     de = get_table(adata, schema.TABLE_DE)
     props = expression_props(w, cfg.groupby)
+    samples = SampleMeans.from_adata(w, cfg.groupby, cfg.min_cells)
     diff_all = differential_interactions(
-        de, resource, props, expr_prop=cfg.expr_prop, curated=curated
+        de,
+        resource,
+        props,
+        samples=samples,
+        expr_prop=cfg.expr_prop,
+        alpha=cfg.diff_alpha,
+        curated=curated,
     )
     diff = _keep_diff(diff_all, cfg)
     taus = {
@@ -766,11 +1009,16 @@ def run_crosstalk(adata, *, config=None, keep_all_diff: bool = False):
         for (c, r), g in de.groupby(["condition", "reference"], observed=True)
     }
     timings["differential"] = time.perf_counter() - t
+    n_called = int(diff_all["called"].sum()) if len(diff_all) else 0
+    drivers = diff_all.loc[diff_all["padj"] <= cfg.diff_alpha, "driver"].value_counts()
     log.info(
-        "crosstalk: differential: %d interactions tested, %d at padj <= %.2f, kept %d in %.1fs",
+        "crosstalk: differential: %d interactions tested, %d with per-sample padj <= %.2f "
+        "(driver: %s), %d called (both partners change), kept %d in %.1fs",
         len(diff_all),
-        int((diff_all["padj"] <= cfg.diff_max_padj).sum()) if len(diff_all) else 0,
-        cfg.diff_max_padj,
+        int(drivers.sum()),
+        cfg.diff_alpha,
+        ", ".join(f"{k} {v}" for k, v in drivers.items()) or "-",
+        n_called,
         len(diff),
         timings["differential"],
     )
@@ -818,14 +1066,28 @@ def run_crosstalk(adata, *, config=None, keep_all_diff: bool = False):
             "top_n": int(cfg.top_n),
             "n_interactions_total": int(len(liana_all)),
             "diff_method": (
-                "score = mean(ligand log2FC in sender, receptor log2FC in receiver), log2FCs of "
-                "the pseudobulk DE table shrunk to a zero-centred normal prior (DESeq2 betaPrior "
-                "rule, sd per contrast in diff_prior_sd); complexes: subunit with the smallest "
-                "|shrunk log2FC|; pvalue: Stouffer of signed z = sign(lfc)*Phi^-1(1-p/2) of the "
-                "two DE p-values; padj: BH per condition"
+                "primary: per-sample lr_means (mean of the ligand's mean log-normalised "
+                "expression in the sender and the receptor's in the receiver; complexes: "
+                "lowest subunit), lr_means ~ condition + patient block (when a patient is seen "
+                "in both states), limma-eBayes moderated t; score = condition coefficient; "
+                "padj: BH over the rows of a contrast. Partners: pseudobulk DE p-values, "
+                "never imputed; ligand_padj / receptor_padj: BH over the distinct (cell type, "
+                "gene) DE tests the contrast's rows use, each once; driver = which partner "
+                "changes (padj <= diff_alpha); called = padj <= diff_alpha and driver both in "
+                "the direction of the score; pvalue_both = intersection-union p of the three. "
+                "Abundance (per-sample fractions of sender / receiver) shown beside, not in "
+                "the score"
             ),
+            "diff_alpha": float(cfg.diff_alpha),
+            "diff_units": {
+                "pvalue/padj": "row = (sender, receiver, ligand, receptor) per contrast",
+                "ligand_padj/receptor_padj": "(cell type, gene) DE test, each counted once",
+            },
+            "diff_paired": bool(diff_all["paired"].any()) if len(diff_all) else False,
+            "n_diff_called": n_called,
             "diff_cutoff": (
-                f"padj <= {cfg.diff_max_padj} or top {cfg.top_n} by |score| per condition, plus curated"
+                f"called, padj <= {cfg.diff_max_padj} or top {cfg.top_n} by |score| per "
+                "condition, plus curated"
             ),
             "diff_max_padj": float(cfg.diff_max_padj),
             "diff_prior_sd": taus,
@@ -868,7 +1130,7 @@ def _keep_diff(diff: pd.DataFrame, cfg) -> pd.DataFrame:
     if diff.empty:
         return diff
     top = keep_top(diff, cfg.top_n, "score", ascending=False)
-    sig = diff[diff["padj"] <= cfg.diff_max_padj]
+    sig = diff[(diff["padj"] <= cfg.diff_max_padj) | diff["called"]]
     out = pd.concat([top, sig], ignore_index=True).drop_duplicates(
         ["condition", "reference", *KEY_COLS]
     )

@@ -26,8 +26,10 @@ Generative model, per sample:
   (0.8% per 1,000 cells of the sample, :func:`doublet_rate_for`), ~5% low-quality
   cells (1/4 of the UMIs, 20-60% mito), 2-5% ambient RNA from the sample's pooled profile.
 
-Ligand-receptor truth (``truth/lr.csv``) follows from the planted ligand / receptor changes;
-null pairs (expressed, unchanged) have direction ``none``. Only pairs present in LIANA's
+Ligand-receptor truth (``truth/lr.csv``) follows from the planted ligand / receptor changes:
+``kind`` ``planted`` when both partners change in the same direction, ``ligand_only`` when
+only the ligand does (column ``driver``); null pairs (expressed, unchanged) have direction
+``none``. Only pairs present in LIANA's
 ``consensus`` (human) / ``mouseconsensus`` (mouse) resource are listed.
 """
 
@@ -470,6 +472,11 @@ for _c in ("IBR_RES", "VEN_RES"):
 # Tfh: CD40LG and IL21 up under venetoclax resistance
 _plant([CD4_TFH], "CD40LG", "VEN_RES", 1.5, programme="tfh_help")
 _plant([CD4_TFH], "IL21", "VEN_RES", 1.3, programme="tfh_help")
+# CLL receptors of the niche axes (both partners change: two-sided interactions):
+# CD40 with CD40L help under venetoclax resistance, BAFF-R and CXCR5 in resistance
+_plant(_CLL, "CD40", "VEN_RES", 1.2, programme="niche_receptors")
+for _c in ("IBR_RES", "VEN_RES"):
+    _plant(_CLL, ["TNFRSF13C", "CXCR5"], _c, 1.0, programme="niche_receptors")
 
 # planted LR axes (human symbols, resource receptor strings): ligand, receptor, sources, targets
 LR_AXES: list[tuple[str, str, tuple[str, ...], tuple[str, ...]]] = [
@@ -489,6 +496,8 @@ LR_AXES: list[tuple[str, str, tuple[str, ...], tuple[str, ...]]] = [
     ("CD274", "PDCD1", (NLC,), (CD8_EXHAUSTED,)),
 ]
 N_NULL_LR = 40
+N_LIGAND_ONLY_LR = 40  # ligand-only pairs: ligand planted in the sender, receptor unchanged
+LR_SIDE_EFFECT = 0.3  # |expected log2FC| above which a partner counts as changed
 N_NULL_DE = 30
 NULL_DE_MIN_PROPORTION = 0.015  # types with at least this base proportion get null DE rows
 
@@ -976,6 +985,18 @@ def _lr_table(
     def sym(g: str) -> str:
         return to_species.get(g, g)
 
+    def side_kind(e_l: float, e_r: float) -> tuple[str, str]:
+        ch_l, ch_r = abs(e_l) > LR_SIDE_EFFECT, abs(e_r) > LR_SIDE_EFFECT
+        if ch_l and ch_r:
+            same = np.sign(e_l) == np.sign(e_r)
+            return ("both", "planted") if same else ("opposing", "unchanged_axis")
+        if ch_l:
+            return "ligand", "ligand_only"
+        if ch_r:
+            return "receptor", "receptor_only"
+        return "none", "unchanged_axis"
+
+    axis_keys = set()
     for lig, rec, sources, targets in LR_AXES:
         s_lig, s_rec = sym(lig), "_".join(sym(r) for r in rec.split("_"))
         if (s_lig, s_rec) not in res_pairs:
@@ -983,11 +1004,13 @@ def _lr_table(
             continue
         for s in sources:
             for t in targets:
+                axis_keys.add((s_lig, s_rec, s, t))
                 for c in conds:
-                    e = eff.get((s, lig, c), 0.0) + float(
-                        np.mean([eff.get((t, r, c), 0.0) for r in rec.split("_")])
-                    )
+                    e_l = eff.get((s, lig, c), 0.0)
+                    e_r = float(np.mean([eff.get((t, r, c), 0.0) for r in rec.split("_")]))
+                    e = e_l + e_r
                     d = "up" if e > 0.3 else ("down" if e < -0.3 else "none")
+                    driver, kind = side_kind(e_l, e_r)
                     rows.append(
                         {
                             "ligand": s_lig,
@@ -998,7 +1021,8 @@ def _lr_table(
                             "reference": REFERENCE,
                             "direction": d,
                             "expected_log2fc": round(e, 6),
-                            "kind": "planted" if d != "none" else "unchanged_axis",
+                            "kind": kind if d != "none" else "unchanged_axis",
+                            "driver": driver if d != "none" else "none",
                         }
                     )
     # null pairs: expressed in source / target, no planted change in any of their genes
@@ -1052,9 +1076,67 @@ def _lr_table(
                     "direction": "none",
                     "expected_log2fc": 0.0,
                     "kind": "null",
+                    "driver": "none",
                 }
             )
+    rows += _ligand_only_rows(
+        res, genes, frac, eff, conds, from_species, axis_keys, major, gidx, rng
+    )
     return pd.DataFrame(rows)
+
+
+def _ligand_only_rows(res, genes, frac, eff, conds, from_species, axis_keys, major, gidx, rng):
+    """Ligand-only pairs (kind ``ligand_only``, driver ``ligand``): the ligand carries a
+    planted change in the sender, the receptor is well expressed in the receiver and its
+    gene(s) carry no planted change in any cell type. One DE ligand must not make such a
+    pair a (two-sided) differential interaction."""
+    touched_genes = {g for (_, g, _) in eff}
+    lig_changes: dict[tuple[str, str], dict[str, float]] = {}
+    for (t, g, c), e in eff.items():
+        if abs(e) > LR_SIDE_EFFECT:
+            lig_changes.setdefault((t, g), {})[c] = e
+    cand = []
+    for lig_s, rec_s in res.itertuples(index=False):
+        lig = from_species.get(lig_s)
+        recs = [from_species.get(r) for r in rec_s.split("_")]
+        if lig is None or any(r is None or r not in gidx for r in recs) or lig not in gidx:
+            continue
+        if any(r in touched_genes or _excluded_gene(r) for r in recs):
+            continue
+        for s in CELL_TYPES:
+            changes = lig_changes.get((s, lig))
+            if not changes or frac[CELL_TYPES.index(s), gidx[lig]] * 1e4 < 3.0:
+                continue
+            for t in major:
+                if (lig_s, rec_s, s, t) in axis_keys:
+                    continue
+                if all(frac[CELL_TYPES.index(t), gidx[r]] * 1e4 >= 10.0 for r in recs):
+                    cand.append((lig_s, rec_s, s, t, changes))
+    rows = []
+    if not cand:
+        return rows
+    pick = rng.choice(len(cand), size=min(N_LIGAND_ONLY_LR, len(cand)), replace=False)
+    for j in sorted(pick):
+        lig_s, rec_s, s, t, changes = cand[j]
+        for c in conds:
+            if c not in changes:
+                continue
+            e = changes[c]
+            rows.append(
+                {
+                    "ligand": lig_s,
+                    "receptor": rec_s,
+                    "source": s,
+                    "target": t,
+                    "condition": c,
+                    "reference": REFERENCE,
+                    "direction": "up" if e > 0 else "down",
+                    "expected_log2fc": round(float(e), 6),
+                    "kind": "ligand_only",
+                    "driver": "ligand",
+                }
+            )
+    return rows
 
 
 # ======================================================================================
@@ -1989,7 +2071,14 @@ _TRUTH_README = """# Simulation truth
   fraction_affected, expected_log2fc (pseudobulk: log2(1 - f + f 2^log2fc)), programme,
   kind (`planted` or `null`: expressed gene that must not change).
 * `lr.csv`: ligand, receptor (LIANA resource strings), source, target, condition, reference,
-  direction (up/down/none), expected_log2fc, kind (planted / unchanged_axis / null).
+  direction (up/down/none: of the ligand-receptor co-expression), expected_log2fc,
+  kind, driver (which partner carries a planted change: ligand / receptor / both / opposing
+  / none). kind: `planted` (both partners change in the same direction: a two-sided
+  differential interaction), `ligand_only` (only the ligand changes in the sender; the
+  receptor is unchanged -- a null for a two-sided call, driver `ligand`; planted axes whose
+  receptor does not change and extra pairs of a changed ligand with an untouched,
+  well-expressed receptor), `receptor_only`, `unchanged_axis`, `null` (expressed, no
+  planted change in either partner).
 * `composition.csv`: cell_type, condition, reference, proportion (expected, among singlets),
   log2fc_vs_reference, planted_log2_shift, direction (up/down/none). `none` means no planted
   shift; by closure (proportions sum to 1) such types still move a little
