@@ -376,6 +376,10 @@ def test_interactions_filters_and_click(dash_app, vocab):
     )
     rows = res["response"]["ia-diff-table"]["data"]
     assert rows and {r["change"] for r in rows} <= {"gained", "lost", "unchanged"}
+    # the two-sided call, its driver and the abundance change are shown; calls first
+    assert {"called", "driver", "source_frac_log2fc", "target_frac_log2fc"} <= set(rows[0])
+    called = [str(r["called"]).lower() == "true" for r in rows]
+    assert called == sorted(called, reverse=True)
 
 
 # ----------------------------------------------------------------------------- downloads

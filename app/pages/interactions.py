@@ -193,6 +193,14 @@ def layout(ctx, params: dict) -> html.Div:
                 C.col(C.graph("ia-diff"), width=6),
                 C.col(C.table("ia-diff-table", pd.DataFrame(), page_size=12), width=6),
             ),
+            html.P(
+                "score: change of the per-sample interaction score (liana lr_means), "
+                "patient-paired; called: significant and both partners change (driver "
+                "'both'); driver: whose expression change moves it (ligand / receptor / "
+                "both); source/target_frac_log2fc: change of the sender's / receiver's "
+                "share of cells, shown beside (not part of the score).",
+                className="muted",
+            ),
         ]
     else:
         diff_block = [
@@ -428,18 +436,27 @@ def register(app, ctx) -> None:
             for c in (
                 *KEYS,
                 "change",
+                "called",
+                "driver",
                 "score",
                 "log2fc",
+                "padj",
                 "ligand_log2fc",
                 "receptor_log2fc",
+                "ligand_padj",
+                "receptor_padj",
+                "source_frac_log2fc",
+                "target_frac_log2fc",
                 "pvalue",
-                "padj",
                 "curated",
             )
             if c in sub.columns
         ]
         if "padj" in sub.columns:
             sub = sub.sort_values("padj", kind="stable")
+        if "called" in sub.columns:  # two-sided calls first
+            called = sub["called"].astype(str).str.lower().eq("true")
+            sub = sub.assign(_c=~called).sort_values("_c", kind="stable").drop(columns="_c")
         sub = sub[cols].head(TABLE_ROWS)
         return fig, C.table_records(sub), C.table_columns(sub)
 
