@@ -546,8 +546,9 @@ def sample_score_test(
     ti = res["target"].map(tpos).to_numpy()
     li = res["ligand"].map(lmap).to_numpy()
     ri = res["receptor"].map(rmap).to_numpy()
-    lv = L[li][:, keep, :][np.arange(len(res)), :, si]  # rows x samples
-    rv = R[ri][:, keep, :][np.arange(len(res)), :, ti]
+    ks = np.flatnonzero(keep)[None, :]
+    lv = L[li[:, None], ks, si[:, None]]  # rows x samples, without a rows x samples x types copy
+    rv = R[ri[:, None], ks, ti[:, None]]
     Y = (lv + rv) / 2
     avail = sm.ok[keep][:, si].T & sm.ok[keep][:, ti].T & np.isfinite(Y)
     is_c = (meta[schema.OBS_CONDITION] == cond).to_numpy()
