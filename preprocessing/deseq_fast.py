@@ -25,9 +25,10 @@ per gene for the GLM, a Python Wald test per gene. :class:`FastInference` runs t
 * ``wald_test``: batched, same formula; ``lin_reg_mu``: one least-squares solve.
 
 Everything else (size factors, trend fit, dispersion prior, Cook's distances and refit,
-independent filtering, BH) is pydeseq2's own code. If scipy's private L-BFGS-B kernel
-is not importable with the expected interface, ``alpha_mle`` falls back to the stock
-per-gene fit (logged once).
+independent filtering, BH) is pydeseq2's own code. Written against pydeseq2 0.5.4 and
+scipy 1.17 (both pinned in ``requirements/constraints.txt``); if scipy's private
+L-BFGS-B kernel is not importable or callable with the expected interface,
+``alpha_mle`` falls back to the stock per-gene fit (logged once).
 
 Equivalence with stock pydeseq2 on all genes (including low-count ones) is tested in
 ``tests/test_analyses.py::test_fast_inference_reproduces_stock_pydeseq2_on_all_genes``.
@@ -95,7 +96,7 @@ def lbfgsb_lockstep(x0: np.ndarray, lo: float, hi: float, fun_and_grad) -> tuple
     low = np.array([lo], dtype=np.float64)
     upp = np.array([hi], dtype=np.float64)
     nbd = np.array([2], dtype=np.int32)  # both bounds
-    nfev = np.ones(G, dtype=np.int64)  # ScalarFunction evaluates x0 once on creation
+    nfev = np.zeros(G, dtype=np.int64)  # scipy's count: x0 on creation, then each new x
     nit = np.zeros(G, dtype=np.int64)
     active = np.ones(G, dtype=bool)
     setulb = _lbfgsb.setulb
@@ -184,6 +185,12 @@ class FastInference(DefaultInference):
 
         return fg
 
+    def _stock_alpha_mle(self, *args):
+        if not FastInference._warned and args[-1] == "L-BFGS-B":
+            log.warning("FastInference: scipy's L-BFGS-B kernel unavailable; stock dispersion fit")
+            FastInference._warned = True
+        return super().alpha_mle(*args)
+
     def alpha_mle(  # noqa: D102
         self,
         counts: np.ndarray,
@@ -198,10 +205,7 @@ class FastInference(DefaultInference):
         optimizer: Literal["BFGS", "L-BFGS-B"] = "L-BFGS-B",
     ) -> tuple[np.ndarray, np.ndarray]:
         if not _HAVE_SETULB or optimizer != "L-BFGS-B":
-            if not FastInference._warned:
-                log.warning("FastInference: scipy's L-BFGS-B kernel unavailable; stock fit")
-                FastInference._warned = True
-            return super().alpha_mle(
+            return self._stock_alpha_mle(
                 counts, design_matrix, mu, alpha_hat, min_disp, max_disp,
                 prior_disp_var, cr_reg, prior_reg, optimizer,
             )  # fmt: skip
@@ -219,7 +223,13 @@ class FastInference(DefaultInference):
             sl = slice(s, min(G, s + self._chunk))
             lah = np.log(alpha_hat[sl])
             fg = self._alpha_fg(C[sl], M[sl], X, lah, prior_disp_var, cr_reg, prior_reg)
-            x, ok = lbfgsb_lockstep(lah, lo, hi, fg)
+            try:
+                x, ok = lbfgsb_lockstep(lah, lo, hi, fg)
+            except TypeError:  # setulb's interface changed: a scipy other than 1.17
+                return self._stock_alpha_mle(
+                    counts, design_matrix, mu, alpha_hat, min_disp, max_disp,
+                    prior_disp_var, cr_reg, prior_reg, optimizer,
+                )  # fmt: skip
             out[sl] = np.exp(x)
             success[sl] = ok
         for i in np.flatnonzero(~success):  # stock: grid search when L-BFGS-B fails

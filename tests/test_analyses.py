@@ -373,6 +373,50 @@ def test_fast_inference_reproduces_stock_pydeseq2_on_all_genes(small):
     assert filtered > 100  # independent filtering chose a threshold, the same one
 
 
+def test_lockstep_lbfgsb_is_scipys_minimize_and_fallback_is_stock(small, monkeypatch):
+    """The lockstep driver takes scipy.minimize(L-BFGS-B)'s path per problem (non-convex
+    toy problems, several local minima); without scipy's kernel the stock fit is used."""
+    from pydeseq2.default_inference import DefaultInference
+    from scipy.optimize import minimize
+
+    from preprocessing import deseq_fast
+
+    rng = np.random.default_rng(0)
+    a, b, x0 = rng.uniform(0.5, 3, 60), rng.normal(0, 2, 60), rng.normal(0, 3, 60)
+
+    def fg(idx, x):
+        return (
+            a[idx] * (x - b[idx]) ** 2 + np.sin(3 * x),
+            2 * a[idx] * (x - b[idx]) + 3 * np.cos(3 * x),
+        )
+
+    xs, ok = deseq_fast.lbfgsb_lockstep(x0, -4.0, 4.0, fg)
+    for i in range(60):
+        r = minimize(
+            lambda v, i=i: fg(np.array([i]), v)[0][0],
+            np.array([x0[i]]),
+            jac=lambda v, i=i: fg(np.array([i]), v)[1],
+            method="L-BFGS-B",
+            bounds=[(-4.0, 4.0)],
+        )
+        assert xs[i] == r.x[0] and ok[i] == r.success
+    # dispersion fits on 300 low-count genes: fast == stock, and == stock without the kernel
+    pb = A.pseudobulk(small, min_cells=10)
+    m = pb.meta[pb.meta[schema.COL_CELL_TYPE] == "CD4 naive"]
+    X, _ = A._design(m, REF, ["NAIVE", "IBR_EARLY", "IBR_RES", "VEN_RES"])
+    cnt = pb.counts.loc[m.index]
+    cnt = cnt.loc[:, cnt.sum(axis=0) >= A.MIN_GENE_COUNTS].iloc[:, :300].to_numpy()
+    mu = np.maximum(cnt.mean(axis=0, keepdims=True) * np.ones_like(cnt, dtype=float), 0.5)
+    args = (cnt, X.to_numpy(), mu, np.full(cnt.shape[1], 0.1), 1e-8, 12.0)
+    ref = DefaultInference(n_cpus=1).alpha_mle(*args)
+    fast = deseq_fast.FastInference().alpha_mle(*args)
+    monkeypatch.setattr(deseq_fast, "_HAVE_SETULB", False)
+    fallback = deseq_fast.FastInference().alpha_mle(*args)
+    for got in (fast, fallback):
+        np.testing.assert_array_equal(got[0], ref[0])
+        np.testing.assert_array_equal(got[1], ref[1])
+
+
 # ----------------------------------------------------------------------------- DE covariates
 LANE_L2 = ("P01_IBR_RES", "P02_IBR_RES", "P03_IBR_RES", "P02_VEN_RES", "P03_VEN_RES")
 
