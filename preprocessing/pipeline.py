@@ -342,6 +342,16 @@ def _validate(
             )
     if config.scvi.batch_key not in res.adata.obs.columns:
         problems.append(f"config scvi.batch_key: '{config.scvi.batch_key}' is not a column")
+    if config.analyses.de_covariates and not problems:  # before any heavy compute
+        from .analyses import sample_covariates
+
+        compared = config.analyses.contrasts or [c for c in res.conditions if c != reference]
+        try:
+            sample_covariates(
+                res.adata, config.analyses.de_covariates, reference, [reference, *compared]
+            )
+        except InputError as e:
+            problems.extend(e.problems)
     if problems:
         raise InputError(problems)
     return res, res.species, list(res.conditions), reference

@@ -235,6 +235,14 @@ def test_reference_not_a_condition_is_input_error(tiny, tmp_path, stand_ins):
     assert stand_ins.calls == []
 
 
+def test_de_covariate_not_in_sheet_is_input_error_before_compute(tiny, tmp_path, stand_ins):
+    cfg = tiny_config(analyses={"de_covariates": ["ighv_status"]})
+    with pytest.raises(InputError, match="de_covariates.*'ighv_status' is not in the sample sheet"):
+        _build(tiny, tmp_path / "atlas", config=cfg)
+    assert sorted(p.name for p in (tmp_path / "atlas").iterdir()) == [schema.LOG_FILE]
+    assert stand_ins.calls == []
+
+
 def test_keep_all_keeps_failing_cells(tiny, tmp_path, stand_ins):
     cfg = tiny_config(qc={"nmads_counts": 0.5})  # about half the cells fail
     a = _read(_build(tiny, tmp_path / "keep", config=cfg, keep_all=True))
