@@ -121,6 +121,20 @@ class AnnotateConfig(_Section):
     resolution: float | None = Field(None, description="Leiden resolution to label")
 
 
+class MalignantConfig(_Section):
+    """The malignant (CLL) call: clonality, copy number, programme (preprocessing.malignant)."""
+
+    min_clone_fraction: float = Field(
+        0.2, gt=0, le=1, description="dominant clone's share of a patient's typed B cells"
+    )
+    min_clone_cells: int = Field(10, ge=1, description="cells in the dominant clone, at least")
+    min_lesion_effect: float = Field(
+        0.65, gt=0, description="lesion call: clone vs reference, in reference-cell SDs"
+    )
+    min_lesion_cells: int = Field(10, ge=1, description="B cells needed to call a lesion")
+    cnv: bool = Field(True, description="infer copy number (infercnvpy)")
+
+
 class AnalysesConfig(_Section):
     reference: str | None = Field(None, description="default: the sheet's first condition")
     contrasts: list[str] | None = Field(None, description="default: every other condition")
@@ -218,6 +232,7 @@ class Config(BaseModel):
     scvi: ScviConfig = Field(default_factory=ScviConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     annotate: AnnotateConfig = Field(default_factory=AnnotateConfig)
+    malignant: MalignantConfig = Field(default_factory=MalignantConfig)
     analyses: AnalysesConfig = Field(default_factory=AnalysesConfig)
     crosstalk: CrosstalkConfig = Field(default_factory=CrosstalkConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)

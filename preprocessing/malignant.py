@@ -466,6 +466,36 @@ def cnv_profile(adata) -> pd.DataFrame:
     return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=cols)
 
 
-def run_malignant(adata, *, species: str = "human"):
-    """Build stage ``malignant`` (after ``annotate``): :func:`call_malignant` with defaults."""
-    return call_malignant(adata, species=species)
+def run_malignant(adata, *, species: str = "human", config=None):
+    """Build stage ``malignant`` (after ``annotate``): one malignant (CLL) call per cell.
+
+    :func:`call_malignant` with the settings of ``config`` (:class:`atlas.config.MalignantConfig`;
+    defaults when ``None``). V(D)J contigs of the sample sheet's ``vdj`` column arrive as the
+    build-only table ``TABLE_VDJ_CONTIGS`` (removed here). The CLL labels of
+    ``OBS_CELL_TYPE`` follow the call: a patient without a clonal B population has no CLL
+    cells.
+
+    Writes
+    ------
+    ``obs[schema.OBS_MALIGNANT]``, ``obs[schema.OBS_MALIGNANT_CONFIDENCE]``,
+    ``obs[schema.OBS_MALIGNANT_EVIDENCE]``, ``obs[schema.OBS_CNV_SCORE]``,
+    ``obs[schema.OBS_CLONOTYPE]``, ``obs[schema.OBS_CLONOTYPE_SOURCE]``,
+    ``obs[schema.OBS_IN_DOMINANT_CLONE]``, ``obs[schema.OBS_CLL_PROGRAMME]``
+    (and relabels ``obs[schema.OBS_CELL_TYPE]`` of the B lineage);
+    tables ``schema.TABLE_LESIONS``, ``schema.TABLE_CNV_PROFILE``, ``schema.TABLE_CLONES``;
+    ``uns[schema.UNS_MALIGNANT]``, ``uns[schema.UNS_CNV]``, ``uns[params_key("malignant")]``.
+    """
+    from atlas.config import MalignantConfig
+    from atlas.params import record_params
+
+    cfg = config if config is not None else MalignantConfig()
+    opts = {
+        "min_clone_fraction": cfg.min_clone_fraction,
+        "min_clone_cells": cfg.min_clone_cells,
+        "min_lesion_effect": cfg.min_lesion_effect,
+        "min_lesion_cells": cfg.min_lesion_cells,
+        "cnv": cfg.cnv,
+    }
+    adata = call_malignant(adata, species=species, **opts)
+    record_params(adata, "malignant", {"species": species, **opts})
+    return adata

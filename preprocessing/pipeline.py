@@ -2,7 +2,7 @@
 
 It runs the stages of the registry :data:`preprocessing.stages.STAGES` in order (ingest ->
 qc -> normalize -> hvg -> integrate -> cluster -> annotate (+ integration metrics) ->
-programs -> analyses -> crosstalk -> write) and knows nothing stage-specific: what a stage
+malignant -> programs -> analyses -> crosstalk -> write) and knows nothing stage-specific: what a stage
 runs, which config sections it depends on, whether it is checkpointed or skipped and what
 it leaves in ``.work`` all come from its registry entry.
 

@@ -51,6 +51,7 @@ from .annotate import annotate
 from .cluster import run_clustering
 from .crosstalk import run_crosstalk
 from .integrate import normalize, run_scvi, select_hvg
+from .malignant import run_malignant
 from .programs import score_programs
 from .qc import run_qc
 
@@ -250,6 +251,26 @@ STAGES: tuple[Stage, ...] = (
             obs_prefixes=(schema.OBS_MARKER_SCORE_PREFIX,),
             uns=_params("annotate"),
             tables=(schema.TABLE_MARKERS, schema.TABLE_INTEGRATION_METRICS),
+        ),
+    ),
+    Stage(
+        "malignant",
+        run_malignant,
+        options=lambda ctx: {"species": ctx.species, "config": ctx.config.malignant},
+        sections=("malignant",),
+        writes=Writes(
+            obs=(
+                schema.OBS_MALIGNANT,
+                schema.OBS_MALIGNANT_CONFIDENCE,
+                schema.OBS_MALIGNANT_EVIDENCE,
+                schema.OBS_CNV_SCORE,
+                schema.OBS_CLONOTYPE,
+                schema.OBS_CLONOTYPE_SOURCE,
+                schema.OBS_IN_DOMINANT_CLONE,
+                schema.OBS_CLL_PROGRAMME,
+            ),
+            uns=(schema.UNS_MALIGNANT, schema.UNS_CNV, *_params("malignant")),
+            tables=(schema.TABLE_LESIONS, schema.TABLE_CNV_PROFILE, schema.TABLE_CLONES),
         ),
     ),
     Stage(
