@@ -6,7 +6,10 @@ Everything is validated before any heavy compute, and every problem is reported 
 
 Sample sheet: a UTF-8 CSV with the columns ``sample_id,path,patient,condition,tissue,
 species``; any extra column (timepoint, treatment, genotype, sex, ...) is carried into
-``.obs``. Paths are relative to the sheet's folder, and may not leave it unless
+``.obs``. The optional column ``vdj`` names the sample's Cell Ranger V(D)J
+``filtered_contig_annotations.csv`` (relative to the sheet; empty for a sample without one):
+it is checked against the sample's barcodes here and its contigs travel to the
+``malignant`` stage as the build-only table ``vdj_contigs``. Paths are relative to the sheet's folder, and may not leave it unless
 ``allow_outside_paths``. Formats are detected from the path:
 
 * 10x v3 folder: ``matrix.mtx.gz``, ``features.tsv.gz``, ``barcodes.tsv.gz``
@@ -40,10 +43,11 @@ import scipy.sparse as sp
 
 from atlas import schema
 from atlas.errors import InputError
-from atlas.tables import FORMULA_PREFIXES, is_formula_like
+from atlas.tables import FORMULA_PREFIXES, is_formula_like, put_table
 
 from .log import get_logger
 from .stages import derived_obs
+from .vdj import contigs_table, read_contigs
 
 log = get_logger("ingest")
 
@@ -85,6 +89,7 @@ class Sample:
     raw_path: str  # as written in the sheet
     meta: dict[str, str]  # every sheet column except path
     fmt: str | None = None
+    vdj: Path | None = None  # resolved V(D)J contigs file (optional sheet column ``vdj``)
 
 
 @dataclass
@@ -279,10 +284,21 @@ def read_samplesheet(
                 f"{base} (use --allow-outside-paths to allow)"
             )
             continue
+        vdj = None
+        raw_vdj = rec.get(schema.SHEET_VDJ, "")
+        if raw_vdj:
+            v = Path(raw_vdj).expanduser()
+            vdj = (v if v.is_absolute() else base / v).resolve()
+            if not allow_outside_paths and not vdj.is_relative_to(base):
+                problems.append(
+                    f"{label}: column '{schema.SHEET_VDJ}': path '{raw_vdj}' points outside the "
+                    f"sample sheet's folder {base} (use --allow-outside-paths to allow)"
+                )
+                continue
         meta = {k: v for k, v in rec.items() if k != schema.SHEET_PATH}
-        samples.append(Sample(sample_id=sid, path=resolved, raw_path=raw_path, meta=meta))
+        samples.append(Sample(sample_id=sid, path=resolved, raw_path=raw_path, meta=meta, vdj=vdj))
 
-    extra = [h for h in header if h not in schema.SHEET_REQUIRED]
+    extra = [h for h in header if h not in (*schema.SHEET_REQUIRED, schema.SHEET_VDJ)]
     if extra:
         log.info(
             "sample sheet %s: %d extra column(s) carried into .obs as given: %s",
@@ -800,6 +816,7 @@ def ingest(samplesheet: str | Path, *, allow_outside_paths: bool = False) -> Ing
     species = declared.pop() if len(declared) == 1 else ""
     parts: list = []
     ok_samples: list[Sample] = []
+    contigs: dict[str, pd.DataFrame] = {}  # sample_id -> V(D)J contigs (sheet column vdj)
     for s in samples:
         label = f"sample '{s.sample_id}' ({s.raw_path})"
         if not s.path.exists():
@@ -844,6 +861,16 @@ def ingest(samplesheet: str | Path, *, allow_outside_paths: bool = False) -> Ing
         if bad:
             problems.extend(bad)
             continue
+        if s.vdj is not None:
+            try:
+                contigs[s.sample_id] = read_contigs(
+                    s.vdj,
+                    raw.barcodes,
+                    label=f"sample '{s.sample_id}' (column '{schema.SHEET_VDJ}')",
+                )
+            except ValueError as e:
+                problems.append(str(e))
+                continue
         log.info("%s: %s, %d cells x %d genes", s.sample_id, s.fmt, raw.X.shape[0], raw.X.shape[1])
         parts.append(raw)
         ok_samples.append(s)
@@ -851,7 +878,8 @@ def ingest(samplesheet: str | Path, *, allow_outside_paths: bool = False) -> Ing
         raise InputError(problems)
 
     header_cols = list(samples[0].meta.keys())
-    obs_cols = [c for c in header_cols if c != schema.SHEET_PATH]
+    # a V(D)J file path is an input, not a cell attribute: it stays out of .obs
+    obs_cols = [c for c in header_cols if c not in (schema.SHEET_PATH, schema.SHEET_VDJ)]
     adatas = [_to_anndata(r, s, obs_cols) for r, s in zip(parts, ok_samples)]
     del parts
     merged = _merge(adatas, ok_samples)
@@ -863,7 +891,16 @@ def ingest(samplesheet: str | Path, *, allow_outside_paths: bool = False) -> Ing
     base = sheet.resolve().parent
     checks = {"samplesheet": sheet.resolve()}
     checks.update({s.sample_id: s.path for s in ok_samples})
+    checks.update({f"{s.sample_id}:vdj": s.vdj for s in ok_samples if s.vdj is not None})
     checksums = checksum_inputs(checks, base=base)
+    if contigs:
+        # build-only table: the malignant stage calls clonotypes from it and drops it
+        put_table(merged, schema.TABLE_VDJ_CONTIGS, contigs_table(contigs))
+        log.info(
+            "V(D)J contigs: %d sample(s), %d cells with immunoglobulin contigs",
+            len(contigs),
+            sum(int(df["barcode"].nunique()) for df in contigs.values()),
+        )
     log.info(
         "ingested %d samples, %d cells x %d genes (%s)",
         len(ok_samples),

@@ -46,7 +46,7 @@ def read_contigs(path: str | Path, barcodes, *, label: str) -> pd.DataFrame:
     barcodes of the sample's expression matrix.
     """
     path = Path(path)
-    where = f"{label}: vdj file {path.name}"
+    where = f"{label}: V(D)J file {path.name}"
     if not path.is_file():
         raise ValueError(f"{where}: file not found ({path})")
     try:

@@ -403,6 +403,55 @@ def ensembl_only_unknown(root: Path) -> None:
     _symbols_of(root, "S2", ids, ids)
 
 
+# V(D)J contigs (optional sheet column vdj): Cell Ranger filtered_contig_annotations.csv
+VDJ_HEADER = "barcode,is_cell,contig_id,high_confidence,chain,v_gene,cdr3_nt,productive,umis"
+
+
+def _contigs(barcodes: list[str]) -> str:
+    rows = []
+    for i, b in enumerate(barcodes):
+        for chain, v in (("IGH", "IGHV3-23"), ("IGK", "IGKV1-5")):
+            rows.append(f"{b},true,{b}_contig_{chain},true,{chain},{v},TGTGCG{i:04d}TGG,true,3")
+    return "\n".join([VDJ_HEADER, *rows]) + "\n"
+
+
+def _vdj_sheet(root: Path, files: tuple[str, str]) -> None:
+    _sheet(
+        root,
+        [
+            f"S1,S1,P1,untreated,PB,human,{files[0]}",
+            f"S2,S2,P1,ibrutinib_resistant,PB,human,{files[1]}",
+        ],
+        header=f"{SHEET_HEADER},vdj",
+    )
+
+
+def vdj_other_barcodes(root: Path) -> None:
+    """S2's V(D)J file holds another run's barcodes (suffix -2: none match)."""
+    (root / "S1_vdj.csv").write_text(_contigs(_barcodes()))
+    (root / "S2_vdj.csv").write_text(_contigs([b.replace("-1", "-2") for b in _barcodes()]))
+    _vdj_sheet(root, ("S1_vdj.csv", "S2_vdj.csv"))
+
+
+def vdj_missing_column(root: Path) -> None:
+    (root / "S1_vdj.csv").write_text(_contigs(_barcodes()).replace(",cdr3_nt,", ",cdr3_x,"))
+    _vdj_sheet(root, ("S1_vdj.csv", ""))
+
+
+def vdj_not_csv(root: Path) -> None:
+    (root / "S1_vdj.csv").write_bytes(b"\x1f\x8b\x08\x00\xff\xfe binary junk \x00\x01")
+    _vdj_sheet(root, ("", "S1_vdj.csv"))
+
+
+def vdj_file_missing(root: Path) -> None:
+    _vdj_sheet(root, ("nope_contigs.csv", ""))
+
+
+def vdj_bad_umis(root: Path) -> None:
+    (root / "S1_vdj.csv").write_text(_contigs(_barcodes()).replace(",true,3\n", ",true,x\n", 1))
+    _vdj_sheet(root, ("S1_vdj.csv", ""))
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
@@ -484,6 +533,17 @@ BUILD_CASES = [
         r"S2.*Ensembl ids only.*only 0 of 60 are in the mouse gene table.*give gene symbols",
     ),
     Case(
+        "vdj_other_barcodes", vdj_other_barcodes, r"S2.*'vdj'.*S2_vdj\.csv.*0 of 40 cell barcodes"
+    ),
+    Case(
+        "vdj_missing_column", vdj_missing_column, r"S1.*'vdj'.*S1_vdj\.csv.*missing column.*cdr3_nt"
+    ),
+    Case(
+        "vdj_not_csv", vdj_not_csv, r"S2.*'vdj'.*S1_vdj\.csv.*(not a readable CSV|missing column)"
+    ),
+    Case("vdj_file_missing", vdj_file_missing, r"S1.*'vdj'.*nope_contigs\.csv.*not found"),
+    Case("vdj_bad_umis", vdj_bad_umis, r"S1.*'vdj'.*S1_vdj\.csv.*1 row.*umis"),
+    Case(
         "bad_config_value",
         bad_config_value,
         r"config qc\.max_pct_mito",
@@ -557,6 +617,22 @@ def test_the_valid_input_is_valid(dataset):
 
     res = ingest(dataset / "samplesheet.csv")
     assert res.adata.n_obs == 2 * N_CELLS and res.adata.n_vars == N_GENES
+
+
+def test_valid_vdj_files_are_read(dataset):
+    """Control for the V(D)J cases: matching files become the build-only contig table,
+    the path stays out of .obs, and the files are part of the input checksums."""
+    from atlas.tables import get_table
+    from preprocessing.ingest import ingest
+
+    (dataset / "S1_vdj.csv").write_text(_contigs(_barcodes()))
+    _vdj_sheet(dataset, ("S1_vdj.csv", ""))
+    res = ingest(dataset / "samplesheet.csv")
+    contigs = get_table(res.adata, schema.TABLE_VDJ_CONTIGS)
+    assert len(contigs) == 2 * N_CELLS
+    assert set(contigs["barcode"]) <= set(res.adata.obs_names)
+    assert schema.SHEET_VDJ not in res.adata.obs
+    assert "S1_vdj.csv" in res.checksums
 
 
 @pytest.mark.parametrize("case", BUILD_CASES, ids=lambda c: c.name)
