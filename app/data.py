@@ -34,6 +34,9 @@ PREFERRED_CATEGORICAL = (
     schema.OBS_CELL_TYPE,
     schema.OBS_CONDITION,
     schema.OBS_LINEAGE,
+    schema.OBS_MALIGNANT,
+    schema.OBS_CLONOTYPE,
+    schema.OBS_IN_DOMINANT_CLONE,
     schema.OBS_LEIDEN,
     schema.OBS_PATIENT,
     schema.OBS_SAMPLE,
@@ -47,8 +50,16 @@ PREFERRED_NUMERIC = (
     schema.OBS_PCT_MITO,
     schema.OBS_DOUBLET_SCORE,
     schema.OBS_CELL_TYPE_CONFIDENCE,
+    schema.OBS_CNV_SCORE,
+    schema.OBS_MALIGNANT_CONFIDENCE,
+    schema.OBS_CLL_PROGRAMME,
 )
 MAX_CATEGORIES = 120  # more distinct values than this: not offered as a colour
+# columns with one value per clone (thousands in a polyclonal repertoire): the most frequent
+# values are kept, the rest read LUMPED_OTHER, empty values LUMPED_NONE
+LUMPED = {schema.OBS_CLONOTYPE: 12}
+LUMPED_OTHER = "other"
+LUMPED_NONE = "none"
 
 
 class UnknownValue(ValueError):
@@ -121,6 +132,8 @@ class AtlasView:
     def _categories(self, col: str) -> list[str]:
         if col not in self.obs.columns:
             return []
+        if col in LUMPED:
+            return [str(c) for c in self.lumped(col).categories]
         s = self.obs[col]
         if isinstance(s.dtype, pd.CategoricalDtype):
             cats = [str(c) for c in s.cat.categories if (s == c).any()]
@@ -131,8 +144,23 @@ class AtlasView:
         """The column as strings (numpy object array), cached."""
         return self._str_column(col)
 
+    def lumped(self, col: str) -> pd.Categorical:
+        """A :data:`LUMPED` column (clonotype) as a categorical of its most frequent values,
+        :data:`LUMPED_OTHER` for the rest and :data:`LUMPED_NONE` for empty ones (cached)."""
+        cache = self.__dict__.setdefault("_lumped_cols", {})
+        if col not in cache:
+            s = self.obs[col].astype(str).replace({"nan": ""}).to_numpy(dtype=object)
+            vc = pd.Series(s[s != ""]).value_counts()
+            top = [str(v) for v, n in vc.items() if n > 1][: LUMPED[col]]
+            out = np.where(s == "", LUMPED_NONE, np.where(np.isin(s, top), s, LUMPED_OTHER))
+            cats = top + [c for c in (LUMPED_OTHER, LUMPED_NONE) if (out == c).any()]
+            cache[col] = pd.Categorical(out.astype(str), categories=cats)
+        return cache[col]
+
     def cat(self, col: str) -> pd.Categorical:
         """The column as a categorical of strings (cached); conditions in atlas order."""
+        if col in LUMPED and col in self.obs.columns:
+            return self.lumped(col)
         cache = self.__dict__.setdefault("_cat_cols", {})
         if col not in cache:
             s = self.obs[col]
@@ -149,7 +177,10 @@ class AtlasView:
     def _str_column(self, col: str) -> np.ndarray:
         cache = self.__dict__.setdefault("_str_cols", {})
         if col not in cache:
-            cache[col] = self.obs[col].astype(str).to_numpy()
+            if col in LUMPED:
+                cache[col] = np.asarray(self.lumped(col).astype(str), dtype=object)
+            else:
+                cache[col] = self.obs[col].astype(str).to_numpy()
         return cache[col]
 
     # ------------------------------------------------------------------ colouring options
@@ -162,7 +193,7 @@ class AtlasView:
                 continue
             s = self.obs[c]
             if isinstance(s.dtype, pd.CategoricalDtype) or s.dtype == object or s.dtype == bool:
-                if s.nunique() <= MAX_CATEGORIES:
+                if c in LUMPED or s.nunique() <= MAX_CATEGORIES:
                     out.append(c)
         return out
 

@@ -1089,3 +1089,80 @@ def selection_composition_bar(counts: pd.Series, *, title: str | None = None) ->
     fig.update_xaxes(tickformat=".0%", title="share of selection")
     fig.update_yaxes(type="category")
     return style(fig, title=title, height=max(220, 20 * len(c) + 90))
+
+
+def cnv_heatmap(
+    profile: pd.DataFrame,
+    *,
+    groups: Sequence[str] = ("malignant", "normal B", "reference"),
+    patients: Sequence[str] | None = None,
+    title: str | None = None,
+) -> go.Figure:
+    """Inferred copy number along the genome: one row per patient x cell group.
+
+    ``profile`` is the atlas table ``cnv_profile`` (columns ``patient``, ``group``,
+    ``window``, ``chromosome``, ``start``, ``end``, ``mean``: the mean infercnvpy signal of
+    the group's cells per genomic window). Windows run along x in genome order with one tick
+    per chromosome and a line between chromosomes; the colour scale is diverging and
+    centred on 0 (gain red, loss blue), symmetric at the 99th percentile of ``|mean|``.
+    """
+    need = {"patient", "group", "window", "chromosome", "mean"}
+    if profile is None or profile.empty or not need <= set(profile.columns):
+        return empty_figure("No copy-number profile in this atlas")
+    df = profile[profile["group"].astype(str).isin([str(g) for g in groups])].copy()
+    if df.empty:
+        return empty_figure("No copy-number profile for these groups")
+    df["patient"] = df["patient"].astype(str)
+    df["group"] = df["group"].astype(str)
+    df["window"] = df["window"].astype(int)
+    order_p = [str(p) for p in patients] if patients else sorted(df["patient"].unique())
+    order_p = [p for p in order_p if p in set(df["patient"])]
+    g_rank = {str(g): i for i, g in enumerate(groups)}
+    rows = (
+        df[["patient", "group"]]
+        .drop_duplicates()
+        .assign(_p=lambda d: d["patient"].map({p: i for i, p in enumerate(order_p)}))
+        .assign(_g=lambda d: d["group"].map(g_rank))
+        .dropna(subset=["_p"])
+        .sort_values(["_p", "_g"])
+    )
+    labels = [f"{r.patient} · {r.group}" for r in rows.itertuples()]
+    windows = df[["window", "chromosome"]].drop_duplicates("window").sort_values("window")
+    mat = (
+        df.assign(_row=df["patient"] + " · " + df["group"])
+        .pivot_table(index="_row", columns="window", values="mean", aggfunc="mean")
+        .reindex(index=labels, columns=windows["window"].to_numpy())
+    )
+    z = mat.to_numpy(dtype=np.float32)
+    finite = np.abs(z[np.isfinite(z)])
+    lim = float(np.quantile(finite, 0.99)) if finite.size else 1.0
+    lim = lim if lim > 0 else 1.0
+    chrom = windows["chromosome"].astype(str).to_numpy()
+    x = np.arange(len(chrom))
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=x,
+            y=labels,
+            zmin=-lim,
+            zmax=lim,
+            zmid=0,
+            colorscale=DIVERGING_SCALE,
+            colorbar={"title": {"text": "copy number<br>signal"}, "thickness": 12},
+            customdata=np.broadcast_to(chrom, z.shape),
+            hovertemplate="%{y}<br>chr%{customdata}<br>signal %{z:.3f}<extra></extra>",
+        )
+    )
+    starts = np.flatnonzero(np.r_[True, chrom[1:] != chrom[:-1]])
+    ends = np.r_[starts[1:], len(chrom)]
+    for s in starts[1:]:
+        fig.add_vline(x=s - 0.5, line={"color": "#4B5563", "width": 0.6})
+    fig.update_xaxes(
+        tickmode="array",
+        tickvals=[(a + b - 1) / 2 for a, b in zip(starts, ends)],
+        ticktext=[str(chrom[a]) for a in starts],
+        title="chromosome",
+        showgrid=False,
+    )
+    fig.update_yaxes(type="category", autorange="reversed", showgrid=False)
+    return style(fig, title=title, height=max(300, 22 * len(labels) + 140))

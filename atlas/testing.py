@@ -500,6 +500,7 @@ def make_synthetic_adata(
         },
         index=pd.Index(obs_names.astype(object)),
     )
+    _add_malignant_obs(obs, is_cll, types, type_code, seed)
     for k, prog in enumerate(PROGRAMS):
         base = rng.normal(0, 0.3, n_types)[type_code]
         cond = cond_of_sample[sample_code]
@@ -602,6 +603,102 @@ CURATED_PAIRS = {
 
 def _frame(name: str, data: dict) -> pd.DataFrame:
     return pd.DataFrame(data)[TABLE_COLUMNS[name]]
+
+
+SYNTHETIC_IGHV = ("IGHV1-69", "IGHV3-23", "IGHV4-34", "IGHV3-21", "IGHV1-2")
+SYNTHETIC_LESIONS = (  # lesion, chromosome, start, end, kind (hg38, references/cll_lesions.csv)
+    ("del(13q14)", "13", 48_300_000, 51_600_000, "loss"),
+    ("trisomy 12", "12", 1, 133_275_309, "gain"),
+    ("del(11q22)", "11", 102_000_000, 112_000_000, "loss"),
+    ("del(17p13)", "17", 1, 10_700_000, "loss"),
+)
+
+
+def _add_malignant_obs(obs: pd.DataFrame, is_cll, types, type_code, seed: int) -> None:
+    """The malignant stage's columns: CLL cells malignant, in their patient's clone; other B
+    cells polyclonal (random V genes); CNV score higher in malignant cells. Its own
+    random stream, so the other columns do not change."""
+    rng = np.random.default_rng(seed + 7919)
+    n = len(obs)
+    is_b = np.isin(np.asarray(types)[type_code], ["Normal B", "Plasma cell"]) | is_cll
+    pat = obs[schema.OBS_PATIENT].astype(str).to_numpy()
+    pats = sorted(set(pat))
+    dom = {p: f"{SYNTHETIC_IGHV[i % len(SYNTHETIC_IGHV)]}|IGKV1-5" for i, p in enumerate(pats)}
+    clon = np.full(n, "", dtype=object)
+    clon[is_cll] = [dom[p] for p in pat[is_cll]]
+    poly = is_b & ~is_cll
+    clon[poly] = [f"IGHV{rng.integers(1, 7)}-{rng.integers(1, 70)}|IGLV{rng.integers(1, 9)}-{rng.integers(1, 50)}" for _ in range(int(poly.sum()))]  # fmt: skip
+    obs[schema.OBS_MALIGNANT] = is_cll.copy()
+    conf = np.where(is_b, rng.beta(9, 1.5, n), np.nan)
+    obs[schema.OBS_MALIGNANT_CONFIDENCE] = conf.astype(np.float32)
+    ev = np.where(
+        is_cll, "v_genes+;programme+", np.where(is_b, "v_genes-;programme-", "not B lineage")
+    )
+    obs[schema.OBS_MALIGNANT_EVIDENCE] = pd.Categorical(ev)
+    cnv = np.abs(rng.normal(0.02, 0.008, n)) + 0.03 * is_cll
+    obs[schema.OBS_CNV_SCORE] = cnv.astype(np.float32)
+    obs[schema.OBS_CLONOTYPE] = pd.Categorical(clon.astype(str))
+    src = np.where(clon != "", "expression", "")
+    obs[schema.OBS_CLONOTYPE_SOURCE] = pd.Categorical(src)
+    obs[schema.OBS_IN_DOMINANT_CLONE] = is_cll.copy()
+    prog = np.where(is_b, rng.normal(0, 0.3, n) + 0.8 * is_cll, np.nan)
+    obs[schema.OBS_CLL_PROGRAMME] = prog.astype(np.float32)
+
+
+def _malignant_tables(adata, rng) -> dict[str, pd.DataFrame]:
+    """Lesion, clone and CNV-profile tables consistent with :func:`_add_malignant_obs`."""
+    obs = adata.obs
+    pat = obs[schema.OBS_PATIENT].astype(str).to_numpy()
+    mal = obs[schema.OBS_MALIGNANT].to_numpy(dtype=bool)
+    is_b = obs[schema.OBS_CLONOTYPE].astype(str).to_numpy() != ""
+    pats = sorted(set(pat))
+    lesion_rows, clone_rows, prof = [], [], []
+    windows = []
+    for chrom in [str(c) for c in range(1, 23)]:
+        for k in range(8):
+            windows.append((chrom, k * 10_000_000 + 1, (k + 1) * 10_000_000))
+    for i, p in enumerate(pats):
+        n_b = int((is_b & (pat == p)).sum())
+        n_mal = int((mal & (pat == p)).sum())
+        carried = {SYNTHETIC_LESIONS[i % len(SYNTHETIC_LESIONS)][0]} if i % 3 != 2 else set()
+        for name, chrom, start, end, kind in SYNTHETIC_LESIONS:
+            called = name in carried
+            fm = float(rng.uniform(0.6, 0.95)) if called else float(rng.uniform(0, 0.05))
+            lesion_rows.append(
+                {schema.OBS_PATIENT: p, "lesion": name, "chromosome": chrom, "start": start,
+                 "end": end, "kind": kind, "called": called, "frac_b_cells": fm * 0.8,
+                 "frac_malignant": fm, "frac_reference": float(rng.uniform(0, 0.05)),
+                 "n_b_cells": n_b, "recurrent": True}
+            )  # fmt: skip
+        ighv = SYNTHETIC_IGHV[i % len(SYNTHETIC_IGHV)]
+        ident = float(rng.uniform(90, 100))
+        clone_rows.append(
+            {schema.OBS_PATIENT: p, "source": "expression", "clonotype": f"{ighv}|IGKV1-5",
+             "ighv": ighv, "light_v": "IGKV1-5", "ighv_identity": ident,
+             "ighv_status": "M-CLL" if ident < 98 else "U-CLL", "n_b_cells": n_b,
+             "n_typed": n_b, "clone_fraction": n_mal / max(n_b, 1), "clonal": n_mal > 0,
+             "n_malignant": n_mal}
+        )  # fmt: skip
+        for group, shift in (("malignant", 1.0), ("normal B", 0.0), ("reference", 0.0)):
+            mean = rng.normal(0, 0.01, len(windows))
+            for name, chrom, start, end, kind in SYNTHETIC_LESIONS:
+                if name in carried:
+                    hit = [w[0] == chrom and w[2] >= start and w[1] <= end for w in windows]
+                    mean[np.asarray(hit)] += shift * (0.08 if kind == "gain" else -0.08)
+            prof.append(
+                pd.DataFrame(
+                    {schema.OBS_PATIENT: p, "group": group, "window": np.arange(len(windows)),
+                     "chromosome": [w[0] for w in windows], "start": [w[1] for w in windows],
+                     "end": [w[2] for w in windows], "mean": mean}
+                )
+            )  # fmt: skip
+    return {
+        schema.TABLE_LESIONS: pd.DataFrame(lesion_rows)[TABLE_COLUMNS[schema.TABLE_LESIONS]],
+        schema.TABLE_CLONES: pd.DataFrame(clone_rows)[TABLE_COLUMNS[schema.TABLE_CLONES]],
+        schema.TABLE_CNV_PROFILE: pd.concat(prof, ignore_index=True)[
+            TABLE_COLUMNS[schema.TABLE_CNV_PROFILE]
+        ],
+    }
 
 
 def add_synthetic_tables(adata, *, rng=None) -> None:
@@ -927,6 +1024,11 @@ def add_synthetic_tables(adata, *, rng=None) -> None:
         ]
     )
     put_table(adata, schema.TABLE_INTEGRATION_METRICS, metrics)
+
+    # malignant call (own random stream: the tables above do not change)
+    if schema.OBS_MALIGNANT in obs.columns:
+        for name, df in _malignant_tables(adata, np.random.default_rng(7919)).items():
+            put_table(adata, name, df)
 
 
 def make_synthetic_atlas(

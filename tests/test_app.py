@@ -21,6 +21,7 @@ from app_fixtures import (  # noqa: F401 - fixtures
 
 from app import urls
 from app.factory import create_app
+from atlas import schema
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -565,3 +566,85 @@ def test_a_fresh_worker_serves_every_bundle_of_a_page(app_atlas_dir):
     assert missing == []
     client = fresh.server.test_client()
     assert all(client.get(f"/_dash-component-suites/{ns}/{p}").status_code == 200 for ns, p in srcs)
+
+
+# ----------------------------------------------------------------------------- malignant call
+def test_patient_lesion_table():
+    from app.pages.overview import patient_lesion_table
+
+    les = pd.DataFrame(
+        {
+            "patient": ["P1", "P1", "P2", "P2"],
+            "lesion": ["trisomy 12", "del(13q14)"] * 2,
+            "chromosome": ["12", "13"] * 2,
+            "start": [1, 48_300_000] * 2,
+            "end": [133_275_309, 51_600_000] * 2,
+            "kind": ["gain", "loss"] * 2,
+            "called": [True, False, False, False],
+            "frac_b_cells": [0.7, 0.01, 0.0, 0.0],
+            "frac_malignant": [0.9, 0.01, np.nan, np.nan],
+            "frac_reference": [0.01, 0.02, 0.0, 0.01],
+            "n_b_cells": [100, 100, 80, 80],
+            "recurrent": [True, True, True, True],
+        }
+    )
+    clones = pd.DataFrame(
+        {
+            "patient": ["P1", "P2"],
+            "source": ["vdj", "expression"],
+            "clonotype": ["vdj:3", "IGHV1-2|IGKV1-5"],
+            "ighv": ["IGHV1-69", "IGHV1-2"],
+            "light_v": ["IGKV1-5", "IGKV1-5"],
+            "ighv_identity": [99.5, np.nan],
+            "ighv_status": ["U-CLL", ""],
+            "n_b_cells": [100, 80],
+            "n_typed": [90, 70],
+            "clone_fraction": [0.85, 0.05],
+            "clonal": [True, False],
+            "n_malignant": [88, 0],
+        }
+    )
+    t = patient_lesion_table(les, clones).set_index("patient")
+    assert t.loc["P1", "lesions called"] == "trisomy 12 (90%)"
+    assert t.loc["P2", "lesions called"] == "none"
+    assert bool(t.loc["P1", "clonal"]) and not bool(t.loc["P2", "clonal"])
+    assert t.loc["P1", "IGHV status"] == "U-CLL" and t.loc["P2", "malignant cells"] == 0
+    assert t.loc["P1", "trisomy 12"] == 0.9 and np.isnan(t.loc["P1", "del(13q14)"])
+    assert np.isnan(t.loc["P2", "trisomy 12"])
+
+
+def test_overview_shows_lesions_and_cnv_heatmap(dash_app):
+    body = text_of(route(dash_app, "/"))
+    assert "Clone and copy-number lesions per patient" in body
+    assert "Inferred copy number" in body
+
+
+def test_cells_colour_by_cnv_score_and_clonotype(app_atlas_dir):
+    import atlas
+    from app.data import LUMPED, LUMPED_NONE, LUMPED_OTHER
+    from app.pages.cells import colour_options, colour_values
+
+    view = _view(app_atlas_dir)
+    values = [o["value"] for o in colour_options(view)]
+    for col in (schema.OBS_CNV_SCORE, schema.OBS_CLONOTYPE, schema.OBS_MALIGNANT):
+        assert col in values, col
+    # clonotype: one category per dominant clone, the rest lumped, non-B cells 'none'
+    vals, categorical, _, cats = colour_values(view, None, schema.OBS_CLONOTYPE)
+    assert categorical and len(cats) <= LUMPED[schema.OBS_CLONOTYPE] + 2
+    assert LUMPED_NONE in cats and LUMPED_OTHER in cats
+    raw = atlas.open(app_atlas_dir).obs([schema.OBS_CLONOTYPE, schema.OBS_MALIGNANT])
+    mal = raw[schema.OBS_MALIGNANT].to_numpy(bool)
+    lumped = np.asarray(view.cat(schema.OBS_CLONOTYPE).astype(str))
+    assert (lumped[mal] == raw[schema.OBS_CLONOTYPE].astype(str).to_numpy()[mal]).all()
+    assert (lumped[raw[schema.OBS_CLONOTYPE].astype(str).to_numpy() == ""] == LUMPED_NONE).all()
+    # numeric colour
+    vals, categorical, label, _ = colour_values(view, None, schema.OBS_CNV_SCORE)
+    assert not categorical and label == schema.OBS_CNV_SCORE and np.isfinite(vals).all()
+
+
+def _view(atlas_dir):
+    import atlas
+    from app.data import AtlasView
+    from atlas.config import load_config
+
+    return AtlasView(atlas.open(atlas_dir), load_config(env={}).limits)

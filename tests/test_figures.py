@@ -316,3 +316,45 @@ def test_huge_lasso_is_thinned():
     clear = np.abs(r - 1) > 1e-3
     assert (inside[clear] == (r[clear] < 1)).all()
     assert len(F.selection_geometry(sel, max_vertices=50)[0][2]) == 50
+
+
+def _cnv_profile():
+    """Two patients x three groups x 3 chromosomes of 4 windows; P1's malignant cells
+    carry a gain of chromosome 12."""
+    rows = []
+    chroms = ["11", "12", "13"]
+    for p in ("P1", "P2"):
+        for g in ("malignant", "normal B", "reference"):
+            for w in range(12):
+                c = chroms[w // 4]
+                gain = p == "P1" and g == "malignant" and c == "12"
+                rows.append(
+                    {"patient": p, "group": g, "window": w, "chromosome": c,
+                     "start": (w % 4) * 10, "end": (w % 4) * 10 + 9,
+                     "mean": 0.2 if gain else 0.001 * (w % 3)}
+                )  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_cnv_heatmap_rows_windows_and_scale():
+    prof = _cnv_profile()
+    fig = F.cnv_heatmap(prof, patients=["P2", "P1"])
+    hm = fig.data[0]
+    assert isinstance(hm, go.Heatmap)
+    assert list(hm.y) == [
+        f"{p} · {g}" for p in ("P2", "P1") for g in ("malignant", "normal B", "reference")
+    ]
+    z = np.asarray(hm.z)
+    assert z.shape == (6, 12)
+    # the gain sits in P1 · malignant over chromosome 12's windows (4..7), nowhere else
+    row = list(hm.y).index("P1 · malignant")
+    assert np.allclose(z[row, 4:8], 0.2) and (np.abs(np.delete(z, row, 0)) < 0.01).all()
+    assert hm.zmid == 0 and hm.zmin == -hm.zmax and hm.zmax == pytest.approx(0.2, rel=0.05)
+    assert list(fig.layout.xaxis.ticktext) == ["11", "12", "13"]
+    assert list(fig.layout.xaxis.tickvals) == [1.5, 5.5, 9.5]
+    assert len(fig.layout.shapes) == 2  # chromosome boundaries
+    # a group subset, and nothing to show
+    assert len(F.cnv_heatmap(prof, groups=("malignant",)).data[0].y) == 2
+    empty = F.cnv_heatmap(prof.iloc[:0])
+    assert "No copy-number profile" in empty.layout.annotations[0].text
+    json.loads(fig.to_json())

@@ -1,5 +1,6 @@
 """Overview: cells, samples, patients, conditions; composition per condition and patient
-with the composition test results; QC summary."""
+with the composition test results; the malignant call per patient (clone, IGHV, copy-number
+lesions, CNV heatmap); QC summary."""
 
 from __future__ import annotations
 
@@ -108,6 +109,85 @@ def composition_section(ctx) -> list:
     return parts
 
 
+def patient_lesion_table(lesions: pd.DataFrame, clones: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per patient: the dominant B clone and the copy-number lesions called.
+
+    ``lesions`` is the atlas table ``cnv_lesions`` and ``clones`` the table ``b_clones``.
+    Columns: ``patient``, ``clonal``, ``clone source``, ``IGHV``, ``IGHV status``,
+    ``clone fraction``, ``malignant cells``, ``lesions called`` (``name (x% of malignant
+    cells)``, ``;``-joined; ``none`` when the patient's clone carries none), then one
+    column per recurrent lesion with the fraction of malignant cells carrying it (NaN where
+    the lesion is not called).
+    """
+    pcol = schema.OBS_PATIENT
+    pats = sorted(set(lesions[pcol].astype(str)) if len(lesions) else set())
+    if clones is not None and len(clones):
+        pats = sorted(set(pats) | set(clones[pcol].astype(str)))
+    out = pd.DataFrame({pcol: pats})
+    if clones is not None and len(clones):
+        c = clones.assign(**{pcol: clones[pcol].astype(str)}).set_index(pcol)
+        out["clonal"] = out[pcol].map(c["clonal"].astype(bool)).fillna(False).astype(bool)
+        out["clone source"] = out[pcol].map(c["source"].astype(str)).fillna("")
+        out["IGHV"] = out[pcol].map(c["ighv"].astype(str)).fillna("")
+        out["IGHV status"] = out[pcol].map(c["ighv_status"].astype(str)).fillna("")
+        out["clone fraction"] = out[pcol].map(c["clone_fraction"].astype(float))
+        out["malignant cells"] = out[pcol].map(c["n_malignant"]).fillna(0).astype(int)
+    called = (
+        lesions[lesions["called"].astype(bool)].assign(**{pcol: lambda d: d[pcol].astype(str)})
+        if len(lesions)
+        else pd.DataFrame(columns=[pcol, "lesion", "frac_malignant"])
+    )
+
+    def _text(p: str) -> str:
+        rows = called[called[pcol] == p]
+        if rows.empty:
+            return "none"
+        return "; ".join(
+            f"{r.lesion} ({r.frac_malignant:.0%})" if np.isfinite(r.frac_malignant) else r.lesion
+            for r in rows.itertuples()
+        )
+
+    out["lesions called"] = [_text(p) for p in out[pcol]]
+    if len(lesions):
+        rec = lesions[lesions["recurrent"].astype(bool)]
+        for name in dict.fromkeys(rec["lesion"].astype(str)):
+            sub = called[called["lesion"].astype(str) == name].set_index(pcol)["frac_malignant"]
+            out[name] = out[pcol].map(sub.astype(float))
+    return out
+
+
+def malignant_section(ctx) -> list:
+    """The per-patient lesion table and the CNV heatmap (atlases with a malignant call)."""
+    view = ctx.view
+    if not view.has_table(schema.TABLE_LESIONS):
+        return []
+    lesions = view.table(schema.TABLE_LESIONS)
+    clones = view.table(schema.TABLE_CLONES) if view.has_table(schema.TABLE_CLONES) else None
+    table = patient_lesion_table(lesions, clones)
+    parts = [
+        html.H2("Malignant cells", className="section"),
+        C.card(
+            C.table("overview-lesion-table", table, page_size=10),
+            title="Clone and copy-number lesions per patient",
+            subtitle=(
+                "Dominant B clone (V(D)J or expressed V genes), IGHV status, and the lesions "
+                "called in the clone (share of malignant cells carrying each). A patient "
+                "without a clonal B population has no malignant cells."
+            ),
+        ),
+    ]
+    if view.has_table(schema.TABLE_CNV_PROFILE):
+        fig = F.cnv_heatmap(view.table(schema.TABLE_CNV_PROFILE), patients=view.patients)
+        parts.append(
+            C.card(
+                C.graph("overview-cnv-heatmap", fig),
+                title="Inferred copy number (infercnvpy)",
+                subtitle="Mean signal per patient and group of cells; red gain, blue loss",
+            )
+        )
+    return parts
+
+
 def qc_section(ctx) -> list:
     view = ctx.view
     if view.has_table(schema.TABLE_QC_SUMMARY):
@@ -201,6 +281,7 @@ def layout(ctx, params: dict) -> html.Div:
             ),
             stats,
             *composition_section(ctx),
+            *malignant_section(ctx),
             html.H2("Quality control", className="section"),
             *qc_section(ctx),
         ],
