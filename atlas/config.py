@@ -131,6 +131,12 @@ class MalignantConfig(_Section):
     min_lesion_effect: float = Field(
         0.65, gt=0, description="lesion call: clone vs reference, in reference-cell SDs"
     )
+    min_lesion_carrier_excess: float = Field(
+        0.15,
+        ge=0,
+        le=1,
+        description="lesion call: share of clone cells carrying it minus reference's",
+    )
     min_lesion_cells: int = Field(10, ge=1, description="B cells needed to call a lesion")
     cnv: bool = Field(True, description="infer copy number (infercnvpy)")
 

@@ -15,7 +15,10 @@ clonality first, per patient, within the B lineage of the annotation:
 3. **Copy number** (:mod:`preprocessing.cnv`): infercnvpy against the patient's own non-B cells
    (plus the polyclonal B cells of the cohort); a lesion is called in a patient when the
    clone's mean signal over the lesion is >= ``min_lesion_effect`` reference-cell SDs away
-   from the patient's reference cells in the lesion's direction; per-patient lesion table
+   from the patient's reference cells in the lesion's direction and the share of clone cells
+   carrying it exceeds that of the reference cells by >= ``min_lesion_carrier_excess``
+   (a narrow region read through few genes can shift the mean without being carried);
+   per-patient lesion table
    (trisomy 12, del(13q14), del(11q22), del(17p13), others).
 4. **Call**: a patient without a clonal B population has **no** CLL cells. Otherwise a B
    cell is malignant when it carries the dominant clonotype; a B cell without clonotype
@@ -144,9 +147,11 @@ def call_malignant(
     min_clone_fraction: float = 0.2,
     min_clone_cells: int = 10,
     min_lesion_effect: float = 0.65,
+    min_lesion_carrier_excess: float = 0.15,
     min_lesion_cells: int = 10,
     cnv: bool = True,
     keep_cnv_matrix: bool = False,
+    _first_pass: bool = False,
 ):
     """The malignant call per cell (see the module docstring).
 
@@ -201,7 +206,7 @@ def call_malignant(
     if cnv and len(lesions):
         first = call_malignant(adata.copy(), species=species, cnv=False,
                                min_clone_fraction=min_clone_fraction,
-                               min_clone_cells=min_clone_cells)  # fmt: skip
+                               min_clone_cells=min_clone_cells, _first_pass=True)  # fmt: skip
         clone0 = first.obs[schema.OBS_IN_DOMINANT_CLONE].to_numpy(dtype=bool)
         typed0 = first.obs[schema.OBS_CLONOTYPE_SOURCE].astype(str).to_numpy() != ""
         infer_cnv(adata, species=species, dynamic_threshold=None,
@@ -222,7 +227,9 @@ def call_malignant(
             carriers[pm] = lesion_carriers(scores[pm], lesions, ref[pm])
             if query.sum() >= min_lesion_cells:
                 d = (scores[query].mean(0) - mu) / sd * sign
-                called_pre[p] = d >= min_lesion_effect
+                # and carried by a real share of the clone beyond the reference's background
+                excess = carriers[query].mean(0) - carriers[ref].mean(0)
+                called_pre[p] = (d >= min_lesion_effect) & (excess >= min_lesion_carrier_excess)
     else:
         adata.obs[schema.OBS_CNV_SCORE] = np.full(n, np.nan, dtype=np.float32)
     malignant = np.zeros(n, bool)
@@ -397,13 +404,14 @@ def call_malignant(
         "min_clone_fraction": min_clone_fraction,
         "min_clone_cells": min_clone_cells,
         "min_lesion_effect": min_lesion_effect,
+        "min_lesion_carrier_excess": min_lesion_carrier_excess,
         "min_lesion_cells": min_lesion_cells,
         "cnv": bool(cnv and len(lesions)),
         "vdj": vdj is not None,
         "versions": versions,
     }
     n_b = int(is_b.sum())
-    log.info(
+    (log.debug if _first_pass else log.info)(
         "malignant: %d of %d B-lineage cells called CLL; clonal patients: %s",
         int(malignant.sum()),
         n_b,
@@ -493,6 +501,7 @@ def run_malignant(adata, *, species: str = "human", config=None):
         "min_clone_fraction": cfg.min_clone_fraction,
         "min_clone_cells": cfg.min_clone_cells,
         "min_lesion_effect": cfg.min_lesion_effect,
+        "min_lesion_carrier_excess": cfg.min_lesion_carrier_excess,
         "min_lesion_cells": cfg.min_lesion_cells,
         "cnv": cfg.cnv,
     }

@@ -136,3 +136,25 @@ def test_kang_healthy_pbmc_has_no_cll():
     frac = a.obs.loc[is_b, schema.OBS_MALIGNANT].mean()
     assert frac <= 0.02, frac
     assert (a.obs.loc[is_b, schema.OBS_CELL_TYPE].astype(str) == "Normal B").all()
+
+
+def test_build_stage_on_the_small_atlas(small_atlas_dir_session, small_sim_dir):
+    """The build's ``malignant`` stage (after scVI, clustering, annotation) against the
+    simulator's truth: B-lineage call accuracy, CLL labels only on malignant cells, and no
+    lesion called (the small cohort has none planted)."""
+    import anndata as ad
+
+    from preprocessing.simulate import load_truth
+
+    a = ad.read_h5ad(small_atlas_dir_session / schema.ATLAS_FILE)
+    cells = load_truth(small_sim_dir)["cells"].set_index("cell_id").reindex(a.obs_names)
+    clean = ~(cells["is_doublet"].astype(bool) | cells["low_quality"].astype(bool)).to_numpy()
+    a = a[clean].copy()
+    a.obs["true_cell_type"] = cells.loc[clean, "cell_type"].astype(str).to_numpy()
+    acc, spec = _scores(a)
+    assert acc >= 0.95, acc
+    mal = a.obs[schema.OBS_MALIGNANT].to_numpy(dtype=bool)
+    assert not a.obs[schema.OBS_CELL_TYPE].astype(str)[~mal].str.startswith("CLL").any()
+    assert not get_table(a, schema.TABLE_LESIONS)["called"].any()
+    assert get_table(a, schema.TABLE_CLONES)["clonal"].all()
+    assert a.uns[schema.params_key("malignant")]["min_clone_fraction"] == 0.2

@@ -109,6 +109,7 @@ class StandIns:
             "integrate",
             "cluster",
             "annotate",
+            "malignant",
             "programs",
             "analyses",
             "crosstalk",
@@ -188,7 +189,7 @@ def test_build_outputs_and_provenance(tiny, tmp_path, stand_ins, capsys):
     assert (out / schema.STORE_DIR).is_dir() and (out / schema.TABLES_DIR).is_dir()
     assert not (out / schema.WORK_DIR).exists()
     assert stand_ins.calls == [
-        "integrate", "cluster", "annotate", "programs", "analyses", "crosstalk"
+        "integrate", "cluster", "annotate", "malignant", "programs", "analyses", "crosstalk"
     ]  # fmt: skip
 
     prov = json.loads((out / schema.PROVENANCE_FILE).read_text())
@@ -285,7 +286,7 @@ def test_resume_after_a_crash_gives_the_same_atlas(tiny, tmp_path, stand_ins):
     stand_ins.fail_at = None
     stand_ins.calls.clear()
     _build(tiny, out, resume=True)
-    assert stand_ins.calls == ["annotate", "programs", "analyses", "crosstalk"]
+    assert stand_ins.calls == ["annotate", "malignant", "programs", "analyses", "crosstalk"]
     assert not work.exists()
     got = _read(out)
     _same_atlas(got, ref)
@@ -311,7 +312,9 @@ def test_resume_redoes_a_stage_whose_config_changed(tiny, tmp_path, stand_ins):
     cfg = tiny_config(cluster={"n_neighbors": 16})
     _build(tiny, out, resume=True, config=cfg)
     # integrate is upstream of cluster and kept; cluster and everything after are redone
-    assert stand_ins.calls == ["cluster", "annotate", "programs", "analyses", "crosstalk"]
+    assert stand_ins.calls == [
+        "cluster", "annotate", "malignant", "programs", "analyses", "crosstalk"
+    ]  # fmt: skip
 
 
 def test_resume_redoes_everything_when_an_input_changed(tiny, tmp_path, stand_ins):
