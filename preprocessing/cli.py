@@ -37,7 +37,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--species", choices=["human", "mouse"], default="human")
     p.add_argument("--healthy", action="store_true", help="healthy donors: no leukaemia")
     p.add_argument(
-        "--vdj", action="store_true", help="also write Cell Ranger V(D)J contigs (sheet column vdj)"
+        "--vdj",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write Cell Ranger V(D)J contigs (sheet column vdj; default on)",
+    )
+    p.add_argument(
+        "--lesions",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="plant copy-number lesions in the CLL clones (default on)",
     )
     p.add_argument("-v", "--verbose", action="store_true")
 
@@ -110,6 +119,7 @@ def _run(args: argparse.Namespace) -> int:
             species=args.species,
             healthy=args.healthy,
             vdj=args.vdj,
+            lesions=args.lesions,
         )
         return 0
 

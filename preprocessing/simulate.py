@@ -1958,6 +1958,7 @@ def write_dataset(
     sim: Simulation | None = None,
     healthy: bool = False,
     vdj: bool = False,
+    lesions: bool = False,
 ) -> Path:
     """Simulate and write the cohort as a user's input.
 
@@ -1972,9 +1973,10 @@ def write_dataset(
     ----------
     out
         Output folder.
-    seed, cells_per_sample, n_patients, species, healthy, vdj
+    seed, cells_per_sample, n_patients, species, healthy, vdj, lesions
         As for :func:`simulate` (``vdj``: also ``out/vdj/<sample>_filtered_contig_annotations.csv``
-        and the sample sheet's ``vdj`` column).
+        and the sample sheet's ``vdj`` column; ``lesions``: copy-number lesions in the CLL
+        clones, ``truth/lesions.csv``). ``tme-atlas simulate`` (the demo) turns both on.
     sim
         Write this simulation instead of simulating (the other arguments are ignored).
 
@@ -2011,6 +2013,7 @@ def write_dataset(
                 species=species,
                 healthy=healthy,
                 vdj=vdj,
+                lesions=lesions,
             )
         except ValueError as e:
             raise InputError(f"simulate: {e}") from None
