@@ -112,6 +112,7 @@ def bcr_clonotypes(contigs: pd.DataFrame) -> pd.DataFrame:
     cols = [c for c in KEPT_COLUMNS]
     with tempfile.TemporaryDirectory(prefix="tme_vdj_") as tmp:
         f = Path(tmp) / "filtered_contig_annotations.csv"
+        # csv-ok: a private temp file read back by scirpy at once; escaping would alter contigs
         contigs[cols].to_csv(f, index=False)
         vdj = ir.io.read_10x_vdj(str(f))
     ir.pp.index_chains(vdj)

@@ -910,13 +910,20 @@ def test_every_csv_escapes_formula_cells(tmp_path):
 
 
 def test_no_csv_written_around_the_shared_writer():
-    """No ``DataFrame.to_csv`` in the project's code outside ``atlas.tables.csv_text``."""
+    """No ``DataFrame.to_csv`` in the project's code outside ``atlas.tables.csv_text``, except
+    a line right under a ``# csv-ok: <reason>`` comment (a private file no person opens)."""
     root = Path(__file__).resolve().parents[1]
-    offenders = [
-        f"{p.relative_to(root)}:{i}"
-        for pkg in ("atlas", "app", "preprocessing")
-        for p in sorted((root / pkg).rglob("*.py"))
-        for i, line in enumerate(p.read_text().splitlines(), start=1)
-        if (".to_csv(" in line or "csv.writer(" in line) and p.name != "tables.py"
-    ]
+    offenders = []
+    for pkg in ("atlas", "app", "preprocessing"):
+        for p in sorted((root / pkg).rglob("*.py")):
+            if p.name == "tables.py":
+                continue
+            lines = p.read_text().splitlines()
+            for i, line in enumerate(lines, start=1):
+                if ".to_csv(" not in line and "csv.writer(" not in line:
+                    continue
+                above = lines[i - 2].strip() if i > 1 else ""
+                if above.startswith("# csv-ok:") and len(above) > len("# csv-ok:") + 10:
+                    continue
+                offenders.append(f"{p.relative_to(root)}:{i}")
     assert offenders == []
