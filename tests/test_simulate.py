@@ -345,6 +345,17 @@ def test_lr_truth_consistent_with_de_and_resource(small_sim):
     touched = set(
         zip(de.loc[de["kind"] == "planted", "cell_type"], de.loc[de["kind"] == "planted", "gene"])
     )
+    # two-sided planted changes vs ligand-only pairs (only the ligand carries a change)
+    both = lr[lr["kind"] == "planted"]
+    assert len(both) >= 10 and (both["driver"] == "both").all()
+    lig_only = lr[lr["kind"] == "ligand_only"]
+    assert len(lig_only) >= 40 and (lig_only["driver"] == "ligand").all()
+    planted_genes = set(de.loc[de["kind"] == "planted", "gene"])
+    for r in lig_only.itertuples():
+        assert (r.source, r.ligand) in touched
+        assert not any((r.target, g) in touched for g in r.receptor.split("_"))
+    extra = lig_only[~lig_only["receptor"].isin(["CXCR4", "TNFRSF13B", "TNFRSF17", "CCR1", "CCR5"])]
+    assert len(extra) > 0 and not set(extra["receptor"]) & planted_genes
     nulls = lr[lr["kind"] == "null"]
     assert nulls[["ligand", "receptor", "source", "target"]].drop_duplicates().shape[0] >= 20
     for r in nulls.itertuples():
