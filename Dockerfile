@@ -35,6 +35,7 @@ RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 # dependencies, pinned by the project's constraints file, then the project itself
 COPY pyproject.toml README.md ./
 COPY requirements/ requirements/
+COPY tme_atlas/ tme_atlas/
 COPY preprocessing/ preprocessing/
 COPY atlas/ atlas/
 COPY app/ app/

@@ -44,17 +44,17 @@ browser-deps:
 	fi
 
 test: install browser-deps
-	$(VENV)/bin/ruff check preprocessing atlas app references tests benchmarks
+	$(VENV)/bin/ruff check tme_atlas preprocessing atlas app references tests benchmarks
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 NUMBA_NUM_THREADS=2 \
 	  $(VENV)/bin/pytest $(PYTEST_ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check preprocessing atlas app references tests benchmarks
-	$(VENV)/bin/ruff format --check preprocessing atlas app references tests benchmarks
+	$(VENV)/bin/ruff check tme_atlas preprocessing atlas app references tests benchmarks
+	$(VENV)/bin/ruff format --check tme_atlas preprocessing atlas app references tests benchmarks
 
 format: install
-	$(VENV)/bin/ruff format preprocessing atlas app references tests benchmarks
-	$(VENV)/bin/ruff check --fix preprocessing atlas app references tests benchmarks
+	$(VENV)/bin/ruff format tme_atlas preprocessing atlas app references tests benchmarks
+	$(VENV)/bin/ruff check --fix tme_atlas preprocessing atlas app references tests benchmarks
 
 bench: install
 	$(PY) -m benchmarks

@@ -113,7 +113,7 @@ def bench_build(
             [
                 sys.executable,
                 "-m",
-                "preprocessing.cli",
+                "tme_atlas",
                 "build",
                 str(sheet),
                 "--out",

@@ -518,7 +518,7 @@ def test_de_covariates_validated_and_recorded(lane_effect):
 def test_run_analyse_dir_writes_tables_and_atlas(small, tmp_path):
     from atlas.store import read_atlas_adata, write_atlas
     from atlas.tables import has_table
-    from preprocessing.cli import main
+    from tme_atlas.cli import main
 
     a = small[small.obs[schema.OBS_CELL_TYPE].isin(["CLL resting", "CD4 naive", "NK"])].copy()
     write_atlas(a, tmp_path / "atlas", store=False)

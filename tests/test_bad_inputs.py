@@ -1,7 +1,7 @@
 """The bad-input catalogue: malformed inputs to ``tme-atlas build`` and ``export``.
 
 Each case starts from a tiny *valid* input (10x v3 folders written with scipy.io.mmwrite;
-a synthetic atlas for ``export``), breaks one thing, runs ``preprocessing.cli.main`` and
+a synthetic atlas for ``export``), breaks one thing, runs ``tme_atlas.cli.main`` and
 checks that
 
 * the exit code is 2,
@@ -566,7 +566,7 @@ BUILD_CASES = [
 
 # ----------------------------------------------------------------------------- checks
 def _run(argv: list[str], capsys) -> tuple[int, list[str], str]:
-    from preprocessing.cli import main
+    from tme_atlas.cli import main
 
     capsys.readouterr()
     try:

@@ -1,4 +1,4 @@
-"""``tme-atlas build`` through ``preprocessing.cli.main``: bad inputs end with one clear
+"""``tme-atlas build`` through ``tme_atlas.cli.main``: bad inputs end with one clear
 line per problem, exit code 2 and no atlas; a good input builds an atlas.
 
 (``tests/test_bad_inputs.py`` is the full catalogue; these are the build's own cases.)
@@ -23,7 +23,7 @@ from atlas import schema
 
 
 def run_cli(argv, capsys) -> tuple[int, list[str], str]:
-    from preprocessing.cli import main
+    from tme_atlas.cli import main
 
     capsys.readouterr()
     try:
@@ -312,7 +312,7 @@ def test_cli_build_succeeds_and_prints_summary(tmp_path, capsys, monkeypatch):
     (root / "c.yaml").write_text("qc:\n  doublets: false\nhvg:\n  n_top_genes: 100\n")
     out = tmp_path / "atlas"
     capsys.readouterr()
-    from preprocessing.cli import main
+    from tme_atlas.cli import main
 
     rc = main(["build", str(root / "samplesheet.csv"), "--out", str(out), "--config",
                str(root / "c.yaml"), "--skip", "crosstalk"])  # fmt: skip

@@ -136,7 +136,7 @@ def test_json_round_trip_and_section_hash():
 
 
 def test_cli_flags_reach_config(tmp_path):
-    from preprocessing.cli import _overrides, build_parser
+    from tme_atlas.cli import _overrides, build_parser
 
     args = build_parser().parse_args(["serve", "DIR", "--port", "8123"])
     c = load_config(env={"TME_ATLAS__SERVE__PORT": "9000"}, overrides=_overrides(args))

@@ -405,7 +405,7 @@ def test_h5ad_roundtrip(small_crosstalk, tmp_path):
 
 def test_missing_de_table_names_the_command(small_sim, tmp_path):
     from atlas.io import write_h5ad_atomic
-    from preprocessing.cli import main
+    from tme_atlas.cli import main
 
     a = true_label_atlas(small_sim, coarse=True)
     with pytest.raises(schema.MissingKeyError, match="tme-atlas analyse DIR"):

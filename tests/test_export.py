@@ -228,7 +228,7 @@ def test_export_adata_in_memory(atlas_dir):
 
 
 def test_cli_export(atlas_dir, tmp_path, capsys):
-    from preprocessing.cli import main
+    from tme_atlas.cli import main
 
     out = tmp_path / "cli.h5ad"
     rc = main(

@@ -536,7 +536,7 @@ def test_build_killed_with_sigkill_at_each_stage_then_resume(kill_dataset, tmp_p
     cmd = [
         sys.executable,
         "-m",
-        "preprocessing.cli",
+        "tme_atlas",
         "build",
         str(kill_dataset / "samplesheet.csv"),
         "--out",
@@ -847,7 +847,7 @@ def test_serve_runs_gunicorn_with_several_atlases(host_atlas, host_atlas_b, tmp_
             [
                 sys.executable,
                 "-m",
-                "preprocessing.cli",
+                "tme_atlas",
                 "serve",
                 "--config",
                 str(cfg),

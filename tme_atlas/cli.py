@@ -1,8 +1,11 @@
-"""``tme-atlas``: the command-line interface.
+"""``tme-atlas`` (also ``python -m tme_atlas``): the command-line interface.
 
-Subcommands: ``simulate``, ``build``, ``analyse``, ``crosstalk``, ``export``, ``serve``.
-Bad input (``InputError``, ``ConfigError``, a missing atlas key) ends with one line per
-problem on stderr and exit code 2; nothing half-written is left behind.
+Subcommands: ``simulate``, ``build``, ``analyse``, ``crosstalk``, ``export`` (offline:
+:mod:`preprocessing`, :mod:`atlas`) and ``serve`` (the explorer, :mod:`app`, imported only
+for that subcommand; it execs gunicorn on ``app.wsgi:server``, the Docker image's command).
+Bad input (any :class:`atlas.errors.AtlasError`: ``InputError``, ``ConfigError``, a
+missing atlas key, ...) ends with one line per problem on stderr and exit code 2; nothing
+half-written is left behind.
 """
 
 from __future__ import annotations
@@ -178,17 +181,11 @@ def _run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from atlas.config import ConfigError
-    from atlas.errors import InputError
-    from atlas.schema import MissingKeyError
+    from atlas.errors import AtlasError
 
     try:
         return _run(args)
-    except InputError as e:
-        for line in e.problems:
-            print(f"error: {line}", file=sys.stderr)
-        return EXIT_INPUT
-    except (ConfigError, MissingKeyError) as e:
+    except AtlasError as e:  # InputError, ConfigError, MissingKeyError, ...
         for line in str(e).splitlines():
             print(f"error: {line}", file=sys.stderr)
         return EXIT_INPUT
@@ -199,7 +196,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
