@@ -7,8 +7,9 @@ cells (at most ``limits.max_display_points``), the condition order and colours. 
 vectors are read on demand from the store (a small LRU cache keeps the last few).
 
 User-supplied values (URL parameters, dropdown values) are validated against the atlas's
-known values here; an unknown value raises :class:`UnknownValue`, whose message the pages
-show instead of a traceback.
+known values here, with the project's one validator (:func:`atlas.errors.check_choice`);
+an unknown value raises :class:`~atlas.errors.UnknownValue` (HTTP 400), whose message the
+pages show instead of a traceback.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ import numpy as np
 import pandas as pd
 
 from atlas import schema
+from atlas.errors import UnknownValue, check_choice, check_choices, clip
+
+__all__ = ["AtlasView", "UnknownValue"]
 
 log = logging.getLogger("tme_atlas.app")
 
@@ -60,15 +64,6 @@ MAX_CATEGORIES = 120  # more distinct values than this: not offered as a colour
 LUMPED = {schema.OBS_CLONOTYPE: 12}
 LUMPED_OTHER = "other"
 LUMPED_NONE = "none"
-
-
-class UnknownValue(ValueError):
-    """A user-supplied value that the atlas does not know (the message is safe to show)."""
-
-
-def _clip(value: Any, n: int = 40) -> str:
-    s = "".join(ch if ch.isprintable() else "?" for ch in str(value))
-    return s if len(s) <= n else s[: n - 1] + "…"
 
 
 class AtlasView:
@@ -262,7 +257,7 @@ class AtlasView:
             hit = self._gene_set.get(gene.strip().upper())
             if hit:
                 return hit
-        raise UnknownValue(f"unknown gene {_clip(gene)!r} (not in this {self.species} atlas)")
+        raise UnknownValue(f"unknown gene {clip(gene)!r} (not in this {self.species} atlas)")
 
     def resolve_genes(self, genes: Iterable[Any], *, limit: int | None = None) -> list[str]:
         out, bad = [], []
@@ -270,7 +265,7 @@ class AtlasView:
             try:
                 s = self.resolve_gene(g)
             except UnknownValue:
-                bad.append(_clip(g))
+                bad.append(clip(g))
                 continue
             if s not in out:
                 out.append(s)
@@ -395,15 +390,9 @@ class AtlasView:
 
     # ------------------------------------------------------------------ validation
     def check_choice(self, value: Any, allowed: Sequence[str], what: str) -> str:
-        if isinstance(value, str) and value in allowed:
-            return value
-        raise UnknownValue(f"unknown {what} {_clip(value)!r}")
+        """:func:`atlas.errors.check_choice` (the one validator)."""
+        return check_choice(value, allowed, what)
 
     def check_choices(self, values: Iterable[Any], allowed: Sequence[str], what: str) -> list[str]:
-        out, bad = [], []
-        allowed_set = set(allowed)
-        for v in values:
-            (out if isinstance(v, str) and v in allowed_set else bad).append(v)
-        if bad:
-            raise UnknownValue(f"unknown {what}: {', '.join(repr(_clip(b)) for b in bad[:5])}")
-        return list(dict.fromkeys(out))
+        """:func:`atlas.errors.check_choices` (the one validator)."""
+        return check_choices(values, allowed, what)

@@ -31,14 +31,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from atlas.errors import ExportRefused
+
+__all__ = ["ExportRefused", "ExportStore", "clear_export_dir", "default_export_dir"]
+
 TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{32}$")
 SUFFIX = ".h5ad"
 RATE_DIR = "rate"
 RATE_WINDOW_S = 3600.0
-
-
-class ExportRefused(Exception):
-    """An export is not allowed now (the message is safe to show)."""
 
 
 def default_export_dir(config: Any) -> Path:

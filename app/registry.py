@@ -32,19 +32,14 @@ from pathlib import Path
 from typing import Any
 
 from atlas import schema
+from atlas.errors import AtlasUnavailableError, UnknownAtlasError
+
+from .security import ERROR_TEXT, install_security
 
 log = logging.getLogger("tme_atlas.app.registry")
 
 ENV_ATLAS = "TME_ATLAS_ATLAS"
 _NAME_OK = re.compile(r"^[\w .,()+\-µ]{1,64}$", re.UNICODE)
-
-
-class UnknownAtlasError(ValueError):
-    """A requested atlas name is not configured (the message is safe to show)."""
-
-
-class AtlasUnavailableError(RuntimeError):
-    """A configured atlas cannot be read now (vanished, half-written, unreadable)."""
 
 
 @dataclass
@@ -326,8 +321,6 @@ class AtlasDispatcher:
     def __init__(self, registry: AtlasRegistry, config: Any, create_app: Callable | None = None):
         import flask
 
-        from .security import _ERROR_TEXT, install_security
-
         self.registry = registry
         self.config = config
         self._create_app = create_app
@@ -351,7 +344,7 @@ class AtlasDispatcher:
         root = flask.Flask("tme_atlas_root")
         self.root = root
         install_security(root, config, app=None, health=registry.health)
-        self._unavailable_text = _ERROR_TEXT[503]
+        self._unavailable_text = ERROR_TEXT[503]
 
         def _add_slash(**_):
             return flask.redirect(flask.request.path + "/", code=308)

@@ -15,9 +15,11 @@ on the Flask server under the Dash app. It
   ``python -m app.security hash-password``. Basic credentials travel in a header, never in
   the URL, and are only safe behind TLS: host behind a reverse proxy that terminates HTTPS.
 
-It also holds small validators for user-supplied values (gene names, ids, categories):
-everything a user sends is checked against the atlas's known values before use; nothing
-a user sends reaches the file system or an interpreter.
+Errors escaping a request answer the ``http_status`` of their class in the one error
+hierarchy (:mod:`atlas.errors`); only a ``public`` error's message is shown. Everything a
+user sends is checked against the atlas's known values before use (the one validator,
+:func:`atlas.errors.check_choice`); nothing a user sends reaches the file system or an
+interpreter.
 """
 
 from __future__ import annotations
@@ -33,8 +35,10 @@ import os
 import sys
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
+
+from atlas.errors import AtlasError
 
 log = logging.getLogger("tme_atlas.app.security")
 
@@ -70,7 +74,7 @@ STATIC_HEADERS: dict[str, str] = {
     "Permissions-Policy": "camera=(), microphone=(), geolocation=(), payment=(), usb=()",
 }
 
-_ERROR_TEXT = {
+ERROR_TEXT = {
     400: "Bad request.",
     401: "Login required.",
     403: "Forbidden.",
@@ -365,13 +369,13 @@ def _login_hook(checker: PasswordChecker, realm: str) -> Callable[[], Any]:
             return None
         if status == "throttled":
             return flask.Response(
-                _ERROR_TEXT[429] + "\n",
+                ERROR_TEXT[429] + "\n",
                 status=429,
                 mimetype="text/plain",
                 headers={"Retry-After": str(max(1, math.ceil(wait)))},
             )
         return flask.Response(
-            _ERROR_TEXT[401] + "\n",
+            ERROR_TEXT[401] + "\n",
             status=401,
             mimetype="text/plain",
             headers={"WWW-Authenticate": f'Basic realm="{realm}", charset="UTF-8"'},
@@ -384,7 +388,7 @@ def _login_hook(checker: PasswordChecker, realm: str) -> Callable[[], Any]:
 def _plain(status: int, text: str | None = None):
     import flask
 
-    body = (text or _ERROR_TEXT.get(status) or "Error.") + "\n"
+    body = (text or ERROR_TEXT.get(status) or "Error.") + "\n"
     return flask.Response(body, status=status, mimetype="text/plain")
 
 
@@ -443,20 +447,17 @@ def install_security(
 
     @server.errorhandler(Exception)
     def _any_error(e):
-        kind = _classify(e)
-        if kind == "not_found":  # e.g. Dash's DependencyException for an unknown asset path
-            return _plain(404)
-        if kind == "bad_value":  # a validator's message is safe to show
-            return _plain(400, str(e))
-        unavailable = kind == "unavailable"
+        status, text = http_status(e)
+        if status < 500:  # the user's request: a validator's message, an unknown asset
+            return _plain(status, text)
         log.error(
             "%s %s failed: %s",
             flask.request.method,
             flask.request.path,
             e.__class__.__name__,
-            exc_info=not unavailable,
+            exc_info=status == 500,  # 503: the atlas is unavailable (logged by the registry)
         )
-        return _plain(503 if unavailable else 500)
+        return _plain(status, text)
 
     def _healthz():
         # the status only: no atlas names, paths, sizes or process ids to the public
@@ -544,25 +545,19 @@ def _callback_body_check(app: Any) -> Callable[[], Any]:
     return _check
 
 
-def _classify(e: BaseException) -> str:
-    """'unavailable' (503), 'not_found' (404), 'bad_value' (400) or 'error' (500)."""
-    from app.registry import AtlasUnavailableError, UnknownAtlasError
-
-    if isinstance(e, AtlasUnavailableError):
-        return "unavailable"
-    try:  # the explorer's own "unknown value" error (its message is safe to show)
-        from app.data import UnknownValue
-    except ImportError:  # pragma: no cover
-        UnknownValue = UnknownValueError  # noqa: N806
-    if isinstance(e, (UnknownValueError, UnknownAtlasError, UnknownValue)):
-        return "bad_value"
+def http_status(e: BaseException) -> tuple[int, str | None]:
+    """``(status, text)`` for an error that escaped a request: an
+    :class:`~atlas.errors.AtlasError` answers its class's ``http_status`` (with its message
+    only when the class is ``public``), Dash's unknown-asset error 404, anything else 500."""
+    if isinstance(e, AtlasError):
+        return e.http_status, (str(e) if e.public else None)
     try:
         from dash.exceptions import DependencyException
     except ImportError:  # pragma: no cover
         DependencyException = ()  # noqa: N806
     if isinstance(e, DependencyException):
-        return "not_found"
-    return "error"
+        return 404, None
+    return 500, None
 
 
 def _safe_health(health: Callable[[], tuple[bool, dict]]) -> tuple[bool, dict]:
@@ -577,51 +572,6 @@ def _looks_like_hash(value: str) -> bool:
     return (
         isinstance(value, str) and value.split(":", 1)[0] in ("scrypt", "pbkdf2") and ("$" in value)
     )
-
-
-# ------------------------------------------------------------------------ validators
-class UnknownValueError(ValueError):
-    """A user-supplied value is not one of the atlas's known values (message is safe)."""
-
-
-def _clip(value: Any, n: int = 40) -> str:
-    s = str(value)
-    s = "".join(ch if ch.isprintable() else "?" for ch in s)
-    return s if len(s) <= n else s[: n - 1] + "…"
-
-
-def validate_choice(value: Any, allowed: Collection[str], what: str = "value") -> str:
-    """``value`` if it is one of ``allowed``; else :class:`UnknownValueError` (safe text)."""
-    if isinstance(value, str) and value in allowed:
-        return value
-    raise UnknownValueError(f"unknown {what}: {_clip(value)!r}")
-
-
-def validate_choices(
-    values: Any, allowed: Collection[str], what: str = "value", limit: int | None = None
-) -> list[str]:
-    """A de-duplicated list of known values; unknown ones or too many raise a safe error."""
-    if values is None:
-        return []
-    if isinstance(values, str):
-        values = [values]
-    if not isinstance(values, Sequence):
-        raise UnknownValueError(f"invalid {what} list")
-    out: list[str] = []
-    unknown: list[str] = []
-    for v in values:
-        if isinstance(v, str) and v in allowed:
-            if v not in out:
-                out.append(v)
-        else:
-            unknown.append(_clip(v))
-    if unknown:
-        shown = ", ".join(repr(u) for u in unknown[:5])
-        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
-        raise UnknownValueError(f"unknown {what}: {shown}{more}")
-    if limit is not None and len(out) > limit:
-        raise UnknownValueError(f"too many {what}s: {len(out)} (at most {limit} per request)")
-    return out
 
 
 # ------------------------------------------------------------------------ CLI

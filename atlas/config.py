@@ -19,6 +19,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .errors import ConfigError  # raised here; importable as atlas.config.ConfigError
+
 ENV_PREFIX = "TME_ATLAS__"
 ENV_CONFIG_FILE = "TME_ATLAS_CONFIG"
 
@@ -255,10 +257,6 @@ class Config(BaseModel):
 
         payload = json.dumps({s: self.model_dump(mode="json")[s] for s in sections}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-class ConfigError(ValueError):
-    """A configuration file, variable or flag is invalid (one line per problem)."""
 
 
 def _read_file(path: Path) -> dict[str, Any]:

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from .errors import AtlasError
+
 # --------------------------------------------------------------------------------------
 # files in an atlas directory
 # --------------------------------------------------------------------------------------
@@ -233,7 +235,7 @@ def run_hint(key: str) -> str:
     return _run_hint(key)
 
 
-class MissingKeyError(KeyError):
+class MissingKeyError(AtlasError, KeyError):
     """An atlas lacks a key; the message names the stage / command to run."""
 
     def __init__(self, where: str, key: str):
@@ -241,9 +243,6 @@ class MissingKeyError(KeyError):
         self.key = key
         self.stage = stage_of(key)
         super().__init__(f"atlas has no {where}[{key!r}]: run {run_hint(key)} first")
-
-    def __str__(self) -> str:  # KeyError quotes its message otherwise
-        return str(self.args[0])
 
 
 def _require(container: Iterable[str], where: str, keys: Iterable[str]) -> None:

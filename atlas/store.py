@@ -74,28 +74,13 @@ import numpy as np
 import pandas as pd
 
 from . import schema
-from .errors import InputError
+from .errors import InputError, NotAnAtlasError, StoreCorruptError, UnknownGeneError, clip
 from .io import atomic_path, write_h5ad_atomic
 
 FORMAT_VERSION = schema.STORE_FORMAT_VERSION
 SUMMARY_GROUPS = (schema.OBS_CELL_TYPE, schema.OBS_CONDITION, schema.OBS_SAMPLE)
 _GENE_CACHE_SIZE = 16
 _ROW_CHUNK = 100_000
-
-
-class NotAnAtlasError(InputError):
-    """``DIR`` is not a (finished, current-format) atlas directory."""
-
-
-class StoreCorruptError(NotAnAtlasError):
-    """A file of the read store is truncated or unreadable (checked on every open)."""
-
-
-class UnknownGeneError(InputError, KeyError):
-    """A gene symbol is not in the atlas; the message lists close matches."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return "\n".join(self.problems)
 
 
 # ======================================================================================
@@ -909,8 +894,8 @@ class AtlasStore:
     def resolve_gene(self, gene: str) -> str:
         """The atlas's spelling of ``gene`` (exact, else case-insensitive).
 
-        Raises :class:`UnknownGeneError` (an ``InputError`` and ``KeyError``) listing close
-        matches otherwise.
+        Raises :class:`~atlas.errors.UnknownGeneError` (an ``UnknownValue`` and a
+        ``KeyError``) listing close matches otherwise.
         """
         return self.genes[self._gene_pos(gene)]
 
@@ -921,7 +906,7 @@ class AtlasStore:
         if j is None:
             close = difflib.get_close_matches(str(gene), self.genes, n=5, cutoff=0.6)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise UnknownGeneError(f"gene {gene!r} is not in the atlas{hint}")
+            raise UnknownGeneError(f"gene {clip(gene)!r} is not in the atlas{hint}")
         return j
 
     def search_genes(self, prefix: str, limit: int = 20) -> list[str]:

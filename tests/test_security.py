@@ -17,13 +17,14 @@ from app import security
 from app.security import (
     HEALTH_PATH,
     PasswordChecker,
-    UnknownValueError,
     content_security_policy,
     hash_password,
     install_security,
-    validate_choice,
-    validate_choices,
 )
+from atlas import errors
+from atlas.errors import UnknownValueError
+from atlas.errors import check_choice as validate_choice
+from atlas.errors import check_choices as validate_choices
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -347,6 +348,45 @@ def test_validators():
     with pytest.raises(UnknownValueError) as e:
         validate_choice("x" * 10_000 + "\x00\n", genes, "gene")
     assert len(str(e.value)) < 80 and "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------- error -> status
+def test_errors_answer_the_status_of_their_class():
+    """One hierarchy: every error the project raises on purpose is an AtlasError whose class
+    gives the HTTP status; only public messages reach the user."""
+    import flask
+
+    from atlas.config import ConfigError
+    from atlas.schema import MissingKeyError
+    from atlas.store import NotAnAtlasError, StoreCorruptError, UnknownGeneError
+
+    classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, Exception)]
+    assert len(classes) >= 10 and all(issubclass(c, errors.AtlasError) for c in classes)
+    assert issubclass(MissingKeyError, errors.AtlasError) and ConfigError is errors.ConfigError
+    cases = {
+        "/value": (UnknownValueError("unknown gene 'NOPE'"), 400, "unknown gene 'NOPE'"),
+        "/gene": (UnknownGeneError("gene 'X' is not in the atlas"), 400, "gene 'X' is not"),
+        "/atlas": (errors.UnknownAtlasError("unknown atlas 'z'"), 400, "unknown atlas"),
+        "/input": (errors.InputError("sheet /srv/x.csv: bad"), 400, "Bad request."),
+        "/gone": (errors.AtlasUnavailableError("/srv/atlas vanished"), 503, "Service unavail"),
+        "/corrupt": (StoreCorruptError("/srv/atlas/store broken"), 503, "Service unavail"),
+        "/notatlas": (NotAnAtlasError("/srv/x is not an atlas"), 503, "Service unavail"),
+        "/key": (MissingKeyError("obs", "cell_type"), 500, "Internal server error"),
+        "/config": (ConfigError("serve.port: bad"), 500, "Internal server error"),
+        "/export": (errors.ExportRefused("3 exports per hour"), 429, "3 exports per hour"),
+        "/other": (RuntimeError("/srv/secret"), 500, "Internal server error"),
+    }
+    server = flask.Flask("errors")
+    for path, (exc, _, _) in cases.items():
+        server.add_url_rule(path, path, lambda exc=exc: (_ for _ in ()).throw(exc))
+    install_security(server, _config())
+    client = server.test_client()
+    for path, (_, status, text) in cases.items():
+        r = client.get(path)
+        body = r.get_data(as_text=True)
+        assert r.status_code == status, path
+        assert body.startswith(text), (path, body)
+        assert "/srv" not in body and "Traceback" not in body
 
 
 # ----------------------------------------------------------------------------- no unpickling
