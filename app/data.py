@@ -372,7 +372,9 @@ class AtlasView:
             cache[name] = self.store.table(name)
         return cache[name]
 
-    def summary(self, genes: Sequence[str], by: Sequence[str] = ("cell_type", "condition")):
+    def summary(
+        self, genes: Sequence[str], by: Sequence[str] = (schema.OBS_CELL_TYPE, schema.OBS_CONDITION)
+    ):
         """Mean expression and fraction expressing per gene x group (long frame).
 
         Columns: ``gene``, the ``by`` columns, ``n_cells``, ``mean``, ``frac``.

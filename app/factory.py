@@ -16,6 +16,7 @@ Structure (kept simple so hosting concerns can be layered on):
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,21 +39,31 @@ APP_TITLE = "CLL TME Atlas"
 
 
 class AppContext:
-    """What the callbacks of one app share: config, limits and the atlas view."""
+    """What the callbacks of one app share: config, limits and the atlas view.
+
+    ``opened_view`` is the view :func:`create_app` opened; hosting
+    (:class:`app.registry.AtlasDispatcher`) adopts it into its registry and then sets
+    :meth:`serve_from` so that every access goes through the registry (which re-validates
+    the atlas directory, reopens a replaced atlas and raises ``AtlasUnavailableError``,
+    a 503 page, for a vanished one).
+    """
 
     def __init__(self, atlas_path: str | Path, config: Config, view: AtlasView):
         self.atlas_path = Path(atlas_path)
         self.config = config
         self.limits = config.limits
-        self._view = view
+        self.opened_view = view
+        self.view_provider: Callable[[], AtlasView] | None = None
         self.app: dash.Dash | None = None
+
+    def serve_from(self, provider: Callable[[], AtlasView]) -> None:
+        """Read the atlas through ``provider()`` from now on (the hosting registry)."""
+        self.view_provider = provider
 
     @property
     def view(self) -> AtlasView:
-        # hosting (app.registry): re-validates the atlas dir on each access, reopens a
-        # replaced atlas, raises AtlasUnavailableError (-> 503 page) for a vanished one
-        provider = getattr(self, "view_provider", None)
-        return provider() if provider is not None else self._view
+        provider = self.view_provider
+        return provider() if provider is not None else self.opened_view
 
     def href(self, path: str, search: str = "") -> str:
         assert self.app is not None

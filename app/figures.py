@@ -15,6 +15,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from atlas import schema
+
 FONT = "Inter, system-ui, -apple-system, 'Segoe UI', Roboto, Helvetica, Arial, sans-serif"
 
 # categorical palette (colour-blind aware, extended); cycles when there are more groups
@@ -483,7 +485,7 @@ def composition_bar(
     df: pd.DataFrame,
     *,
     group: str,
-    category: str = "cell_type",
+    category: str = schema.COL_CELL_TYPE,
     value: str = "n",
     group_order: Sequence[str] | None = None,
     category_order: Sequence[str] | None = None,
@@ -540,14 +542,18 @@ def composition_effects(
     coloured by ``effect`` (e.g. log2 fold change of proportions); significant cells starred."""
     if df.empty or effect not in df.columns:
         return empty_figure("No composition test results")
-    m = df.pivot_table(index="cell_type", columns="condition", values=effect, aggfunc="mean")
+    m = df.pivot_table(
+        index=schema.COL_CELL_TYPE, columns=schema.COL_CONDITION, values=effect, aggfunc="mean"
+    )
     if condition_order is not None:
         m = m.reindex(columns=[c for c in condition_order if c in m.columns])
     if cell_type_order is not None:
         m = m.reindex(index=[t for t in cell_type_order if t in m.index])
     text = None
     if significance and significance in df.columns:
-        p = df.pivot_table(index="cell_type", columns="condition", values=significance)
+        p = df.pivot_table(
+            index=schema.COL_CELL_TYPE, columns=schema.COL_CONDITION, values=significance
+        )
         p = p.reindex(index=m.index, columns=m.columns)
         text = np.where(p.to_numpy() < alpha, "★", "")
     lim = float(np.nanmax(np.abs(m.to_numpy()))) if m.size else 1.0
@@ -575,7 +581,7 @@ def qc_bars(
     df: pd.DataFrame,
     *,
     value: str,
-    group: str = "sample_id",
+    group: str = schema.OBS_SAMPLE,
     colour: str | None = None,
     title: str | None = None,
 ) -> go.Figure:
@@ -618,20 +624,20 @@ def violin_figure(
         return empty_figure("No cells in the chosen conditions")
     d = df.copy()
     d["group"] = d["group"].astype(str)
-    d["condition"] = d["condition"].astype(str)
+    d[schema.COL_CONDITION] = d[schema.COL_CONDITION].astype(str)
     groups = (
         [str(g) for g in group_order] if group_order is not None else sorted(d["group"].unique())
     )
     conds = (
         [str(c) for c in condition_order]
         if condition_order is not None
-        else sorted(d["condition"].unique())
+        else sorted(d[schema.COL_CONDITION].unique())
     )
-    conds = [c for c in conds if c in set(d["condition"])]
+    conds = [c for c in conds if c in set(d[schema.COL_CONDITION])]
     cmap = colours or colour_map(conds, CONDITION_PALETTE)
     fig = go.Figure()
     for c in conds:
-        s = d[d["condition"] == c]
+        s = d[d[schema.COL_CONDITION] == c]
         fig.add_trace(
             go.Violin(
                 x=s["group"].to_numpy(),
@@ -660,7 +666,7 @@ def dotplot_figure(
     df: pd.DataFrame,
     *,
     x: str = "group",
-    y: str = "gene",
+    y: str = schema.COL_GENE,
     colour: str = "mean",
     size: str = "frac",
     x_order: Sequence[str] | None = None,
@@ -716,9 +722,9 @@ def dotplot_figure(
 def volcano_figure(
     df: pd.DataFrame,
     *,
-    lfc: str = "log2fc",
-    padj: str = "padj",
-    gene: str = "gene",
+    lfc: str = schema.COL_LOG2FC,
+    padj: str = schema.COL_PADJ,
+    gene: str = schema.COL_GENE,
     alpha: float = 0.05,
     lfc_threshold: float = 1.0,
     n_labels: int = 12,
@@ -784,15 +790,15 @@ def quick_de_bar(df: pd.DataFrame, *, n: int = 15, title: str | None = None) -> 
     if df.empty:
         return empty_figure("Select cells to compare them with the rest", height=300)
     top = pd.concat([df.nlargest(n, "log2fc"), df.nsmallest(n, "log2fc")]).drop_duplicates("gene")
-    top = top.sort_values("log2fc")
-    colours = np.where(top["log2fc"] > 0, UP_COLOUR, DOWN_COLOUR)
+    top = top.sort_values(schema.COL_LOG2FC)
+    colours = np.where(top[schema.COL_LOG2FC] > 0, UP_COLOUR, DOWN_COLOUR)
     fig = go.Figure(
         go.Bar(
-            x=top["log2fc"],
-            y=top["gene"].astype(str),
+            x=top[schema.COL_LOG2FC],
+            y=top[schema.COL_GENE].astype(str),
             orientation="h",
             marker_color=colours,
-            customdata=top["padj"],
+            customdata=top[schema.COL_PADJ],
             hovertemplate="%{y}: log2FC %{x:.2f}, padj %{customdata:.2g}<extra></extra>",
         )
     )
@@ -819,8 +825,8 @@ def interaction_dotplot(
     if df.empty:
         return empty_figure("No interactions match the filters")
     d = df.copy()
-    d["lr"] = d["ligand"].astype(str) + " → " + d["receptor"].astype(str)
-    d["st"] = d["source"].astype(str) + " → " + d["target"].astype(str)
+    d["lr"] = d[schema.COL_LIGAND].astype(str) + " → " + d[schema.COL_RECEPTOR].astype(str)
+    d["st"] = d[schema.COL_SOURCE].astype(str) + " → " + d[schema.COL_TARGET].astype(str)
     top_lr = d.groupby("lr")[score].max().nlargest(max_pairs).index
     top_st = d.groupby("st")[score].max().nlargest(max_celltype_pairs).index
     d = d[d["lr"].isin(top_lr) & d["st"].isin(top_st)]
@@ -861,7 +867,7 @@ def interaction_matrix(df: pd.DataFrame, *, score: str, how: str = "sum") -> pd.
     """Sender x receiver matrix of interaction strength (``sum`` of scores or ``count``)."""
     if df.empty:
         return pd.DataFrame()
-    g = df.groupby(["source", "target"], observed=True)[score]
+    g = df.groupby([schema.COL_SOURCE, schema.COL_TARGET], observed=True)[score]
     agg = g.count() if how == "count" else g.sum()
     m = agg.unstack("target").fillna(0.0)
     types = sorted(set(m.index.astype(str)) | set(m.columns.astype(str)))
@@ -979,13 +985,13 @@ def interaction_diff_figure(
         return empty_figure("No differential interactions for this contrast")
     d = df.copy()
     d["label"] = (
-        d["ligand"].astype(str)
+        d[schema.COL_LIGAND].astype(str)
         + " → "
-        + d["receptor"].astype(str)
+        + d[schema.COL_RECEPTOR].astype(str)
         + "  ("
-        + d["source"].astype(str)
+        + d[schema.COL_SOURCE].astype(str)
         + " → "
-        + d["target"].astype(str)
+        + d[schema.COL_TARGET].astype(str)
         + ")"
     )
     top = pd.concat([d.nlargest(n, delta), d.nsmallest(n, delta)]).drop_duplicates("label")
@@ -1033,17 +1039,17 @@ def lr_expression_figure(
     conds = (
         [str(c) for c in condition_order]
         if condition_order is not None
-        else sorted(df["condition"].astype(str).unique())
+        else sorted(df[schema.COL_CONDITION].astype(str).unique())
     )
     cmap = colour_map(conds, CONDITION_PALETTE)
     for col, (gene, focus) in enumerate(((ligand, sender), (receptor, receiver)), start=1):
-        s = df[df["gene"].astype(str) == gene]
+        s = df[df[schema.COL_GENE].astype(str) == gene]
         present = set(s["group"].astype(str))
         groups = (
             [g for g in group_order if g in present] if group_order is not None else sorted(present)
         )
         for c in conds:
-            sc = s[s["condition"].astype(str) == c].set_index("group").reindex(groups)
+            sc = s[s[schema.COL_CONDITION].astype(str) == c].set_index("group").reindex(groups)
             fig.add_trace(
                 go.Bar(
                     x=groups,
@@ -1112,16 +1118,16 @@ def cnv_heatmap(
     df = profile[profile["group"].astype(str).isin([str(g) for g in groups])].copy()
     if df.empty:
         return empty_figure("No copy-number profile for these groups")
-    df["patient"] = df["patient"].astype(str)
+    df[schema.OBS_PATIENT] = df[schema.OBS_PATIENT].astype(str)
     df["group"] = df["group"].astype(str)
     df["window"] = df["window"].astype(int)
-    order_p = [str(p) for p in patients] if patients else sorted(df["patient"].unique())
-    order_p = [p for p in order_p if p in set(df["patient"])]
+    order_p = [str(p) for p in patients] if patients else sorted(df[schema.OBS_PATIENT].unique())
+    order_p = [p for p in order_p if p in set(df[schema.OBS_PATIENT])]
     g_rank = {str(g): i for i, g in enumerate(groups)}
     rows = (
-        df[["patient", "group"]]
+        df[[schema.OBS_PATIENT, "group"]]
         .drop_duplicates()
-        .assign(_p=lambda d: d["patient"].map({p: i for i, p in enumerate(order_p)}))
+        .assign(_p=lambda d: d[schema.OBS_PATIENT].map({p: i for i, p in enumerate(order_p)}))
         .assign(_g=lambda d: d["group"].map(g_rank))
         .dropna(subset=["_p"])
         .sort_values(["_p", "_g"])
@@ -1129,7 +1135,7 @@ def cnv_heatmap(
     labels = [f"{r.patient} · {r.group}" for r in rows.itertuples()]
     windows = df[["window", "chromosome"]].drop_duplicates("window").sort_values("window")
     mat = (
-        df.assign(_row=df["patient"] + " · " + df["group"])
+        df.assign(_row=df[schema.OBS_PATIENT] + " · " + df["group"])
         .pivot_table(index="_row", columns="window", values="mean", aggfunc="mean")
         .reindex(index=labels, columns=windows["window"].to_numpy())
     )

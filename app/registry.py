@@ -417,11 +417,11 @@ class AtlasDispatcher:
             except Exception as e:  # noqa: BLE001 - shown as "unavailable", retried
                 log.error("atlas %r: the explorer could not be created: %s", name, e)
                 raise AtlasUnavailableError(f"atlas {name!r} cannot be shown") from e
-            ctx = getattr(app, "tme", None)
+            ctx = getattr(app, "tme", None)  # an app.factory.AppContext
             if ctx is not None:
-                own = getattr(ctx, "_view", None)
+                own = ctx.opened_view
                 self.registry.adopt(name, getattr(own, "store", None), own)
-                ctx.view_provider = lambda: self.registry.get(name)
+                ctx.serve_from(lambda: self.registry.get(name))
             self._apps[name] = (app, self.registry.generation(name))
             return app
 

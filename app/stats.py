@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from atlas import schema
 from atlas.stats import bh_adjust
 
 QUICK_DE_SEED = 0
@@ -99,7 +100,7 @@ def quick_de(
                 "padj": bh_adjust(p),
             }
         )
-        .sort_values(["padj", "pvalue"], kind="stable")
+        .sort_values([schema.COL_PADJ, schema.COL_PVALUE], kind="stable")
         .reset_index(drop=True)
     )
     note = (

@@ -179,3 +179,109 @@ def test_cycle_finder_finds_a_planted_cycle():
     g = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert _cycles(g) == [["a", "b", "c"]]
     assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+# ----------------------------------------------------------------------------- schema keys
+# data keys the explorer must spell through atlas.schema (obs/obsm/uns/layers/var keys,
+# table names and table columns)
+_KEY_PREFIXES = ("OBS_", "OBSM_", "UNS_", "LAYER_", "VAR_", "COL_", "TABLE_")
+# receivers whose .get() reads a URL parameter (the URL's vocabulary, not a data key)
+_URL_RECEIVERS = {"params", "args", "query"}
+_FRAME_METHODS = {
+    "get", "pop", "sort_values", "groupby", "drop", "rename", "pivot", "pivot_table",
+    "set_index", "astype", "merge",
+}  # fmt: skip
+# (file, literal) -> why a literal key is allowed there; empty: none is
+KEY_LITERAL_ALLOWED: dict[tuple[str, str], str] = {
+    ("app/pages/overview.py", "source"): "the b_clones table's own 'source' column (contigs or "
+    "expression), listed literally in schema.TABLE_COLUMNS[TABLE_CLONES]; not COL_SOURCE",
+}
+
+
+def schema_key_values() -> dict[str, list[str]]:
+    from atlas import schema
+
+    out: dict[str, list[str]] = {}
+    for name, value in vars(schema).items():
+        if name.isupper() and isinstance(value, str) and name.startswith(_KEY_PREFIXES):
+            out.setdefault(value, []).append(name)
+    return out
+
+
+def key_literals(tree: ast.AST, keys) -> list[ast.Constant]:
+    """String literals equal to a schema key, used as one: a subscript (``df["x"]``), the
+    left of ``in``, the first/keyword argument of a DataFrame method (``.get``,
+    ``.groupby``, ``.pivot_table``, ...; not ``params.get``: URL parameters), or a
+    function's default (``lfc="log2fc"``)."""
+    found = []
+    for node in ast.walk(tree):
+        cands: list[ast.AST] = []
+        if isinstance(node, ast.Subscript):
+            cands.append(node.slice)
+        elif isinstance(node, ast.Compare) and any(
+            isinstance(o, (ast.In, ast.NotIn)) for o in node.ops
+        ):
+            cands.append(node.left)
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr in _FRAME_METHODS
+        ):
+            recv = node.func.value
+            if isinstance(recv, ast.Name) and recv.id in _URL_RECEIVERS:
+                continue
+            cands.extend(node.args[:1])
+            cands.extend(k.value for k in node.keywords)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            # one string default names a column; a tuple default lists values (groups)
+            defaults = [*node.args.defaults, *(d for d in node.args.kw_defaults if d)]
+            cands.extend(d for d in defaults if isinstance(d, ast.Constant))
+        for c in cands:
+            for e in c.elts if isinstance(c, (ast.List, ast.Tuple)) else [c]:
+                if isinstance(e, ast.Constant) and isinstance(e.value, str) and e.value in keys:
+                    found.append(e)
+    return found
+
+
+def test_explorer_spells_data_keys_through_the_schema():
+    keys = schema_key_values()
+    assert keys["cell_type"] and keys["log2fc"]  # the registry was read
+    files = sorted((REPO / "app").glob("*.py")) + sorted((REPO / "app" / "pages").glob("*.py"))
+    bad = []
+    for path in files:
+        rel = str(path.relative_to(REPO))
+        for e in key_literals(ast.parse(path.read_text()), keys):
+            if (rel, e.value) not in KEY_LITERAL_ALLOWED:
+                bad.append(f"{rel}:{e.lineno}: {e.value!r} -> schema.{keys[e.value][0]}")
+    assert not bad, "literal data keys in the explorer (use atlas.schema):\n" + "\n".join(bad)
+
+
+def test_key_literal_scanner_finds_planted_keys():
+    keys = schema_key_values()
+    planted = (
+        "def f(df, lfc='log2fc', params=None, groups=('malignant', 'reference')):\n"
+        "    a = df['cell_type']\n"
+        "    b = 'condition' in df.columns\n"
+        "    c = df.groupby(['sample_id', 'n'])\n"
+        "    d = params.get('condition')\n"  # a URL parameter: allowed
+        "    return df.get('padj'), 'cell_type'\n"  # a bare literal (e.g. a label): allowed
+    )
+    found = sorted(e.value for e in key_literals(ast.parse(planted), keys))
+    assert found == ["cell_type", "condition", "log2fc", "padj", "sample_id"]
+
+
+def test_explorer_reads_de_columns_from_the_schema():
+    import pandas as pd
+
+    from app.pages.genes import de_columns
+    from atlas import schema
+
+    cols = schema.TABLE_COLUMNS[schema.TABLE_DE]
+    assert de_columns(pd.DataFrame(columns=cols)) == (
+        schema.COL_CONDITION,
+        schema.COL_LOG2FC,
+        schema.COL_PADJ,
+    )
+    # no guessing: other spellings (and a raw p-value standing in for padj) are not read
+    guess = pd.DataFrame(columns=["contrast", "log2FoldChange", "lfc", "fdr", "qvalue", "pvalue"])
+    assert de_columns(guess) == (None, None, None)

@@ -29,11 +29,14 @@ def default_gene(view) -> str:
     return view.gene_names[0]
 
 
+# the DE table's columns, as the build writes them (atlas.schema.TABLE_COLUMNS[TABLE_DE])
+DE_KEY_COLUMNS = (schema.COL_CONDITION, schema.COL_LOG2FC, schema.COL_PADJ)
+
+
 def de_columns(df: pd.DataFrame) -> tuple[str | None, str | None, str | None]:
-    """(condition column, log2fc column, padj column) of the DE table."""
-    cond = next((c for c in ("condition", "contrast") if c in df.columns), None)
-    lfc = next((c for c in ("log2fc", "log2FoldChange", "lfc") if c in df.columns), None)
-    padj = next((c for c in ("padj", "fdr", "qvalue", "pvalue") if c in df.columns), None)
+    """(condition, log2fc, padj) columns of the DE table, from the schema (no guessing);
+    ``None`` for one the table lacks."""
+    cond, lfc, padj = (c if c in df.columns else None for c in DE_KEY_COLUMNS)
     return cond, lfc, padj
 
 
@@ -133,9 +136,13 @@ def layout(ctx, params: dict) -> html.Div:
         de = view.table(schema.TABLE_DE)
         cond_col, _, _ = de_columns(de)
         types = [
-            t for t in view.cell_types if t in set(de.get("cell_type", pd.Series()).astype(str))
+            t
+            for t in view.cell_types
+            if t in set(de.get(schema.COL_CELL_TYPE, pd.Series()).astype(str))
         ]
-        types = types or sorted(de.get("cell_type", pd.Series(dtype=str)).astype(str).unique())
+        types = types or sorted(
+            de.get(schema.COL_CELL_TYPE, pd.Series(dtype=str)).astype(str).unique()
+        )
         contrasts = (
             [c for c in view.conditions if c in set(de[cond_col].astype(str))] if cond_col else []
         )
@@ -392,8 +399,8 @@ def register(app, ctx) -> None:
         de = view.table(schema.TABLE_DE)
         cond_col, lfc, padj = de_columns(de)
         sub = de
-        if "cell_type" in de.columns and celltype:
-            sub = sub[sub["cell_type"].astype(str) == str(celltype)]
+        if schema.COL_CELL_TYPE in de.columns and celltype:
+            sub = sub[sub[schema.COL_CELL_TYPE].astype(str) == str(celltype)]
         if cond_col and contrast:
             sub = sub[sub[cond_col].astype(str) == str(contrast)]
         first = [c for c in DE_COLUMNS_FIRST if c in sub.columns]
@@ -428,7 +435,7 @@ def register(app, ctx) -> None:
         if dash_ctx.triggered_id == "genes-volcano" and click and click.get("points"):
             gene = click["points"][0].get("text")
         elif active and rows and active.get("row", 0) < len(rows):
-            gene = rows[active["row"]].get("gene")
+            gene = rows[active["row"]].get(schema.COL_GENE)
         try:
             gene = ctx.view.resolve_gene(gene)
         except UnknownValue:

@@ -48,8 +48,10 @@ def prepare(df: pd.DataFrame) -> pd.DataFrame:
     for k in KEYS:
         if k in d.columns:
             d[k] = d[k].astype(str)
-    if "curated" in d.columns:
-        d["curated"] = d["curated"].astype(str).str.lower().isin(["true", "1", "yes"])
+    if schema.COL_CURATED in d.columns:
+        d[schema.COL_CURATED] = (
+            d[schema.COL_CURATED].astype(str).str.lower().isin(["true", "1", "yes"])
+        )
     return d
 
 
@@ -64,8 +66,8 @@ def filter_interactions(
     curated_only=False,
 ) -> pd.DataFrame:
     m = np.ones(len(df), dtype=bool)
-    if condition and "condition" in df.columns:
-        m &= (df["condition"].astype(str) == condition).to_numpy()
+    if condition and schema.COL_CONDITION in df.columns:
+        m &= (df[schema.COL_CONDITION].astype(str) == condition).to_numpy()
     for col, vals in (
         ("source", senders),
         ("target", receivers),
@@ -74,8 +76,8 @@ def filter_interactions(
     ):
         if vals:
             m &= df[col].isin(list(vals)).to_numpy()
-    if curated_only and "curated" in df.columns:
-        m &= df["curated"].to_numpy(dtype=bool)
+    if curated_only and schema.COL_CURATED in df.columns:
+        m &= df[schema.COL_CURATED].to_numpy(dtype=bool)
     return df[m]
 
 
@@ -304,7 +306,7 @@ def register(app, ctx) -> None:
             receivers=receivers or (),
             ligands=ligands or (),
             receptors=receptors or (),
-            curated_only="curated" in (curated or []),
+            curated_only=schema.COL_CURATED in (curated or []),
         )
         dot = F.interaction_dotplot(
             sub, score="strength", size="specificity", title=f"{condition}" if condition else None
@@ -371,7 +373,7 @@ def register(app, ctx) -> None:
                 F.empty_figure("Click an interaction in the dot plot or the table"),
                 "No interaction chosen.",
             )
-        ligand, receptor = pick.get("ligand"), pick.get("receptor")
+        ligand, receptor = pick.get(schema.COL_LIGAND), pick.get(schema.COL_RECEPTOR)
         genes_l = [g for g in str(ligand).split("_") if g]
         genes_r = [g for g in str(receptor).split("_") if g]
         try:  # complexes (A_B): show the first subunit the atlas has
@@ -385,13 +387,13 @@ def register(app, ctx) -> None:
             s,
             ligand=lg,
             receptor=rg,
-            sender=pick.get("source"),
-            receiver=pick.get("target"),
+            sender=pick.get(schema.COL_SOURCE),
+            receiver=pick.get(schema.COL_TARGET),
             condition_order=view.conditions,
             group_order=view.cell_types,
         )
         text = (
-            f"{pick.get('source')} → {pick.get('target')}: {ligand} → {receptor} "
+            f"{pick.get(schema.COL_SOURCE)} → {pick.get(schema.COL_TARGET)}: {ligand} → {receptor} "
             "(sender and receiver outlined)"
         )
         return fig, text
@@ -419,7 +421,7 @@ def register(app, ctx) -> None:
             receivers=receivers or (),
             ligands=ligands or (),
             receptors=receptors or (),
-            curated_only="curated" in (curated or []),
+            curated_only=schema.COL_CURATED in (curated or []),
         )
         delta = next((c for c in ("score", "log2fc") if c in sub.columns), "strength")
         fig = F.interaction_diff_figure(
@@ -452,8 +454,8 @@ def register(app, ctx) -> None:
             )
             if c in sub.columns
         ]
-        if "padj" in sub.columns:
-            sub = sub.sort_values("padj", kind="stable")
+        if schema.COL_PADJ in sub.columns:
+            sub = sub.sort_values(schema.COL_PADJ, kind="stable")
         if "called" in sub.columns:  # two-sided calls first
             called = sub["called"].astype(str).str.lower().eq("true")
             sub = sub.assign(_c=~called).sort_values("_c", kind="stable").drop(columns="_c")
@@ -474,7 +476,7 @@ def register(app, ctx) -> None:
                 "receiver": receivers,
                 "ligand": ligands,
                 "receptor": receptors,
-                "curated": "curated" in (curated or []),
+                "curated": schema.COL_CURATED in (curated or []),
                 "contrast": contrast,
             }
         )
