@@ -119,14 +119,16 @@ def check_choice(value: Any, allowed: Collection[str], what: str = "value") -> s
 def check_choices(
     values: Any, allowed: Collection[str], what: str = "value", limit: int | None = None
 ) -> list[str]:
-    """The known values among ``values``, de-duplicated in order; an unknown value, a
-    value that is not a list, or more than ``limit`` values raise :class:`UnknownValue`."""
+    """The known values among ``values``, de-duplicated in order; an unknown value or more
+    than ``limit`` values raise :class:`UnknownValue` (a message for the user); ``values``
+    of the wrong type (not a list: a payload no browser sends) raise ``TypeError`` (the
+    explorer answers "no update")."""
     if values is None:
         return []
     if isinstance(values, str):
         values = [values]
     if not isinstance(values, Sequence):
-        raise UnknownValue(f"invalid {what} list")
+        raise TypeError(f"{what}s: expected a list, got {type(values).__name__}")
     if not isinstance(allowed, (set, frozenset, dict)):
         allowed = set(allowed)
     out: list[str] = []

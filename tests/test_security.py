@@ -341,6 +341,8 @@ def test_validators():
     assert validate_choices(["CD19", "CD19", "CD3E"], genes, "gene") == ["CD19", "CD3E"]
     assert validate_choices("CD19", genes) == ["CD19"]
     assert validate_choices(None, genes) == []
+    with pytest.raises(TypeError):  # a wrong type: "no update" in the explorer, not a message
+        validate_choices(-1, genes, "gene")
     with pytest.raises(UnknownValueError, match="unknown gene: 'NOPE'"):
         validate_choices(["CD19", "NOPE"], genes, "gene")
     with pytest.raises(UnknownValueError, match="too many genes"):
