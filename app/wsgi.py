@@ -9,28 +9,28 @@ on first access of ``server`` / ``app`` (importing this module opens nothing).
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-ENV_ATLAS = "TME_ATLAS_ATLAS"
+from .registry import ENV_ATLAS, AtlasRegistry
+
+__all__ = ["ENV_ATLAS", "get_app", "get_server"]
 
 _APP: Any = None
 
 
 def get_app():
+    """The Dash explorer of the default atlas (``$TME_ATLAS_ATLAS``, else the first of
+    ``serve.atlases``), resolved by :meth:`app.registry.AtlasRegistry.from_config` like
+    everything gunicorn serves."""
     global _APP
     if _APP is None:
         from atlas.config import load_config
 
         from .factory import create_app
 
-        atlas_dir = os.environ.get(ENV_ATLAS)
         config = load_config()
-        if not atlas_dir and config.serve.atlases:
-            atlas_dir = next(iter(config.serve.atlases.values()))
-        if not atlas_dir:
-            raise RuntimeError(f"set {ENV_ATLAS} to the atlas directory to serve")
-        _APP = create_app(atlas_dir, config)
+        registry = AtlasRegistry.from_config(config)
+        _APP = create_app(registry.path(), config, name=registry.default)
     return _APP
 
 
