@@ -100,7 +100,7 @@ def demo_sim_dir(tmp_path_factory) -> Path:
     from preprocessing.simulate import write_dataset
 
     out = tmp_path_factory.mktemp("demo_sim")
-    write_dataset(out, seed=0)
+    write_dataset(out, seed=0, lesions=True, vdj=True)  # tme-atlas simulate's defaults
     return out
 
 
