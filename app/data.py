@@ -19,6 +19,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -64,6 +65,19 @@ MAX_CATEGORIES = 120  # more distinct values than this: not offered as a colour
 LUMPED = {schema.OBS_CLONOTYPE: 12}
 LUMPED_OTHER = "other"
 LUMPED_NONE = "none"
+
+
+def open_store(path: str | Path) -> Any:
+    """Open the atlas in ``path`` with ``atlas.open`` (the typed, column-oriented reader).
+    The one place the explorer opens an atlas: the factory and the registry call it."""
+    import atlas
+
+    return atlas.open(Path(path))
+
+
+def open_view(path: str | Path, limits: Any, *, name: str | None = None) -> AtlasView:
+    """:class:`AtlasView` over :func:`open_store` of ``path`` (named after its folder)."""
+    return AtlasView(open_store(path), limits, name=name or Path(path).resolve().name)
 
 
 class AtlasView:

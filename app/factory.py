@@ -23,11 +23,10 @@ from typing import Any
 import dash
 from dash import Input, Output, State, dcc, html
 
-import atlas
 from atlas.config import Config
 
 from . import components as C
-from .data import AtlasView
+from .data import AtlasView, open_view
 from .pages import cells, downloads, genes, interactions, overview
 from .urls import parse_query
 
@@ -117,11 +116,10 @@ def _shell(ctx: AppContext) -> html.Div:
 def create_app(
     atlas_path: str | Path, config: Config | None = None, *, name: str | None = None
 ) -> dash.Dash:
-    """The explorer for the atlas in ``atlas_path`` (opened with ``atlas.open``)."""
+    """The explorer for the atlas in ``atlas_path`` (opened with :func:`app.data.open_view`)."""
     config = config or Config()
     atlas_path = Path(atlas_path)
-    store = atlas.open(atlas_path)
-    view = AtlasView(store, config.limits, name=name or atlas_path.resolve().name)
+    view = open_view(atlas_path, config.limits, name=name)
     ctx = AppContext(atlas_path, config, view)
     app = dash.Dash(
         __name__,

@@ -92,9 +92,9 @@ def _tree_identity(folder: Path, depth: int = 2) -> list:
 
 
 def _default_opener(path: Path) -> Any:
-    import atlas
+    from .data import open_store
 
-    return atlas.open(path)
+    return open_store(path)
 
 
 class AtlasRegistry:

@@ -87,6 +87,26 @@ def test_app_imports_no_build_code():
     assert not bad, "the explorer reads atlases through atlas/, never the build:\n" + "\n".join(bad)
 
 
+def test_explorer_opens_atlases_in_one_place_and_reads_no_anndata():
+    """The explorer reads atlases only through the typed store (``atlas.open``), opened in
+    ``app/data.py`` alone (the factory and the registry call ``open_store``/``open_view``),
+    and never imports AnnData or the file libraries under it."""
+    raw = ("anndata", "h5py", "zarr", "scanpy")
+    bad = [
+        f"{path.relative_to(REPO)}:{line} imports {mod}"
+        for name, path in modules("app").items()
+        for mod, line in imports(name, path)
+        if mod.split(".")[0] in raw
+    ]
+    for path in modules("app").values():
+        if path.name == "data.py":
+            continue
+        for i, text in enumerate(path.read_text().splitlines(), start=1):
+            if "atlas.open(" in text or "AtlasStore(" in text:
+                bad.append(f"{path.relative_to(REPO)}:{i} opens an atlas outside app/data.py")
+    assert not bad, "\n".join(bad)
+
+
 def test_offline_packages_import_no_web_code_at_run_time():
     names = [m for pkg in OFFLINE for m in modules(pkg) if not m.endswith("__main__")]
     code = (
