@@ -182,6 +182,21 @@ def _sheet_rows(sheet: Path, text: str) -> list[list[str]]:
     return rows
 
 
+def _sheet_path(raw: str, base: Path, allow_outside: bool) -> Path | None:
+    """``raw`` (absolute, or relative to the sheet's folder ``base``) resolved; ``None`` when
+    it points outside ``base`` and that is not allowed."""
+    p = Path(raw).expanduser()
+    resolved = (p if p.is_absolute() else base / p).resolve()
+    return resolved if allow_outside or resolved.is_relative_to(base) else None
+
+
+def _outside(raw: str, base: Path) -> str:
+    return (
+        f"path '{raw}' points outside the sample sheet's folder {base} "
+        "(use --allow-outside-paths to allow)"
+    )
+
+
 def read_samplesheet(
     samplesheet: str | Path, *, allow_outside_paths: bool = False
 ) -> tuple[list[Sample], list[str]]:
@@ -276,24 +291,16 @@ def read_samplesheet(
         raw_path = rec[schema.SHEET_PATH]
         if not raw_path:
             continue
-        p = Path(raw_path).expanduser()
-        resolved = (p if p.is_absolute() else base / p).resolve()
-        if not allow_outside_paths and not resolved.is_relative_to(base):
-            problems.append(
-                f"{label}: path '{raw_path}' points outside the sample sheet's folder "
-                f"{base} (use --allow-outside-paths to allow)"
-            )
+        resolved = _sheet_path(raw_path, base, allow_outside_paths)
+        if resolved is None:
+            problems.append(f"{label}: {_outside(raw_path, base)}")
             continue
         vdj = None
         raw_vdj = rec.get(schema.SHEET_VDJ, "")
         if raw_vdj:
-            v = Path(raw_vdj).expanduser()
-            vdj = (v if v.is_absolute() else base / v).resolve()
-            if not allow_outside_paths and not vdj.is_relative_to(base):
-                problems.append(
-                    f"{label}: column '{schema.SHEET_VDJ}': path '{raw_vdj}' points outside the "
-                    f"sample sheet's folder {base} (use --allow-outside-paths to allow)"
-                )
+            vdj = _sheet_path(raw_vdj, base, allow_outside_paths)
+            if vdj is None:
+                problems.append(f"{label}: column '{schema.SHEET_VDJ}': {_outside(raw_vdj, base)}")
                 continue
         meta = {k: v for k, v in rec.items() if k != schema.SHEET_PATH}
         samples.append(Sample(sample_id=sid, path=resolved, raw_path=raw_path, meta=meta, vdj=vdj))

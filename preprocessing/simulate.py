@@ -962,6 +962,33 @@ def _null_de_table(
     return pd.DataFrame(rows)
 
 
+def _lr_truth_row(
+    ligand: str,
+    receptor: str,
+    source: str,
+    target: str,
+    condition: str,
+    *,
+    direction: str,
+    log2fc: float,
+    kind: str,
+    driver: str,
+) -> dict:
+    """One row of the interaction truth table (``truth/lr.csv``)."""
+    return {
+        "ligand": ligand,
+        "receptor": receptor,
+        "source": source,
+        "target": target,
+        "condition": condition,
+        "reference": REFERENCE,
+        "direction": direction,
+        "expected_log2fc": round(float(log2fc), 6),
+        "kind": kind,
+        "driver": driver,
+    }
+
+
 def _lr_table(
     species: str,
     genes: list[str],
@@ -1012,18 +1039,17 @@ def _lr_table(
                     d = "up" if e > 0.3 else ("down" if e < -0.3 else "none")
                     driver, kind = side_kind(e_l, e_r)
                     rows.append(
-                        {
-                            "ligand": s_lig,
-                            "receptor": s_rec,
-                            "source": s,
-                            "target": t,
-                            "condition": c,
-                            "reference": REFERENCE,
-                            "direction": d,
-                            "expected_log2fc": round(e, 6),
-                            "kind": kind if d != "none" else "unchanged_axis",
-                            "driver": driver if d != "none" else "none",
-                        }
+                        _lr_truth_row(
+                            s_lig,
+                            s_rec,
+                            s,
+                            t,
+                            c,
+                            direction=d,
+                            log2fc=e,
+                            kind=kind if d != "none" else "unchanged_axis",
+                            driver=driver if d != "none" else "none",
+                        )
                     )
     # null pairs: expressed in source / target, no planted change in any of their genes
     major = [t for t in CELL_TYPES if BASE_PROPORTIONS[t] >= 0.02]
@@ -1066,18 +1092,9 @@ def _lr_table(
         n_null += 1
         for c in conds:
             rows.append(
-                {
-                    "ligand": lig_s,
-                    "receptor": rec_s,
-                    "source": s,
-                    "target": t,
-                    "condition": c,
-                    "reference": REFERENCE,
-                    "direction": "none",
-                    "expected_log2fc": 0.0,
-                    "kind": "null",
-                    "driver": "none",
-                }
+                _lr_truth_row(
+                    lig_s, rec_s, s, t, c, direction="none", log2fc=0.0, kind="null", driver="none"
+                )
             )
     rows += _ligand_only_rows(
         res, genes, frac, eff, conds, from_species, axis_keys, major, gidx, rng
@@ -1123,18 +1140,17 @@ def _ligand_only_rows(res, genes, frac, eff, conds, from_species, axis_keys, maj
                 continue
             e = changes[c]
             rows.append(
-                {
-                    "ligand": lig_s,
-                    "receptor": rec_s,
-                    "source": s,
-                    "target": t,
-                    "condition": c,
-                    "reference": REFERENCE,
-                    "direction": "up" if e > 0 else "down",
-                    "expected_log2fc": round(float(e), 6),
-                    "kind": "ligand_only",
-                    "driver": "ligand",
-                }
+                _lr_truth_row(
+                    lig_s,
+                    rec_s,
+                    s,
+                    t,
+                    c,
+                    direction="up" if e > 0 else "down",
+                    log2fc=e,
+                    kind="ligand_only",
+                    driver="ligand",
+                )
             )
     return rows
 
