@@ -243,16 +243,21 @@ def test_malformed_auth_headers_are_401_not_500(header):
     assert r.status_code == 401
 
 
-def test_callbacks_need_auth():
-    app = _auth_app()
-    c = app.server.test_client()
-    payload = {
+def _gene_callback() -> dict:
+    """The body of the Genes page's gene-switch callback (UMAP + violin) for CD19."""
+    return {
         "output": "..umap.figure...violin.figure..",
         "outputs": [{"id": "umap", "property": "figure"}, {"id": "violin", "property": "figure"}],
         "inputs": [{"id": "gene", "property": "value", "value": "CD19"}],
         "changedPropIds": ["gene.value"],
         "state": [],
     }
+
+
+def test_callbacks_need_auth():
+    app = _auth_app()
+    c = app.server.test_client()
+    payload = _gene_callback()
     assert c.post("/_dash-update-component", json=payload).status_code == 401
     ok = c.post("/_dash-update-component", json=payload, headers=_basic("alice", "correct horse"))
     assert ok.status_code == 200
@@ -681,15 +686,8 @@ def _padded_callback(pad_bytes: int) -> bytes:
     """A *valid* callback request of the test app, padded to ``pad_bytes``."""
     import json
 
-    payload = {
-        "output": "..umap.figure...violin.figure..",
-        "outputs": [{"id": "umap", "property": "figure"}, {"id": "violin", "property": "figure"}],
-        "inputs": [{"id": "gene", "property": "value", "value": "CD19"}],
-        "changedPropIds": ["gene.value"],
-        "state": [],
-        "pad": "p" * pad_bytes,  # Dash ignores unknown keys
-    }
-    return json.dumps(payload).encode()
+    # Dash ignores unknown keys
+    return json.dumps({**_gene_callback(), "pad": "p" * pad_bytes}).encode()
 
 
 def test_request_size_limit_is_real():
