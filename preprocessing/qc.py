@@ -12,7 +12,8 @@ Per sample (never across samples, whose depths differ):
   cells, scrublet's default 2 from there). The expected rate follows the cells recovered
   in the sample (``doublet_rate_per_1k`` percent per 1,000 cells, 10x loading; or a fixed
   ``doublet_rate``); the threshold comes from the score distributions
-  (:func:`doublet_threshold`), not a fixed fraction.
+  (:func:`doublet_threshold`: estimated FDR from the expected rate and from the singlets'
+  own null, :func:`singlet_null_sf`), not a fixed fraction.
 
 Flags are kept in ``.obs`` (:data:`~atlas.schema.OBS_QC_OUTLIER`,
 :data:`~atlas.schema.OBS_QC_REASON`, :data:`~atlas.schema.OBS_DOUBLET_SCORE`,
@@ -150,17 +151,33 @@ def expected_doublet_rate(n_cells: int, cfg) -> float:
     return float(np.clip(cfg.doublet_rate_per_1k / 100.0 * n_cells / 1000.0, 0.001, 0.5))
 
 
-def doublet_threshold(scores: np.ndarray, sim_scores: np.ndarray, rate: float, fdr: float) -> float:
+def doublet_threshold(
+    scores: np.ndarray,
+    sim_scores: np.ndarray,
+    rate: float,
+    fdr: float,
+    *,
+    singlet_sf=None,
+) -> float:
     """Lowest score threshold whose estimated false-discovery rate is at most ``fdr``.
 
-    Above a threshold ``t`` the sample is expected to hold ``n * rate * S(t)`` true
-    doublets, where ``S(t)`` is the fraction of scrublet's simulated doublets scoring at
-    least ``t`` (the detectable share); the observed cells above ``t``, ``N(t)``, exceed it
-    by the false discoveries: ``FDR(t) = max(0, N(t) - n rate S(t)) / N(t)``. The expected
-    rate sets how many calls the distribution can support, the two score distributions
-    where they lie (a fixed fraction ignores both; scrublet's histogram-valley threshold
-    needs a bimodal distribution, absent in small samples). ``inf`` when no threshold
-    qualifies.
+    Two estimates of the false discoveries above a threshold ``t``, each conservative
+    where the other is not; the smaller is used:
+
+    * from the expected rate: the sample is expected to hold ``n * rate * S(t)`` true
+      doublets above ``t``, where ``S(t)`` is the fraction of scrublet's simulated doublets
+      scoring at least ``t`` (the detectable share); the observed cells above ``t``,
+      ``N(t)``, exceed it by the false discoveries: ``max(0, N(t) - n rate S(t))``. Exact
+      when many doublets are expected, but a small sample holding more doublets than its
+      expectation (8 +- 3 at 1,000 cells) has its excess counted as false;
+    * from the singlets' own distribution (``singlet_sf``, see
+      :func:`singlet_null_sf`): ``n * P(singlet score >= t)``. Needs no rate, but the
+      doublets themselves widen the fitted null, so it is conservative when they are many.
+
+    ``FDR(t) = min(both) / N(t)``. The expected rate sets how many calls the distribution
+    can support, the two score distributions where they lie (a fixed fraction ignores both;
+    scrublet's histogram-valley threshold needs a bimodal distribution, absent in small
+    samples). ``inf`` when no threshold qualifies.
     """
     s = np.sort(np.asarray(scores, dtype=np.float64))
     sim = np.sort(np.asarray(sim_scores, dtype=np.float64))
@@ -170,9 +187,61 @@ def doublet_threshold(scores: np.ndarray, sim_scores: np.ndarray, rate: float, f
     cand = np.unique(s)
     n_above = n - np.searchsorted(s, cand, side="left")
     s_above = 1.0 - np.searchsorted(sim, cand, side="left") / sim.size
-    est_fdr = np.maximum(0.0, n_above - n * rate * s_above) / n_above
+    false = np.maximum(0.0, n_above - n * rate * s_above)
+    if singlet_sf is not None:
+        false = np.minimum(false, n * singlet_sf(cand))
+    est_fdr = false / n_above
     ok = np.flatnonzero(est_fdr <= fdr)
     return float(cand[ok[0]]) if ok.size else float("inf")
+
+
+def scrublet_neighbours(n_cells: int) -> int:
+    """scrublet's default neighbourhood size for ``n_cells`` observed cells (passed
+    explicitly, so the score can be read back as a neighbour count)."""
+    return max(1, round(0.5 * np.sqrt(n_cells)))
+
+
+def singlet_null_sf(scores: np.ndarray, *, n_sim: int, rate: float, n_neighbors: int):
+    """``P(singlet score >= t)`` from the simulated-neighbour counts of the observed cells.
+
+    scrublet's score is a monotone function of ``d``, the number of simulated doublets among
+    a cell's ``k_adj = round(n_neighbors (1 + r))`` neighbours (``r = n_sim / n``); inverted
+    here, exactly. Almost all observed cells are singlets, so a beta-binomial fitted to their
+    ``d`` by moments (over-dispersed: cell types differ in how many simulated doublets lie
+    near them) is the singlets' null; its upper tail gives the expected singlets above a
+    threshold. ``None`` when the scores are not scrublet's formula of whole counts.
+    """
+    from scipy import stats
+
+    s = np.asarray(scores, dtype=np.float64)
+    n = s.size
+    if n < MIN_CELLS_SCRUBLET or n_sim <= 0 or not 0 < rate < 1:
+        return None
+    r = n_sim / n
+    k_adj = round(n_neighbors * (1 + r))
+    m = k_adj - 1  # the cell itself is not among its neighbours
+
+    def counts(x):
+        x = np.asarray(x, dtype=np.float64)
+        q = x * (1 - rate) / (rate / r + x * (1 - rate - rate / r))
+        return q * (k_adj + 2) - 1
+
+    d = counts(s)
+    if not np.all(np.isfinite(d)) or np.abs(d - np.round(d)).max() > 1e-3:
+        return None
+    d = np.clip(np.round(d), 0, m)
+    mu, var = d.mean() / m, d.var()
+    if not 0 < mu < 1 or m < 2:
+        return None
+    rho = float(np.clip((var / (m * mu * (1 - mu)) - 1) / (m - 1), 1e-6, 1 - 1e-6))
+    ab = (1 - rho) / rho
+    a, b = mu * ab, (1 - mu) * ab
+
+    def sf(t):
+        dt = np.clip(np.round(counts(t)), 0, m)
+        return stats.betabinom.sf(dt - 1, m, a, b)
+
+    return sf
 
 
 def _scrublet_sample(
@@ -194,6 +263,7 @@ def _scrublet_sample(
     a.obs_names = [str(i) for i in range(n)]
     a.var_names = [str(j) for j in range(counts.shape[1])]
     n_pcs = int(max(2, min(SCRUBLET_N_PCS, n - 1, counts.shape[1] - 1)))
+    k = scrublet_neighbours(n)
     verbosity = sc.settings.verbosity
     try:
         sc.settings.verbosity = 0
@@ -204,6 +274,7 @@ def _scrublet_sample(
                 expected_doublet_rate=rate,
                 sim_doublet_ratio=scrublet_sim_ratio(n),
                 n_prin_comps=n_pcs,
+                n_neighbors=k,
                 log_transform=True,
                 mean_center=True,
                 normalize_variance=True,
@@ -221,7 +292,8 @@ def _scrublet_sample(
     score = a.obs[schema.OBS_DOUBLET_SCORE].to_numpy(dtype=np.float64)
     score = np.where(np.isfinite(score), score, 0.0)
     sim = np.asarray(a.uns["scrublet"]["doublet_scores_sim"], dtype=np.float64)
-    thr = doublet_threshold(score, sim, rate, cfg.doublet_fdr)
+    null = singlet_null_sf(score, n_sim=sim.size, rate=rate, n_neighbors=k)
+    thr = doublet_threshold(score, sim, rate, cfg.doublet_fdr, singlet_sf=null)
     called = score >= thr
     return score, called, (thr if np.isfinite(thr) else None)
 
@@ -352,7 +424,9 @@ def run_qc(
                 f"{SCRUBLET_SIM_RATIO_LARGE} from {SCRUBLET_LARGE_SAMPLE} cells; exact kNN); "
                 "expected rate doublet_rate_per_1k percent per 1,000 cells of the sample "
                 "(or a fixed doublet_rate); called: scores above the lowest threshold of "
-                "estimated FDR <= doublet_fdr (observed vs simulated-doublet scores)"
+                "estimated FDR <= doublet_fdr; false discoveries: the smaller of N(t) - n rate "
+                "S(t) (S: simulated-doublet scores) and the beta-binomial singlet null of the "
+                "simulated-neighbour counts"
             ),
             "mad": "median absolute deviation (x1.4826) of log1p counts, log1p genes, % mito",
             "scrublet_thresholds": json.dumps(thresholds, sort_keys=True),

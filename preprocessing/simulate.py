@@ -188,6 +188,15 @@ LOW_QUALITY_RATE = 0.05
 DOUBLET_RATE_PER_1K_10X = 0.8
 
 
+def doublet_kind(doublet_of: str) -> str:
+    """``"cross"`` for a planted doublet of two lineages, ``"same"`` for one of a single
+    lineage (expression-homotypic, e.g. two cells of one CLL clone), ``""`` for a singlet
+    (``obs["doublet_of"]`` of a simulation)."""
+    if not isinstance(doublet_of, str) or not doublet_of:
+        return ""
+    return "same" if len({LINEAGE[t] for t in doublet_of.split("+")}) == 1 else "cross"
+
+
 def doublet_rate_for(n_cells: int, per_1k: float | None = None) -> float:
     """Planted doublet fraction of a sample of ``n_cells``: ``per_1k`` percent per 1,000
     cells recovered (10x loading), capped at 50%; ``None``: the fixed :data:`DOUBLET_RATE`."""
