@@ -216,6 +216,19 @@ class AuthConfig(_Section):
     enabled: bool = False
     # username -> password hash (werkzeug.security.generate_password_hash); never plain text
     users: dict[str, str] = Field(default_factory=dict)
+    # users who may curate labels in the explorer (rename, merge, relabel a selection);
+    # every other user reads only
+    editors: list[str] = Field(default_factory=list)
+    # without auth nobody can curate, unless this is set (local use only: edits are
+    # recorded as user "local")
+    curation_without_auth: bool = False
+
+    @field_validator("editors")
+    @classmethod
+    def _editors_unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("an editor is listed twice")
+        return v
 
 
 class ServeConfig(_Section):

@@ -16,11 +16,14 @@ The command line turns any of them into one line per problem on stderr and exit 
     │   ├── UnknownValue (400, public)  a choice not among the atlas's values (= UnknownValueError)
     │   │   ├── UnknownGeneError        a gene symbol not in the atlas (close matches listed)
     │   │   └── UnknownAtlasError       an atlas name that is not configured
+    │   ├── InvalidName (400, public)   a label or label-set name a user typed is refused
     │   └── NotAnAtlasError (503)       a directory that is not a finished atlas
     │       └── StoreCorruptError       a read-store file truncated or unreadable
     ├── ConfigError (500)               an invalid configuration file/variable/flag
     ├── MissingKeyError (500)           an atlas lacks a key (names the stage to run)
     ├── AtlasUnavailableError (503)     a served atlas cannot be read now
+    ├── CurationRefused (403, public)   a label edit by a user who may not edit
+    ├── CurationConflict (409, public)  a label edit based on an outdated version
     └── ExportRefused (429, public)     an explorer export is not allowed now
 """
 
@@ -75,6 +78,13 @@ class UnknownAtlasError(UnknownValue):
     """A requested atlas name is not configured (the message is safe to show)."""
 
 
+class InvalidName(InputError):
+    """A cell-type label or label-set name typed by a user is refused (too long, control
+    characters, a spreadsheet-formula prefix, ...); the message is safe to show."""
+
+    public = True
+
+
 class NotAnAtlasError(InputError):
     """``DIR`` is not a (finished, current-format) atlas directory."""
 
@@ -93,6 +103,22 @@ class AtlasUnavailableError(AtlasError, RuntimeError):
     """A served atlas cannot be read now (vanished, half-written, unreadable)."""
 
     http_status = 503
+
+
+class CurationRefused(AtlasError):
+    """A label edit by a user who may not edit (not an editor, or the explorer's curation
+    is off); the message is safe to show."""
+
+    http_status = 403
+    public = True
+
+
+class CurationConflict(AtlasError):
+    """A label edit based on a version that is no longer the latest (another editor saved
+    first); the message is safe to show."""
+
+    http_status = 409
+    public = True
 
 
 class ExportRefused(AtlasError):

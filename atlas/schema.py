@@ -37,6 +37,14 @@ INTEGRATION_METRICS_FILE = "integration_metrics.csv"
 PROVENANCE_FILE = "provenance.json"
 LOG_FILE = "build.log"
 WORK_DIR = ".work"  # stage checkpoints for --resume (removed after a finished build)
+# curated labels (atlas.curation): DIR/annotations/<set>/manifest.json, v0001.parquet, ...,
+# and the tables recomputed with a version in DIR/annotations/<set>/tables/v0001/
+ANNOTATIONS_DIR = "annotations"
+ANNOTATION_MANIFEST_FILE = "manifest.json"
+ANNOTATION_TABLES_DIR = "tables"
+ANNOTATION_PARAMS_FILE = "params.json"
+ANNOTATION_COL_CELL = "cell_id"  # columns of a label version file
+ANNOTATION_COL_LABEL = "label"
 
 # files inside DIR/store/ (see atlas.store for the layout)
 STORE_FORMAT_VERSION = 1

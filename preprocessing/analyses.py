@@ -1138,18 +1138,49 @@ def run_analyses(
     return full
 
 
-def run_analyse_dir(atlas_dir: str | Path, *, config=None):
+ANALYSES_TABLES = (
+    schema.TABLE_PROPORTIONS,
+    schema.TABLE_COMPOSITION,
+    schema.TABLE_DE,
+    schema.TABLE_PROGRAMS,
+)
+
+
+def run_analyse_dir(atlas_dir: str | Path, *, config=None, labels: str | None = None):
     """``tme-atlas analyse DIR``: read ``DIR/atlas.h5ad``, run :func:`run_analyses`,
     write ``DIR/tables/*.csv``, the read store and ``DIR/atlas.h5ad`` atomically
     (:func:`atlas.store.write_atlas`). Raises :class:`~atlas.schema.MissingKeyError` for
     an atlas without ``obs["cell_type"]`` and :class:`InputError` for unknown conditions;
     nothing is rewritten then. Returns the AnnData written.
+
+    With ``labels`` (``--labels NAME``): the latest version of that curated label set
+    (:mod:`atlas.curation`) stands in for ``obs["cell_type"]`` and the tables go to
+    ``DIR/annotations/NAME/tables/v<N>/`` (:mod:`preprocessing.curated`); the atlas, its
+    store and ``DIR/tables/`` are left as they are.
     """
     from atlas.store import read_atlas_adata, write_atlas
 
     atlas_dir = Path(atlas_dir)
+    if labels is not None:
+        from atlas.curation import check_version
+
+        check_version(atlas_dir, labels)  # an unknown set: before the atlas is read
     adata = read_atlas_adata(atlas_dir)
     schema.require_obs(adata, schema.OBS_CELL_TYPE)
+    if labels is not None:
+        from preprocessing.curated import save_curated_tables, use_curated_labels
+
+        version = use_curated_labels(adata, atlas_dir=atlas_dir, name=labels)
+        run_analyses(adata, config=config)
+        save_curated_tables(
+            adata,
+            atlas_dir=atlas_dir,
+            name=labels,
+            version=version,
+            step="analyses",
+            names=ANALYSES_TABLES,
+        )
+        return adata
     run_analyses(adata, config=config)
     write_atlas(adata, atlas_dir)
     log.info("analyses: wrote %s", atlas_dir / schema.TABLES_DIR)

@@ -1169,15 +1169,59 @@ def _write_atlas(adata, atlas_dir: Path) -> None:
     write_tables_csv(adata, atlas_dir / schema.TABLES_DIR)
 
 
-def run_crosstalk_dir(atlas_dir, *, config=None):
+CROSSTALK_TABLES = (
+    schema.TABLE_INTERACTIONS,
+    schema.TABLE_INTERACTIONS_BY_SAMPLE,
+    schema.TABLE_INTERACTIONS_DIFF,
+    schema.TABLE_INTERACTIONS_DIFF_ALL,
+    schema.TABLE_LIGREC_AGREEMENT,
+)
+
+
+def run_crosstalk_dir(atlas_dir, *, config=None, labels: str | None = None):
     """``tme-atlas crosstalk DIR``: run :func:`run_crosstalk` on the atlas in ``DIR``.
 
     Needs the ``de`` table (``tme-atlas analyse DIR``). Rewrites ``DIR/atlas.h5ad`` (and the
     read store) and writes ``DIR/tables/*.csv``.
+
+    With ``labels`` (``--labels NAME``): the latest version of that curated label set stands
+    in for ``obs["cell_type"]``, with the ``de`` table of ``tme-atlas analyse DIR --labels
+    NAME`` for that version; the tables go to ``DIR/annotations/NAME/tables/v<N>/`` and the
+    atlas is left as it is.
     """
     atlas_dir = Path(atlas_dir)
-    adata = _read_atlas(atlas_dir)
     cfg = _crosstalk_config(config)
+    if labels is not None:
+        from atlas.curation import check_version, read_table
+
+        version = check_version(atlas_dir, labels)
+        read_table(atlas_dir, labels, version, schema.TABLE_DE)  # analysed? before reading
+    adata = _read_atlas(atlas_dir)
+    if labels is not None:
+        from preprocessing.curated import (
+            load_curated_table,
+            save_curated_tables,
+            use_curated_labels,
+        )
+
+        if cfg.groupby != schema.OBS_CELL_TYPE:
+            from atlas.errors import InputError
+
+            raise InputError(f"crosstalk --labels: groupby must be {schema.OBS_CELL_TYPE!r}")
+        version = use_curated_labels(adata, atlas_dir=atlas_dir, name=labels, version=version)
+        load_curated_table(
+            adata, atlas_dir=atlas_dir, name=labels, version=version, table=schema.TABLE_DE
+        )
+        run_crosstalk(adata, config=config)
+        save_curated_tables(
+            adata,
+            atlas_dir=atlas_dir,
+            name=labels,
+            version=version,
+            step="crosstalk",
+            names=CROSSTALK_TABLES,
+        )
+        return adata
     schema.require_obs(adata, cfg.groupby)
     schema.require_table(adata, schema.TABLE_DE)
     run_crosstalk(adata, config=config)

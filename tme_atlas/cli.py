@@ -71,11 +71,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("atlas_dir", metavar="DIR")
     p.add_argument("--reference", metavar="COND")
     p.add_argument("--contrast", nargs="+", metavar="COND")
+    p.add_argument(
+        "--labels",
+        metavar="NAME",
+        help="use the latest version of this curated label set; tables go to "
+        "DIR/annotations/NAME/tables/vN/ (the atlas is not rewritten)",
+    )
     _add_config(p)
 
     p = sub.add_parser("crosstalk", help="ligand-receptor crosstalk per resistance state")
     p.add_argument("atlas_dir", metavar="DIR")
     p.add_argument("--n-perms", type=int, metavar="N")
+    p.add_argument(
+        "--labels",
+        metavar="NAME",
+        help="use the latest version of this curated label set (after analyse --labels NAME)",
+    )
     _add_config(p)
 
     p = sub.add_parser("export", help="self-contained h5ad (and tables) for collaborators")
@@ -152,11 +163,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "analyse":
         from preprocessing.analyses import run_analyse_dir
 
-        run_analyse_dir(args.atlas_dir, config=config)
+        run_analyse_dir(args.atlas_dir, config=config, labels=args.labels)
     elif args.command == "crosstalk":
         from preprocessing.crosstalk import run_crosstalk_dir
 
-        run_crosstalk_dir(args.atlas_dir, config=config)
+        run_crosstalk_dir(args.atlas_dir, config=config, labels=args.labels)
     elif args.command == "export":
         from atlas.export import export_atlas
 

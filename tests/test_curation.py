@@ -1,0 +1,226 @@
+"""Curated label sets (atlas.curation): storage, versions, atomicity, concurrency, bad
+input; ``tme-atlas analyse|crosstalk DIR --labels NAME``."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from atlas import curation as A
+from atlas import schema
+from atlas.errors import CurationConflict, InvalidName, UnknownValue
+
+
+def _base(n=12):
+    labels = ["T"] * 4 + ["B"] * 4 + ["NK"] * 4
+    return pd.Series(labels[:n], index=[f"c{i}" for i in range(n)])
+
+
+def test_versions_who_when_what_and_the_atlas_untouched(tmp_path):
+    atlas_file = tmp_path / schema.ATLAS_FILE
+    atlas_file.write_bytes(b"atlas")
+    e1 = A.edit_labels(
+        tmp_path, "lab", {"op": "rename", "from": "T", "to": "T cell"}, user="alice",
+        base_labels=_base, expected_version=0,
+    )  # fmt: skip
+    assert e1["version"] == 1 and e1["user"] == "alice" and e1["n_changed"] == 4
+    e2 = A.edit_labels(
+        tmp_path, "lab", {"op": "merge", "from": ["B", "NK"], "to": "Lymph"}, user="bob",
+        expected_version=1,
+    )  # fmt: skip
+    assert e2["parent"] == 1 and e2["op"] == {"op": "merge", "from": ["B", "NK"], "to": "Lymph"}
+    e3 = A.edit_labels(
+        tmp_path, "lab", {"op": "relabel", "cells": ["c0", "c11"], "to": "Odd"}, user="bob"
+    )
+    assert e3["op"]["from_counts"] == {"T cell": 1, "Lymph": 1} and e3["n_changed"] == 2
+    assert A.label_sets(tmp_path) == ["lab"] and A.latest_version(tmp_path, "lab") == 3
+    # every version stays readable; a new reader (another process) sees the same
+    v1, v3 = A.read_labels(tmp_path, "lab", 1), A.read_labels(tmp_path, "lab")
+    assert list(v1) == ["T cell"] * 4 + ["B"] * 4 + ["NK"] * 4
+    assert list(v3) == ["Odd"] + ["T cell"] * 3 + ["Lymph"] * 7 + ["Odd"]
+    man = json.loads((tmp_path / "annotations" / "lab" / "manifest.json").read_text())
+    assert [v["user"] for v in man["versions"]] == ["alice", "bob", "bob"]
+    assert all(v["time"].endswith("+00:00") for v in man["versions"])
+    assert man["base"]["n_cells"] == 12
+    assert atlas_file.read_bytes() == b"atlas"  # never rewritten
+    # aligned to another cell order; other cells -> one clear error
+    ids = list(reversed(v3.index))
+    assert list(A.aligned_labels(tmp_path, "lab", 3, ids)) == list(v3[ids])
+    with pytest.raises(Exception, match="another build"):
+        A.aligned_labels(tmp_path, "lab", 3, ids + ["zz"])
+
+
+def test_conflicting_edit_is_refused_and_writes_nothing(tmp_path):
+    A.edit_labels(tmp_path, "s", {"op": "rename", "from": "T", "to": "X"}, user="a",
+                  base_labels=_base(), expected_version=0)  # fmt: skip
+    A.edit_labels(tmp_path, "s", {"op": "rename", "from": "B", "to": "Y"}, user="b",
+                  expected_version=1)  # fmt: skip
+    before = sorted(p.name for p in (tmp_path / "annotations" / "s").iterdir())
+    with pytest.raises(CurationConflict, match="version 2, not 1"):
+        A.edit_labels(tmp_path, "s", {"op": "rename", "from": "NK", "to": "Z"}, user="a",
+                      expected_version=1)  # fmt: skip
+    with pytest.raises(CurationConflict):  # a "new" set that exists
+        A.edit_labels(tmp_path, "s", {"op": "rename", "from": "NK", "to": "Z"}, user="a",
+                      base_labels=_base(), expected_version=0)  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "annotations" / "s").iterdir()) == before
+    assert A.latest_version(tmp_path, "s") == 2
+
+
+def test_concurrent_editors_do_not_lose_edits(tmp_path):
+    """Eight threads save at once (no version check): the lock serialises them, every
+    edit lands as its own version on top of the previous one."""
+    base = pd.Series([f"t{i}" for i in range(8)] * 3, index=[f"c{i}" for i in range(24)])
+    A.edit_labels(tmp_path, "s", {"op": "relabel", "cells": ["c0"], "to": "start"}, user="a",
+                  base_labels=base)  # fmt: skip
+    errors = []
+
+    def edit(i):
+        try:
+            A.edit_labels(tmp_path, "s", {"op": "rename", "from": f"t{i}", "to": f"u{i}"},
+                          user=f"user{i}")  # fmt: skip
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=edit, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert A.latest_version(tmp_path, "s") == 9
+    final = set(A.read_labels(tmp_path, "s"))
+    assert final == {"start"} | {f"u{i}" for i in range(8)}
+
+
+def test_a_failed_write_leaves_the_last_version(tmp_path, monkeypatch):
+    A.edit_labels(tmp_path, "s", {"op": "rename", "from": "T", "to": "X"}, user="a",
+                  base_labels=_base())  # fmt: skip
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(A, "atomic_write_text", boom)  # the manifest (commit) fails
+    with pytest.raises(OSError):
+        A.edit_labels(tmp_path, "s", {"op": "rename", "from": "B", "to": "Y"}, user="a")
+    monkeypatch.undo()
+    assert A.latest_version(tmp_path, "s") == 1
+    assert set(A.read_labels(tmp_path, "s")) == {"X", "B", "NK"}
+    leftovers = [p.name for p in (tmp_path / "annotations" / "s").iterdir() if "tmp" in p.name]
+    assert leftovers == []
+    # the next edit reuses version 2 (the orphan file is overwritten)
+    assert (
+        A.edit_labels(tmp_path, "s", {"op": "rename", "from": "B", "to": "Y"}, user="a")["version"]
+        == 2
+    )
+
+
+@pytest.mark.parametrize(
+    "op, match",
+    [
+        ({"op": "rename", "from": "T", "to": "=cmd|' /C calc'!A0"}, "formula"),
+        ({"op": "rename", "from": "T", "to": "+SUM(A1)"}, "formula"),
+        ({"op": "rename", "from": "T", "to": "@x"}, "formula"),
+        ({"op": "rename", "from": "T", "to": "-2+3"}, "formula"),
+        ({"op": "rename", "from": "T", "to": "a\nforged log line"}, "control"),
+        ({"op": "rename", "from": "T", "to": "x" * 61}, "too long"),
+        ({"op": "rename", "from": "T", "to": "   "}, "empty"),
+        ({"op": "rename", "from": "T", "to": 5}, "text"),
+        ({"op": "rename", "from": "T", "to": "B"}, "merge"),
+        ({"op": "rename", "from": "nope", "to": "X"}, "unknown label"),
+        ({"op": "merge", "from": ["T"], "to": "X"}, "two"),
+        ({"op": "merge", "from": ["T", "nope"], "to": "X"}, "unknown label"),
+        ({"op": "relabel", "cells": [], "to": "X"}, "select"),
+        ({"op": "relabel", "cells": ["c0", "zz"], "to": "X"}, "unknown cell"),
+        ({"op": "relabel", "cells": ["c0"], "to": "T"}, "no cell"),
+        ({"op": "delete", "from": "T", "to": "X"}, "unknown edit"),
+        ("rename", "mapping"),
+    ],
+)
+def test_bad_edits_are_refused(op, match):
+    with pytest.raises((InvalidName, UnknownValue), match=match):
+        A.apply_operation(_base(), op)
+
+
+@pytest.mark.parametrize("name", ["", "../x", "a/b", ".hidden", "x" * 41, "a b", "=x", None, 3])
+def test_bad_set_names_are_refused(tmp_path, name):
+    with pytest.raises(InvalidName):
+        A.edit_labels(tmp_path, name, {"op": "rename", "from": "T", "to": "X"}, user="a",
+                      base_labels=_base())  # fmt: skip
+    assert not (tmp_path / "annotations").exists() or not any((tmp_path / "annotations").iterdir())
+
+
+def test_unknown_set_or_version(tmp_path):
+    with pytest.raises(UnknownValue):
+        A.read_labels(tmp_path, "none")
+    A.edit_labels(tmp_path, "s", {"op": "rename", "from": "T", "to": "X"}, user="a",
+                  base_labels=_base())  # fmt: skip
+    for bad in (0, 2, "1; rm", -1, True, 1.5):
+        with pytest.raises(UnknownValue):
+            A.read_labels(tmp_path, "s", bad)
+    with pytest.raises(schema.MissingKeyError, match="tme-atlas analyse DIR --labels s"):
+        A.read_table(tmp_path, "s", 1, schema.TABLE_COMPOSITION)
+    with pytest.raises(schema.MissingKeyError, match="tme-atlas crosstalk DIR --labels s"):
+        A.read_table(tmp_path, "s", 1, schema.TABLE_INTERACTIONS)
+
+
+# ----------------------------------------------------------------------------- command line
+@pytest.fixture
+def synthetic_atlas(tmp_path):
+    from atlas.testing import make_synthetic_atlas
+
+    return make_synthetic_atlas(tmp_path / "atlas", n_cells=1500, n_genes=300, seed=3)
+
+
+def test_analyse_with_curated_labels_changes_the_composition_table(synthetic_atlas, capsys):
+    """Merging two cell types, then ``tme-atlas analyse DIR --labels NAME``: the merged type
+    appears in the composition table, the two old ones vanish; the atlas and its own
+    tables are untouched; the version is recorded; a second merge needs a re-run."""
+    import atlas
+    from tme_atlas.cli import main
+
+    d = synthetic_atlas
+    with atlas.open(d) as store:
+        obs = store.obs([schema.OBS_CELL_TYPE])
+        ids = np.asarray(store.obs_names, dtype=str)
+        orig = store.table(schema.TABLE_COMPOSITION)
+    counts = obs[schema.OBS_CELL_TYPE].astype(str).value_counts()
+    tested = set(orig[schema.COL_CELL_TYPE].astype(str))
+    tme = [t for t in counts.index if t in tested and not t.startswith(schema.CLL_LABEL_PREFIX)]
+    a, b = tme[:2]  # the two largest microenvironment types
+    stamp = (
+        (d / schema.ATLAS_FILE).stat().st_mtime_ns,
+        (d / "tables" / "composition.csv").read_text(),
+    )
+    base = pd.Series(obs[schema.OBS_CELL_TYPE].astype(str).to_numpy(), index=ids)
+    A.edit_labels(d, "merged", {"op": "merge", "from": [a, b], "to": "Merged cells"}, user="alice",
+                  base_labels=base, expected_version=0)  # fmt: skip
+
+    assert main(["analyse", str(d), "--labels", "merged"]) == 0
+    comp = A.read_table(d, "merged", 1, schema.TABLE_COMPOSITION)
+    types = set(comp[schema.COL_CELL_TYPE].astype(str))
+    assert "Merged cells" in types and a not in types and b not in types
+    assert types - {"Merged cells", schema.MALIGNANT_ROW} <= tested
+    props = A.read_table(d, "merged", 1, schema.TABLE_PROPORTIONS)
+    assert "Merged cells" in set(props[schema.COL_CELL_TYPE].astype(str))
+    csv = (A.tables_dir(d, "merged", 1) / "composition.csv").read_text()
+    assert "Merged cells" in csv
+    params = A.read_params(d, "merged", 1)
+    assert params["labels"] == "merged" and params["analyses"]["label_version"] == 1
+    # the atlas and its own tables are untouched
+    assert (
+        (d / schema.ATLAS_FILE).stat().st_mtime_ns,
+        (d / "tables" / "composition.csv").read_text(),
+    ) == stamp  # noqa: E501
+    # unknown set: one line, exit 2, nothing written
+    capsys.readouterr()
+    assert main(["analyse", str(d), "--labels", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "label set 'nope'" in err
+    # crosstalk of a version that was not analysed: names the command to run
+    A.edit_labels(d, "merged", {"op": "rename", "from": "Merged cells", "to": "M2"}, user="bob")
+    assert main(["crosstalk", str(d), "--labels", "merged"]) == 2
+    assert "tme-atlas analyse DIR --labels merged" in capsys.readouterr().err
