@@ -25,10 +25,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from atlas import schema
+from atlas import curation, schema
 from atlas.errors import UnknownValue, check_choice, check_choices, clip
 
-__all__ = ["AtlasView", "UnknownValue"]
+__all__ = ["AtlasView", "LabelledView", "UnknownValue"]
 
 log = logging.getLogger("tme_atlas.app")
 
@@ -404,6 +404,53 @@ class AtlasView:
                 m &= np.isin(self._str_column(col), list(values))
         return m
 
+    # ------------------------------------------------------------------ curated labels
+    label_set: str | None = None  # a LabelledView's set and version; None: the atlas's own
+    label_version: int | None = None
+    LABELLED_CACHE = 6
+
+    @property
+    def atlas_dir(self) -> Path | None:
+        path = getattr(self.store, "path", None)
+        return Path(path) if path is not None else None
+
+    def label_versions(self) -> list[tuple[str, int, dict]]:
+        """Every (set, version, manifest entry) of the curated label sets, newest last per
+        set (read from disk on each call: edits by other users and processes show)."""
+        out: list[tuple[str, int, dict]] = []
+        if self.atlas_dir is None:
+            return out
+        for name in curation.label_sets(self.atlas_dir):
+            try:
+                for e in curation.versions(self.atlas_dir, name):
+                    out.append((name, int(e["version"]), e))
+            except Exception:  # noqa: BLE001 - a damaged set is not offered
+                log.warning("label set %s is unreadable; not offered", name)
+        return out
+
+    def labelled(self, name: str, version: int) -> AtlasView:
+        """This atlas seen with curated label set ``name`` at ``version`` (validated; cached
+        per view, a few at a time)."""
+        version = curation.check_version(self.atlas_dir, name, version)
+        key = (name, version)
+        with self._lock:
+            cache = self.__dict__.setdefault("_labelled", OrderedDict())
+            hit = cache.get(key)
+            if hit is not None:
+                cache.move_to_end(key)
+                return hit
+        view = LabelledView(self, name, version)
+        with self._lock:
+            cache[key] = view
+            while len(cache) > self.LABELLED_CACHE:
+                cache.popitem(last=False)
+        return view
+
+    def base_labels(self) -> pd.Series:
+        """The atlas's own cell-type labels by cell id (the start of a new label set)."""
+        base = getattr(self, "base", self)
+        return pd.Series(base.codes(schema.OBS_CELL_TYPE), index=base.cell_ids)
+
     # ------------------------------------------------------------------ validation
     def check_choice(self, value: Any, allowed: Sequence[str], what: str) -> str:
         """:func:`atlas.errors.check_choice` (the one validator)."""
@@ -412,3 +459,73 @@ class AtlasView:
     def check_choices(self, values: Iterable[Any], allowed: Sequence[str], what: str) -> list[str]:
         """:func:`atlas.errors.check_choices` (the one validator)."""
         return check_choices(values, allowed, what)
+
+
+# the cached data a LabelledView shares with its atlas view (label-independent)
+_SHARED = (
+    "cell_ids",
+    "species",
+    "reference",
+    "umap",
+    "display_idx",
+    "gene_names",
+    "_gene_set",
+    "variable_genes",
+    "var",
+    "programs",
+)
+
+
+class LabelledView(AtlasView):
+    """An :class:`AtlasView` whose ``obs["cell_type"]`` is a curated label version and whose
+    label-dependent tables (composition, DE, interactions, ...) are those recomputed with
+    it (``tme-atlas analyse|crosstalk DIR --labels NAME``); a table not recomputed for this
+    version is missing (the page says which command to run). Gene data, the embedding and
+    the other tables are the atlas's own (shared, not copied). The precomputed dot-plot
+    summaries of the store are grouped by the atlas's labels: :meth:`summary` uses them."""
+
+    def __init__(self, base: AtlasView, name: str, version: int):
+        super().__init__(base.store, base.limits, name=base.name)
+        self.base = base
+        self.label_set = name
+        self.label_version = int(version)
+        self._genes = base._genes  # one gene cache (and its lock) for both
+        self._lock = base._lock
+        for key in _SHARED:
+            self.__dict__[key] = getattr(base, key)
+        labels = curation.aligned_labels(base.atlas_dir, name, version, base.cell_ids)
+        obs = base.obs.copy(deep=False)
+        cats = sorted(set(labels), key=str)
+        obs[schema.OBS_CELL_TYPE] = pd.Categorical(labels, categories=cats)
+        self.__dict__["obs"] = obs
+
+    def label_versions(self) -> list[tuple[str, int, dict]]:
+        return self.base.label_versions()
+
+    def labelled(self, name: str, version: int) -> AtlasView:
+        return self.base.labelled(name, version)
+
+    def has_table(self, name: str) -> bool:
+        if name in curation.LABEL_TABLES:  # on disk now (recomputed while serving)
+            return name in curation.table_names(
+                self.base.atlas_dir, self.label_set, self.label_version
+            )
+        return self.base.has_table(name)
+
+    def table(self, name: str) -> pd.DataFrame:
+        if name not in curation.LABEL_TABLES:
+            return self.base.table(name)
+        folder = curation.tables_dir(self.base.atlas_dir, self.label_set, self.label_version)
+        try:
+            stamp = (folder / f"{name}.parquet").stat().st_mtime_ns
+        except OSError:
+            stamp = None
+        cache = self.__dict__.setdefault("_tables", {})
+        hit = cache.get(name)
+        if hit is None or hit[0] != stamp:
+            df = curation.read_table(self.base.atlas_dir, self.label_set, self.label_version, name)
+            cache[name] = hit = (stamp, df)
+        return hit[1].copy()
+
+    def summary(self, genes, by=(schema.OBS_CELL_TYPE, schema.OBS_CONDITION)):
+        return self.base.summary(genes, by=by)

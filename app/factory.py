@@ -24,9 +24,11 @@ import dash
 from dash import Input, Output, State, dcc, html
 
 from atlas.config import Config
+from atlas.errors import AtlasError
 
 from . import components as C
 from .data import AtlasView, open_view
+from .labels import LABELS_COOKIE, LOCAL_EDITOR, label_choice, label_options, parse_label_choice
 from .pages import cells, downloads, genes, interactions, overview
 from .urls import parse_query
 
@@ -60,9 +62,45 @@ class AppContext:
         self.view_provider = provider
 
     @property
-    def view(self) -> AtlasView:
+    def base_view(self) -> AtlasView:
+        """The atlas with its own labels."""
         provider = self.view_provider
         return provider() if provider is not None else self.opened_view
+
+    @property
+    def view(self) -> AtlasView:
+        """The atlas as this request sees it: with the curated label version chosen in the
+        Labels menu (:func:`label_choice`), else with its own labels."""
+        base = self.base_view
+        choice = label_choice()
+        if choice is None:
+            return base
+        try:
+            return base.labelled(*choice)
+        except AtlasError:  # a stale or forged choice: the atlas's own labels
+            return base
+
+    # ------------------------------------------------------------------ curation rights
+    def user(self) -> str | None:
+        """The logged-in user of this request (checked by the login hook), or None."""
+        import flask
+
+        if not self.config.auth.enabled or not flask.has_request_context():
+            return None
+        auth = flask.request.authorization
+        return auth.username if auth is not None and auth.username else None
+
+    def can_edit(self) -> bool:
+        """May this request's user curate labels? With auth on: users listed in
+        ``auth.editors``; without auth: only with ``auth.curation_without_auth``."""
+        auth = self.config.auth
+        if auth.enabled:
+            user = self.user()
+            return user is not None and user in auth.editors and user in auth.users
+        return bool(auth.curation_without_auth)
+
+    def editor_name(self) -> str:
+        return self.user() or LOCAL_EDITOR
 
     def href(self, path: str, search: str = "") -> str:
         assert self.app is not None
@@ -71,6 +109,7 @@ class AppContext:
 
 def _shell(ctx: AppContext) -> html.Div:
     v = ctx.view
+    current = f"{v.label_set}@{v.label_version}" if v.label_set else ""
     nav = [
         dcc.Link(p.TITLE, href=ctx.href(p.PATH), id=f"nav-{p.NAME}", className="nav-link")
         for p in PAGES
@@ -97,9 +136,20 @@ def _shell(ctx: AppContext) -> html.Div:
                         className="brand",
                     ),
                     html.Nav(nav, className="nav"),
+                    html.Div(
+                        C.dropdown(
+                            "labels-select",
+                            label_options(v),
+                            current,
+                            clearable=False,
+                        ),
+                        className="labels-select",
+                        title="Cell-type labels: as built, or a curated version",
+                    ),
                 ],
                 className="topbar",
             ),
+            html.Div(id="labels-msg"),
             html.Main(html.Div(id="page"), className="content"),
             html.Footer(
                 [
@@ -133,7 +183,7 @@ def create_app(
     )
     ctx.app = app
     app.tme = ctx  # type: ignore[attr-defined]
-    app.layout = _shell(ctx)
+    app.layout = lambda: _shell(ctx)  # per page load: the Labels menu lists new versions
     _register_router(app, ctx)
     for page in PAGES:
         page.register(app, ctx)
@@ -195,9 +245,11 @@ def _register_router(app: dash.Dash, ctx: AppContext) -> None:
         Output("page", "children"),
         *[Output(f"nav-{p.NAME}", "className") for p in PAGES],
         Input("url", "pathname"),
+        Input("labels-select", "value"),
         State("url", "search"),
     )
-    def _route(pathname: str | None, search: str | None):
+    def _route(pathname: str | None, labels: str | None, search: str | None):
+        _use_labels(app, labels)
         try:
             path = "/" + (app.strip_relative_path(pathname or "/") or "").strip("/")
         except Exception:  # noqa: BLE001 - hostile pathname ('../..', not a str): not found
@@ -223,6 +275,29 @@ def _register_router(app: dash.Dash, ctx: AppContext) -> None:
                 className="page",
             )
         return (body, *classes)
+
+
+def _use_labels(app: dash.Dash, value: Any) -> None:
+    """The Labels menu's ``value`` for this request and, as a cookie, for the callbacks
+    that follow (scoped to this explorer's path; unknown values mean the atlas's labels)."""
+    import flask
+
+    value = value if isinstance(value, str) and parse_label_choice(value) else ""
+    flask.g.tme_labels = value
+    if flask.request.cookies.get(LABELS_COOKIE, "") == value:
+        return
+
+    @flask.after_this_request
+    def _set_cookie(response):
+        response.set_cookie(
+            LABELS_COOKIE,
+            value,
+            path=app.config.requests_pathname_prefix or "/",
+            httponly=True,
+            samesite="Strict",
+            secure=flask.request.is_secure,
+        )
+        return response
 
 
 def _add_health(app: dash.Dash, ctx: AppContext) -> None:

@@ -488,6 +488,11 @@ def install_security(
                 f"auth.users: the password of {', '.join(sorted(bad))} is not a werkzeug hash "
                 "(plain passwords are refused; use `python -m app.security hash-password`)"
             )
+        unknown = [u for u in getattr(auth, "editors", []) if u not in auth.users]
+        if unknown:
+            raise ValueError(
+                f"auth.editors: {', '.join(sorted(map(str, unknown)))} not in auth.users"
+            )
         if app is None:  # a plain Flask app (e.g. the atlas index): the same check
             install_flask_basic_auth(server, auth.users)
         else:

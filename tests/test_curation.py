@@ -224,3 +224,195 @@ def test_analyse_with_curated_labels_changes_the_composition_table(synthetic_atl
     A.edit_labels(d, "merged", {"op": "rename", "from": "Merged cells", "to": "M2"}, user="bob")
     assert main(["crosstalk", str(d), "--labels", "merged"]) == 2
     assert "tme-atlas analyse DIR --labels merged" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- explorer
+_HASHES: dict[str, str] = {}
+
+
+def _auth_config(**auth):
+    from app.security import hash_password
+    from atlas.config import load_config
+
+    for user in ("alice", "bob"):
+        _HASHES.setdefault(user, hash_password(f"pw-{user}"))
+    section = {"enabled": True, "users": dict(_HASHES), "editors": ["alice"], **auth}
+    return load_config(env={}, overrides={"auth": section})
+
+
+def _basic(user: str) -> dict:
+    import base64
+
+    token = base64.b64encode(f"{user}:pw-{user}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
+
+
+@pytest.fixture(scope="module")
+def app_atlas_module(tmp_path_factory):
+    from atlas.testing import make_synthetic_atlas
+
+    return make_synthetic_atlas(
+        tmp_path_factory.mktemp("curation_app") / "atlas", n_cells=800, n_genes=200, seed=4
+    )
+
+
+@pytest.fixture
+def app_atlas(app_atlas_module, tmp_path):
+    import shutil
+
+    dst = tmp_path / "atlas"
+    shutil.copytree(app_atlas_module, dst)
+    return dst
+
+
+def _callback(client, headers, needle: str, values: dict, cookie: str | None = None):
+    """POST the callback whose output names ``needle`` with ``values`` by component id."""
+    deps = client.get("/_dash-dependencies", headers=headers).get_json()
+    cb = next(d for d in deps if needle in d["output"])
+    parts = cb["output"][2:-2].split("...") if cb["output"].startswith("..") else [cb["output"]]
+    outs = [p.rpartition(".")[::2] for p in parts]
+
+    def deps_of(kind):
+        return [
+            {"id": d["id"], "property": d["property"], "value": values.get(d["id"])}
+            for d in cb.get(kind, [])
+        ]
+
+    body = {
+        "output": cb["output"],
+        "outputs": [{"id": i, "property": p} for i, p in outs]
+        if len(outs) > 1
+        else {"id": outs[0][0], "property": outs[0][1]},
+        "inputs": deps_of("inputs"),
+        "changedPropIds": [f"{cb['inputs'][0]['id']}.{cb['inputs'][0]['property']}"],
+        "state": deps_of("state"),
+    }
+    if cookie is not None:
+        client.set_cookie("tme_labels", cookie)
+    return client.post("/_dash-update-component", json=body, headers=headers)
+
+
+def _edit(client, headers, **values):
+    base = {"cur-apply": 1, "cur-op": "rename", "cur-set": "curated"}
+    return _callback(client, headers, "labels-msg.children", {**base, **values})
+
+
+def _cells_page(client, headers, labels: str):
+    r = _callback(client, headers, "page.children", {"url": "/cells", "labels-select": labels})
+    assert r.status_code == 200, r.status_code
+    return r
+
+
+def test_editor_rename_persists_and_other_users_see_it(app_atlas):
+    """alice (editor) renames a type in the explorer; bob (not an editor) cannot write
+    (403, nothing saved) but sees the new version; both survive a restart (a second app
+    on the same folder); the pages of the version read its recomputed tables."""
+    from app.factory import create_app
+    from atlas.errors import CurationRefused
+
+    cfg = _auth_config()
+    app1 = create_app(app_atlas, cfg)
+    alice, bob = app1.server.test_client(), app1.server.test_client()
+    old = app1.tme.base_view.cell_types[0]
+    # the panel is rendered for editors only
+    assert "cur-apply" in _cells_page(alice, _basic("alice"), "").get_data(as_text=True)
+    assert "cur-apply" not in _cells_page(bob, _basic("bob"), "").get_data(as_text=True)
+
+    r = _edit(alice, _basic("alice"), **{"cur-from": [old], "cur-to": "Renamed type"})
+    assert r.status_code == 200
+    out = r.get_json()["response"]
+    assert out["labels-select"]["value"] == "curated@1"
+    assert any(o["value"] == "curated@1" for o in out["labels-select"]["options"])
+    entry = A.versions(app_atlas, "curated")[-1]
+    assert entry["user"] == "alice" and entry["op"]["from"] == old
+
+    # a non-editor's write is refused on the server, not only hidden
+    r = _edit(bob, _basic("bob"), **{"cur-from": ["Renamed type"], "cur-to": "Bob's"})
+    assert r.status_code == 403 and CurationRefused.__name__ not in r.get_data(as_text=True)
+    r = _edit(bob, _basic("bob"), **{"cur-set": "bobs", "cur-from": [old], "cur-to": "Bob's"})
+    assert r.status_code == 403
+    assert A.label_sets(app_atlas) == ["curated"] and A.latest_version(app_atlas, "curated") == 1
+
+    # restart: a new app on the same folder lists the version; bob switches to it
+    app2 = create_app(app_atlas, cfg)
+    bob2 = app2.server.test_client()
+    layout = bob2.get("/_dash-layout", headers=_basic("bob")).get_data(as_text=True)
+    assert "curated@1" in layout and "alice" in layout
+    r = _cells_page(bob2, _basic("bob"), "curated@1")
+    assert "tme_labels=curated@1" in r.headers.get("Set-Cookie", "")
+    assert "HttpOnly" in r.headers["Set-Cookie"] and "SameSite=Strict" in r.headers["Set-Cookie"]
+    with app2.server.test_request_context("/", headers={"Cookie": "tme_labels=curated@1"}):
+        view = app2.tme.view
+        assert view.label_set == "curated" and "Renamed type" in view.cell_types
+        assert old not in view.cell_types
+        assert not view.has_table(schema.TABLE_COMPOSITION)  # not recomputed yet
+        assert view.has_table(schema.TABLE_QC_SUMMARY) == app2.tme.base_view.has_table(
+            schema.TABLE_QC_SUMMARY
+        )
+    # tables recomputed for the version are the ones its pages read
+    comp = pd.DataFrame({schema.COL_CELL_TYPE: ["Renamed type"], schema.COL_PADJ: [0.5]})
+    A.write_tables(app_atlas, "curated", 1, {schema.TABLE_COMPOSITION: comp}, step="t", params={})
+    with app2.server.test_request_context("/", headers={"Cookie": "tme_labels=curated@1"}):
+        got = app2.tme.view.table(schema.TABLE_COMPOSITION)
+        assert list(got[schema.COL_CELL_TYPE]) == ["Renamed type"]
+    # a forged or stale cookie: the atlas's own labels, no error
+    for bad in ("curated@9", "../../etc@1", "x" * 100, "curated@1x", "curated@"):
+        with app2.server.test_request_context("/", headers={"Cookie": f"tme_labels={bad}"}):
+            assert app2.tme.view.label_set is None
+
+
+def test_edits_continue_the_viewed_version_and_conflicts_are_messages(app_atlas):
+    from app.factory import create_app
+
+    app = create_app(app_atlas, _auth_config())
+    c, h = app.server.test_client(), _basic("alice")
+    types = app.tme.base_view.cell_types
+    assert _edit(c, h, **{"cur-from": [types[0]], "cur-to": "A1"}).status_code == 200
+    # editing while viewing v1: merge on top of it -> v2
+    c.set_cookie("tme_labels", "curated@1")
+    r = _edit(c, h, **{"cur-op": "merge", "cur-from": ["A1", types[1]], "cur-to": "A12"})
+    assert r.get_json()["response"]["labels-select"]["value"] == "curated@2"
+    assert "A12" in set(A.read_labels(app_atlas, "curated", 2))
+    # still viewing v1 (stale): refused with a message, nothing written
+    r = _edit(c, h, **{"cur-from": [types[2]], "cur-to": "Late"})
+    assert r.status_code == 200 and "version 2, not 1" in r.get_data(as_text=True)
+    assert A.latest_version(app_atlas, "curated") == 2
+    # hostile labels: a message, nothing written
+    c.set_cookie("tme_labels", "curated@2")
+    for bad in ('=HYPERLINK("http://x")', "a\nb", "x" * 200):
+        r = _edit(c, h, **{"cur-from": [types[2]], "cur-to": bad})
+        assert r.status_code == 200 and "msg-warn" in r.get_data(as_text=True)
+    assert A.latest_version(app_atlas, "curated") == 2
+    # relabel a lasso selection (box over the whole embedding)
+    view = app.tme.base_view
+    xy = view.umap
+    box = {"range": {"x": [float(xy[:, 0].min()) - 1, float(xy[:, 0].max()) + 1],
+                     "y": [float(xy[:, 1].min()) - 1, float(xy[:, 1].max()) + 1]}}  # fmt: skip
+    r = _edit(c, h, **{"cur-op": "relabel", "cur-to": "All", "cells-umap": box})
+    assert r.get_json()["response"]["labels-select"]["value"] == "curated@3"
+    assert set(A.read_labels(app_atlas, "curated", 3)) == {"All"}
+
+
+def test_curation_without_auth_is_off_unless_configured(app_atlas):
+    from app.factory import create_app
+    from atlas.config import load_config
+
+    app = create_app(app_atlas, load_config(env={}))
+    c = app.server.test_client()
+    old = app.tme.base_view.cell_types[0]
+    assert "cur-apply" not in _cells_page(c, {}, "").get_data(as_text=True)
+    assert _edit(c, {}, **{"cur-from": [old], "cur-to": "X"}).status_code == 403
+    assert A.label_sets(app_atlas) == []
+    app = create_app(
+        app_atlas, load_config(env={}, overrides={"auth": {"curation_without_auth": True}})
+    )  # noqa: E501
+    c = app.server.test_client()
+    assert _edit(c, {}, **{"cur-from": [old], "cur-to": "X"}).status_code == 200
+    assert A.versions(app_atlas, "curated")[-1]["user"] == "local"
+
+
+def test_editors_must_be_users(app_atlas):
+    from app.factory import create_app
+
+    with pytest.raises(ValueError, match="auth.editors: carol not in auth.users"):
+        create_app(app_atlas, _auth_config(editors=["alice", "carol"]))

@@ -673,7 +673,10 @@ def test_pages_with_hostile_url_parameters(explorer_client, search):
     assert any(i["property"] == "pathname" for i in router["inputs"])
     for page in ("/", "/cells", "/genes", "/interactions", "/downloads"):
         payload = _payload(router, {"url": page})
-        payload["inputs"] = [{"id": "url", "property": "pathname", "value": page}]
+        payload["inputs"] = [  # the URL path, and the Labels menu (a hostile value too)
+            {"id": "url", "property": "pathname", "value": page},
+            {"id": "labels-select", "property": "value", "value": search[:60]},
+        ]
         payload["state"] = [{"id": "url", "property": "search", "value": search}]
         r = c.post("/_dash-update-component", json=payload)
         body = r.get_data(as_text=True)

@@ -19,12 +19,15 @@ import pandas as pd
 from dash import Input, Output, Patch, State, dcc, html, no_update
 from dash import ctx as dash_ctx
 
-from atlas import schema
+from atlas import curation, schema
+from atlas.errors import CurationConflict, CurationRefused, InvalidName
 from atlas.tables import csv_text
 
 from .. import components as C
 from .. import figures as F
 from ..data import UnknownValue
+from ..labels import label_options
+from ..security import safe_log_value
 from ..stats import quick_de
 from ..urls import as_bool, build_query
 
@@ -206,6 +209,11 @@ def layout(ctx, params: dict) -> html.Div:
         html.Div(id="cells-de-msg"),
         title="Selection",
     )
+    side_cards = [side]
+    if ctx.can_edit():
+        side_cards.append(curation_panel(view))
+    elif view.label_set:
+        side_cards.append(C.card(label_history(view), title="Label versions"))
     return html.Div(
         [
             html.Div(
@@ -216,7 +224,7 @@ def layout(ctx, params: dict) -> html.Div:
             controls,
             C.row(
                 C.col(C.card(C.graph("cells-umap")), width=8),
-                C.col(side, width=4),
+                C.col(*side_cards, width=4),
             ),
             html.Div(
                 C.card(
@@ -239,8 +247,171 @@ def layout(ctx, params: dict) -> html.Div:
     )
 
 
+# ----------------------------------------------------------------------------- curation
+CURATION_OPS = [
+    {"label": " rename a label", "value": "rename"},
+    {"label": " merge labels", "value": "merge"},
+    {"label": " relabel the selection", "value": "relabel"},
+]
+
+
+def label_history(view, last: int = 8) -> html.Ul:
+    """Who changed what and when in the label set the view shows (newest first)."""
+    if not view.label_set:
+        return html.Ul([], className="curation-history")
+    try:
+        entries = curation.versions(view.atlas_dir, view.label_set)
+    except Exception:  # noqa: BLE001 - history is informative only
+        entries = []
+    items = [
+        html.Li(
+            f"v{e.get('version')} · {str(e.get('user', ''))[:32]} · "
+            f"{str(e.get('time', ''))[:16].replace('T', ' ')} · {str(e.get('summary', ''))[:120]}"
+        )
+        for e in reversed(entries[-last:])
+    ]
+    return html.Ul(items, className="curation-history")
+
+
+def curation_panel(view) -> html.Div:
+    """Rename / merge labels or relabel the lasso selection (rendered for editors only;
+    the callback checks the editor role again on every write)."""
+    if view.label_set:
+        target = html.Div(
+            f"Edits are saved as a new version of label set '{view.label_set}' "
+            f"(you see v{view.label_version}).",
+            className="muted small",
+        )
+        name_input = dcc.Input(id="cur-set", type="hidden", value=view.label_set)
+    else:
+        target = html.Div(
+            "You see the atlas's labels: the first edit starts a new label set.",
+            className="muted small",
+        )
+        name_input = C.control(
+            "New label set",
+            dcc.Input(
+                id="cur-set",
+                type="text",
+                value="curated",
+                maxLength=40,
+                debounce=False,
+            ),
+        )
+    return C.card(
+        html.Div(
+            [
+                target,
+                name_input,
+                dcc.RadioItems(
+                    id="cur-op", options=CURATION_OPS, value="rename", className="radio"
+                ),
+                C.control(
+                    "Label(s) to change",
+                    C.dropdown("cur-from", view.cell_types, [], multi=True),
+                ),
+                C.control(
+                    "New label",
+                    dcc.Input(
+                        id="cur-to",
+                        type="text",
+                        value="",
+                        maxLength=curation.MAX_LABEL_CHARS,
+                        placeholder="e.g. CD8 T exhausted",
+                    ),
+                ),
+                html.Div(
+                    html.Button("Save edit", id="cur-apply", n_clicks=0, className="btn"),
+                    className="btn-row",
+                ),
+                html.Div(id="cur-msg"),
+                label_history(view),
+            ],
+            className="curation",
+        ),
+        title="Curate labels",
+        subtitle="Saved beside the atlas with your name and the time; the atlas file is "
+        "never changed. Recompute tables with `tme-atlas analyse DIR --labels NAME`.",
+    )
+
+
+def curation_op(view, kind, sources, to, selected, meta) -> dict:
+    """The edit the panel describes (validated by :func:`atlas.curation.apply_operation`)."""
+    sources = [sources] if isinstance(sources, str) else list(sources or [])
+    if kind == "rename":
+        if len(sources) != 1:
+            raise InvalidName("rename: choose exactly one label")
+        return {"op": "rename", "from": sources[0], "to": to}
+    if kind == "merge":
+        return {"op": "merge", "from": sources, "to": to}
+    if kind == "relabel":
+        cells_ = selected_cells(view, selected, bool((meta or {}).get("split")))
+        return {"op": "relabel", "cells": list(view.cell_ids[cells_]), "to": to}
+    raise InvalidName(f"unknown edit {str(kind)[:20]!r}")
+
+
+def save_curation(ctx, kind, sources, to, set_name, selected, meta) -> tuple[str, dict]:
+    """Check the editor role, then save the edit as a new label version; returns the set's
+    name and the version's manifest entry. :class:`CurationRefused` (403) for anyone but
+    an editor."""
+    if not ctx.can_edit():
+        log.warning("curation refused: user %s is not an editor", safe_log_value(ctx.user() or "-"))
+        raise CurationRefused("you may not edit labels")
+    view = ctx.view
+    if view.label_set:  # edits continue the version the editor sees
+        name, expected = view.label_set, view.label_version
+    else:  # a new set from the atlas's labels
+        name, expected = curation.check_set_name(set_name), 0
+        if curation.latest_version(view.atlas_dir, name):
+            raise CurationConflict(
+                f"label set {name!r} exists: choose it in the Labels menu to edit it"
+            )
+    op = curation_op(view, kind, sources, to, selected, meta)
+    entry = curation.edit_labels(
+        view.atlas_dir,
+        name,
+        op,
+        user=ctx.editor_name(),
+        base_labels=view.base_labels,
+        expected_version=expected,
+    )
+    return name, entry
+
+
 # ----------------------------------------------------------------------------- callbacks
 def register(app, ctx) -> None:
+    @app.callback(
+        Output("labels-msg", "children"),
+        Output("labels-select", "options"),
+        Output("labels-select", "value"),
+        Input("cur-apply", "n_clicks"),
+        State("cur-op", "value"),
+        State("cur-from", "value"),
+        State("cur-to", "value"),
+        State("cur-set", "value"),
+        State("cells-umap", "selectedData"),
+        State("cells-umap-meta", "data"),
+        prevent_initial_call=True,
+    )
+    def _curate(n_clicks, kind, sources, to, set_name, selected, meta):
+        try:
+            name, entry = save_curation(ctx, kind, sources, to, set_name, selected, meta)
+        except (InvalidName, UnknownValue, CurationConflict) as e:
+            return C.message(str(e), "warn"), no_update, no_update
+        except OSError as e:
+            log.error("curation: could not save (%s)", e.__class__.__name__)
+            msg = "Could not save: the atlas folder's annotations/ is not writable."
+            return C.message(msg, "error"), no_update, no_update
+        text = (
+            f"Saved {name} v{entry['version']}: {entry['summary']} ({entry['n_changed']:,} "
+            "cells). Now showing it."
+        )
+        return (
+            C.message(text, "info"),
+            label_options(ctx.base_view),
+            f"{name}@{entry['version']}",
+        )
+
     @app.callback(
         Output("cells-gene", "options"),
         Input("cells-gene", "search_value"),
