@@ -209,6 +209,12 @@ def register(app, ctx) -> None:
             )
         if count == 0:
             return no_update, C.message("The subset is empty.", "warn")
+        if chosen.get("cell_types") and ctx.view.label_set:
+            return no_update, C.message(
+                "The h5ad export filters cell types by the atlas's own labels: choose "
+                "'atlas labels' in the Labels menu, or leave the cell types empty.",
+                "warn",
+            )
         try:
             from atlas.export import export_atlas
         except ImportError:
