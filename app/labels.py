@@ -57,3 +57,10 @@ def label_options(view: Any) -> list[dict]:
             }
         )
     return opts
+
+
+def run_hint(view: Any, command: str) -> str:
+    """The command that computes a missing table for what ``view`` shows: ``tme-atlas
+    analyse DIR``, or with ``--labels SET`` for a curated version."""
+    labels = getattr(view, "label_set", None)
+    return f"`tme-atlas {command} DIR" + (f" --labels {labels}`" if labels else "`")

@@ -175,6 +175,7 @@ def synthetic_atlas(tmp_path):
     return make_synthetic_atlas(tmp_path / "atlas", n_cells=1500, n_genes=300, seed=3)
 
 
+@pytest.mark.slow
 def test_analyse_with_curated_labels_changes_the_composition_table(synthetic_atlas, capsys):
     """Merging two cell types, then ``tme-atlas analyse DIR --labels NAME``: the merged type
     appears in the composition table, the two old ones vanish; the atlas and its own
@@ -220,8 +221,27 @@ def test_analyse_with_curated_labels_changes_the_composition_table(synthetic_atl
     assert main(["analyse", str(d), "--labels", "nope"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "label set 'nope'" in err
+    # the explorer's pages of that version read the new tables
+    from app.factory import create_app
+    from atlas.config import load_config
+
+    app = create_app(d, load_config(env={}))
+    client = app.server.test_client()
+    page = _cells_page(client, {}, "merged@1", url="/").get_data(as_text=True)
+    assert "Merged cells" in page and "could not be shown" not in page
+    # crosstalk with the version (cheap settings): the merged type sends and receives
+    cfg = d.parent / "cheap.yaml"
+    cfg.write_text("crosstalk: {n_perms: 0, by_sample: false, ligrec_check: false}\n")
+    assert main(["crosstalk", str(d), "--labels", "merged", "--config", str(cfg)]) == 0
+    inter = A.read_table(d, "merged", 1, schema.TABLE_INTERACTIONS)
+    cells_ = set(inter[schema.COL_SOURCE].astype(str)) | set(inter[schema.COL_TARGET].astype(str))
+    assert "Merged cells" in cells_ and a not in cells_ and b not in cells_
+    assert A.read_params(d, "merged", 1)["crosstalk"]["label_version"] == 1
+    assert (d / schema.ATLAS_FILE).stat().st_mtime_ns == stamp[0]
     # crosstalk of a version that was not analysed: names the command to run
     A.edit_labels(d, "merged", {"op": "rename", "from": "Merged cells", "to": "M2"}, user="bob")
+    page = _cells_page(client, {}, "merged@2", url="/").get_data(as_text=True)
+    assert "tme-atlas analyse DIR --labels merged" in page
     assert main(["crosstalk", str(d), "--labels", "merged"]) == 2
     assert "tme-atlas analyse DIR --labels merged" in capsys.readouterr().err
 
@@ -297,8 +317,8 @@ def _edit(client, headers, **values):
     return _callback(client, headers, "labels-msg.children", {**base, **values})
 
 
-def _cells_page(client, headers, labels: str):
-    r = _callback(client, headers, "page.children", {"url": "/cells", "labels-select": labels})
+def _cells_page(client, headers, labels: str, url: str = "/cells"):
+    r = _callback(client, headers, "page.children", {"url": url, "labels-select": labels})
     assert r.status_code == 200, r.status_code
     return r
 

@@ -13,6 +13,7 @@ from atlas import schema
 from .. import components as C
 from .. import figures as F
 from ..data import UnknownValue
+from ..labels import run_hint
 from ..urls import as_list, build_query
 
 NAME = "genes"
@@ -177,7 +178,8 @@ def layout(ctx, params: dict) -> html.Div:
     else:
         de_block = [
             C.message(
-                "No pseudobulk DE table in this atlas yet: run `tme-atlas analyse DIR`.", "info"
+                f"No pseudobulk DE table in this atlas yet: run {run_hint(view, 'analyse')}.",
+                "info",
             ),
             html.Div(
                 [C.dropdown("genes-de-celltype", []), C.dropdown("genes-de-contrast", [])],

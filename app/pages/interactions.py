@@ -19,6 +19,7 @@ from atlas import schema
 from .. import components as C
 from .. import figures as F
 from ..data import UnknownValue
+from ..labels import run_hint
 from ..urls import as_bool, as_list, build_query
 
 NAME = "interactions"
@@ -104,7 +105,8 @@ def layout(ctx, params: dict) -> html.Div:
             [
                 head,
                 C.message(
-                    "This atlas has no ligand–receptor results yet: run `tme-atlas crosstalk DIR`.",
+                    "This atlas has no ligand–receptor results yet: run "
+                    f"{run_hint(view, 'crosstalk')}.",
                     "info",
                 ),
             ],
@@ -208,7 +210,7 @@ def layout(ctx, params: dict) -> html.Div:
         diff_block = [
             C.message(
                 "No differential interactions in this atlas (needs the DE table and "
-                "`tme-atlas crosstalk DIR`).",
+                f"{run_hint(view, 'crosstalk')}).",
                 "info",
             ),
             html.Div(C.dropdown("ia-contrast", []), style={"display": "none"}),

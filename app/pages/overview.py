@@ -12,6 +12,7 @@ from atlas import schema
 
 from .. import components as C
 from .. import figures as F
+from ..labels import run_hint
 
 NAME = "overview"
 PATH = "/"
@@ -100,7 +101,8 @@ def composition_section(ctx) -> list:
         parts.append(
             C.card(
                 C.message(
-                    "No composition test results in this atlas yet: run `tme-atlas analyse DIR`.",
+                    "No composition test results in this atlas yet: run "
+                    f"{run_hint(view, 'analyse')}.",
                     "info",
                 ),
                 title="Composition test results",
