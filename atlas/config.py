@@ -196,6 +196,25 @@ class CrosstalkConfig(_Section):
     ligrec_all_conditions: bool = Field(False, description="ligrec check: every condition")
 
 
+class SpatialConfig(_Section):
+    """``tme-atlas spatial``: cell typing, neighbourhoods, niches and spatial LR scores."""
+
+    min_counts: int = Field(10, ge=0, description="cells with fewer panel counts are dropped")
+    min_confidence: float = Field(
+        0.5, ge=0, le=1, description="mapping posterior below which a cell is 'Unknown'"
+    )
+    max_ref_cells_per_type: int = Field(2000, ge=10, description="atlas cells per type read")
+    min_shared_genes: int = Field(20, ge=1, description="panel genes the atlas must measure")
+    n_perms: int = Field(200, ge=10, description="neighbourhood-enrichment permutations")
+    co_occurrence_max_cells: int = Field(5000, ge=100, description="cells per section")
+    niche_k: int = Field(20, ge=3, description="neighbours defining a cell's neighbourhood")
+    n_niches: int = Field(8, ge=2, le=40)
+    local_score: str = Field("product", description="liana bivariate local score")
+    max_lr_pairs: int = Field(50, ge=1, description="LR pairs scored (atlas differential)")
+    alpha: float = Field(0.05, gt=0, lt=1)
+    seed: int = 0
+
+
 class LimitsConfig(_Section):
     max_genes_per_request: int = Field(50, ge=1)
     max_cells_quick_de: int = Field(20000, ge=100)
@@ -256,6 +275,7 @@ class Config(BaseModel):
     malignant: MalignantConfig = Field(default_factory=MalignantConfig)
     analyses: AnalysesConfig = Field(default_factory=AnalysesConfig)
     crosstalk: CrosstalkConfig = Field(default_factory=CrosstalkConfig)
+    spatial: SpatialConfig = Field(default_factory=SpatialConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)

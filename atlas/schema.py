@@ -496,3 +496,67 @@ TABLE_COLUMNS: dict[str, list[str]] = {
         "n_malignant",
     ],
 }
+
+# --------------------------------------------------------------------------------------
+# spatial sections (``tme-atlas spatial``; preprocessing.spatial). Written to
+# ATLAS/spatial/ by default, beside the atlas whose cell types they are mapped onto:
+#   spatial/spatial.h5ad      cells x panel genes (X log1p(normalize_total 100), counts layer),
+#                             obsm["spatial"], obs cell type (+ confidence), niche
+#   spatial/cells.parquet     per cell: section, x, y, cell type, confidence, niche (explorer)
+#   spatial/lr_local.npy      per cell x scored LR pair: liana's local score (float32)
+#   spatial/tables/*.csv      the tables below
+#   spatial/meta.json         sections, conditions, LR pairs scored, parameters, versions
+# --------------------------------------------------------------------------------------
+SPATIAL_DIR = "spatial"
+SPATIAL_H5AD_FILE = "spatial.h5ad"
+SPATIAL_CELLS_FILE = "cells.parquet"
+SPATIAL_LR_LOCAL_FILE = "lr_local.npy"
+SPATIAL_META_FILE = "meta.json"
+OBSM_SPATIAL = "spatial"  # (n, 2) cell centroids, µm
+OBS_SPATIAL_X = "x"
+OBS_SPATIAL_Y = "y"
+OBS_SPATIAL_CONFIDENCE = "cell_type_confidence"  # max posterior of the atlas mapping
+OBS_NICHE = "niche"
+SPATIAL_UNKNOWN = "Unknown"  # mapping below the confidence threshold
+OBSP_SPATIAL_CONNECTIVITIES = "spatial_connectivities"  # squidpy's spatial graph
+XENIUM_MATRIX_FILE = "cell_feature_matrix.h5"
+XENIUM_CELLS_FILES = ("cells.csv.gz", "cells.csv", "cells.parquet")
+XENIUM_CELL_ID = "cell_id"
+XENIUM_X = "x_centroid"
+XENIUM_Y = "y_centroid"
+
+TABLE_NHOOD_BY_SECTION = "nhood_enrichment_by_section"
+TABLE_NHOOD = "nhood_enrichment"
+TABLE_CO_OCCURRENCE = "co_occurrence"
+TABLE_NICHE_COMPOSITION = "niche_composition"
+TABLE_NICHE_PROPORTIONS = "niche_proportions"
+TABLE_NICHE_TEST = "niche_test"
+TABLE_SPATIAL_LR = "spatial_lr"
+TABLE_SPATIAL_LR_BY_SECTION = "spatial_lr_by_section"
+COL_TYPE_A = "cell_type_a"
+COL_TYPE_B = "cell_type_b"
+COL_ZSCORE = "zscore"
+COL_NICHE = "niche"
+COL_DISTANCE = "distance"
+COL_RATIO = "ratio"
+COL_FRACTION = "fraction"
+COL_LOCAL_MEAN = "local_mean"
+COL_GLOBAL_MORANS = "morans"
+COL_INTERACTION = "interaction"
+
+SPATIAL_TABLE_COLUMNS: dict[str, list[str]] = {
+    TABLE_NHOOD_BY_SECTION: [OBS_SAMPLE, OBS_PATIENT, OBS_CONDITION, COL_TYPE_A, COL_TYPE_B,
+                             COL_ZSCORE, "count"],
+    TABLE_NHOOD: [COL_CONDITION, COL_TYPE_A, COL_TYPE_B, COL_ZSCORE, "mean_zscore",
+                  "n_sections", COL_PVALUE, COL_PADJ],
+    TABLE_CO_OCCURRENCE: [OBS_SAMPLE, OBS_CONDITION, COL_TYPE_A, COL_TYPE_B, COL_DISTANCE,
+                          COL_RATIO],
+    TABLE_NICHE_COMPOSITION: [COL_NICHE, COL_CELL_TYPE, COL_FRACTION, "n_cells"],
+    TABLE_NICHE_PROPORTIONS: [OBS_SAMPLE, OBS_PATIENT, OBS_CONDITION, COL_NICHE, "n_cells",
+                              "proportion"],
+    TABLE_NICHE_TEST: [COL_NICHE, COL_CONDITION, COL_REFERENCE, "mean_prop", "mean_prop_ref",
+                       COL_LOG2FC, COL_PVALUE, COL_PADJ, "n_samples", "t", "paired"],
+    TABLE_SPATIAL_LR: [COL_INTERACTION, COL_LIGAND, COL_RECEPTOR, COL_LOCAL_MEAN,
+                       COL_GLOBAL_MORANS, "ligand_props", "receptor_props", "source_table"],
+    TABLE_SPATIAL_LR_BY_SECTION: [OBS_SAMPLE, OBS_CONDITION, COL_INTERACTION, COL_LOCAL_MEAN],
+}  # fmt: skip

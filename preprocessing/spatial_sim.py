@@ -104,7 +104,7 @@ REGION_COMPOSITION: dict[str, dict[str, float]] = {
 REGION_AREA: dict[str, float] = {T_ZONE: 0.14, PROLIFERATION_CENTRE: 0.08, MYELOID_CONTACT: 0.04}
 REGION_RADIUS: dict[str, tuple[float, float]] = {
     T_ZONE: (60.0, 110.0),
-    PROLIFERATION_CENTRE: (40.0, 70.0),
+    PROLIFERATION_CENTRE: (25.0, 45.0),
     MYELOID_CONTACT: (20.0, 35.0),
 }
 # area multiplier per condition (planted niche changes; 1 = unchanged)

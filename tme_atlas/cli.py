@@ -89,6 +89,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config(p)
 
+    p = sub.add_parser(
+        "spatial", help="spatial sections: cell types from the atlas, niches, spatial LR"
+    )
+    p.add_argument("samplesheet", metavar="SHEET.csv", help="one row per section")
+    p.add_argument("--atlas", required=True, metavar="DIR", help="the atlas to map onto")
+    p.add_argument("--out", metavar="DIR2", help="output folder (default: DIR/spatial)")
+    p.add_argument("--interactions", metavar="CSV", help="also score these ligand,receptor pairs")
+    p.add_argument(
+        "--allow-outside-paths",
+        action="store_true",
+        help="allow sheet paths outside the sheet's folder",
+    )
+    _add_config(p)
+
+    p = sub.add_parser("simulate-spatial", help="simulate sections with planted spatial truth")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--seed", type=int, default=0, help="same seed as simulate: same profiles")
+    p.add_argument("--patients", type=int, default=4, metavar="N")
+    p.add_argument("--cells-per-section", type=int, default=4000, metavar="N")
+    p.add_argument("-v", "--verbose", action="store_true")
+
     p = sub.add_parser("export", help="self-contained h5ad (and tables) for collaborators")
     p.add_argument("atlas_dir", metavar="DIR")
     p.add_argument("--out", required=True, metavar="FILE.h5ad")
@@ -137,6 +158,18 @@ def _run(args: argparse.Namespace) -> int:
         )
         return 0
 
+    if args.command == "simulate-spatial":
+        setup_logging(verbose=args.verbose)
+        from preprocessing.spatial_sim import write_spatial_dataset
+
+        write_spatial_dataset(
+            args.out,
+            seed=args.seed,
+            n_patients=args.patients,
+            cells_per_section=args.cells_per_section,
+        )
+        return 0
+
     config = load_config(args.config, overrides=_overrides(args))
 
     if args.command == "build":
@@ -168,6 +201,17 @@ def _run(args: argparse.Namespace) -> int:
         from preprocessing.crosstalk import run_crosstalk_dir
 
         run_crosstalk_dir(args.atlas_dir, config=config, labels=args.labels)
+    elif args.command == "spatial":
+        from preprocessing.spatial import run_spatial
+
+        run_spatial(
+            args.samplesheet,
+            atlas_dir=args.atlas,
+            out=args.out,
+            config=config,
+            interactions=args.interactions,
+            allow_outside_paths=args.allow_outside_paths,
+        )
     elif args.command == "export":
         from atlas.export import export_atlas
 
