@@ -271,7 +271,7 @@ def map_cell_types(
     Writes
     ------
     ``obs[schema.OBS_CELL_TYPE]`` (``Unknown`` below ``min_confidence``),
-    ``obs[schema.OBS_SPATIAL_CONFIDENCE]`` (max posterior), ``uns[params_key("spatial_typing")]``
+    ``obs[schema.OBS_CELL_TYPE_CONFIDENCE]`` (max posterior), ``uns[params_key("spatial_typing")]``
     """
     genes = [g for g in reference.columns if g in adata.var_names]
     ref = reference[genes].to_numpy(np.float64) + pseudocount
@@ -287,7 +287,7 @@ def map_cell_types(
     types[conf < min_confidence] = schema.SPATIAL_UNKNOWN
     cats = [*reference.index.astype(str), schema.SPATIAL_UNKNOWN]
     adata.obs[schema.OBS_CELL_TYPE] = pd.Categorical(types, categories=cats)
-    adata.obs[schema.OBS_SPATIAL_CONFIDENCE] = conf.astype(np.float32)
+    adata.obs[schema.OBS_CELL_TYPE_CONFIDENCE] = conf.astype(np.float32)
     record_params(
         adata,
         "spatial_typing",
@@ -761,7 +761,7 @@ def run_spatial(
             schema.OBS_SPATIAL_X: xy[:, 0],
             schema.OBS_SPATIAL_Y: xy[:, 1],
             schema.OBS_CELL_TYPE: adata.obs[schema.OBS_CELL_TYPE].astype(str).to_numpy(),
-            schema.OBS_SPATIAL_CONFIDENCE: adata.obs[schema.OBS_SPATIAL_CONFIDENCE].to_numpy(),
+            schema.OBS_CELL_TYPE_CONFIDENCE: adata.obs[schema.OBS_CELL_TYPE_CONFIDENCE].to_numpy(),
             schema.OBS_NICHE: adata.obs[schema.OBS_NICHE].astype(str).to_numpy(),
         },
         index=pd.Index(adata.obs_names.astype(str), name="cell_id"),

@@ -45,6 +45,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from atlas import schema
+
 from . import simulate as S
 from .log import get_logger
 
@@ -383,8 +385,8 @@ def simulate_spatial(
     to_sym = dict(zip(internal, symbols))
     var = pd.DataFrame(index=pd.Index([to_sym.get(g, g) for g in panel]))
     adata = ad.AnnData(X=X, obs=obs, var=var)
-    adata.layers["counts"] = X.copy()
-    adata.obsm["spatial"] = np.vstack(xy_parts).astype(np.float32)
+    adata.layers[schema.LAYER_COUNTS] = X.copy()
+    adata.obsm[schema.OBSM_SPATIAL] = np.vstack(xy_parts).astype(np.float32)
     cells = obs.reset_index(names="cell_id")
     truth = {
         "cells": cells,
@@ -414,7 +416,7 @@ def _write_xenium(sub, folder: Path) -> None:
     import h5py
 
     folder.mkdir(parents=True)
-    X = sp.csr_matrix(sub.layers["counts"])
+    X = sp.csr_matrix(sub.layers[schema.LAYER_COUNTS])
     ids = [f"cell{i:06d}" for i in range(sub.n_obs)]
     m = sp.csc_matrix(X.T)  # genes x cells, compressed by cell
     with h5py.File(folder / "cell_feature_matrix.h5", "w") as f:
@@ -430,7 +432,7 @@ def _write_xenium(sub, folder: Path) -> None:
         ft.create_dataset("id", data=names)
         ft.create_dataset("feature_type", data=np.array([b"Gene Expression"] * sub.n_vars))
         ft.create_dataset("genome", data=np.array([b"GRCh38"] * sub.n_vars))
-    xy = np.asarray(sub.obsm["spatial"])
+    xy = np.asarray(sub.obsm[schema.OBSM_SPATIAL])
     cells = pd.DataFrame({"cell_id": ids, "x_centroid": xy[:, 0], "y_centroid": xy[:, 1]})
     with gzip.open(folder / "cells.csv.gz", "wt") as fh:
         cells.to_csv(fh, index=False)
@@ -455,7 +457,7 @@ def write_spatial_dataset(
     sheet = sim.samplesheet.copy()
     a = sim.adata
     for i, row in enumerate(sheet.itertuples()):
-        sub = a[(a.obs["sample_id"] == row.sample_id).to_numpy()].copy()
+        sub = a[(a.obs[schema.OBS_SAMPLE] == row.sample_id).to_numpy()].copy()
         if xenium and i == 0:
             rel = f"sections/{row.sample_id}_xenium"
             _write_xenium(sub, tmp / rel)

@@ -53,7 +53,7 @@ def test_typing_accuracy(analysed):
     typed = pred != schema.SPATIAL_UNKNOWN
     assert typed.mean() >= 0.95
     assert (pred[typed] == true[typed]).mean() >= 0.95
-    conf = obs[schema.OBS_SPATIAL_CONFIDENCE].to_numpy()
+    conf = obs[schema.OBS_CELL_TYPE_CONFIDENCE].to_numpy()
     right = (pred == true).to_numpy()
     assert conf[right].mean() > conf[~right].mean()  # uncertainty means something
 
