@@ -28,7 +28,14 @@ from atlas.errors import AtlasError
 
 from . import components as C
 from .data import AtlasView, open_view
-from .labels import LABELS_COOKIE, LOCAL_EDITOR, label_choice, label_options, parse_label_choice
+from .labels import (
+    ATLAS_LABELS,
+    LABELS_COOKIE,
+    LOCAL_EDITOR,
+    label_choice,
+    label_options,
+    parse_label_choice,
+)
 from .pages import cells, downloads, genes, interactions, overview
 from .urls import parse_query
 
@@ -109,7 +116,7 @@ class AppContext:
 
 def _shell(ctx: AppContext) -> html.Div:
     v = ctx.view
-    current = f"{v.label_set}@{v.label_version}" if v.label_set else ""
+    current = f"{v.label_set}@{v.label_version}" if v.label_set else ATLAS_LABELS
     nav = [
         dcc.Link(p.TITLE, href=ctx.href(p.PATH), id=f"nav-{p.NAME}", className="nav-link")
         for p in PAGES
@@ -282,9 +289,9 @@ def _use_labels(app: dash.Dash, value: Any) -> None:
     that follow (scoped to this explorer's path; unknown values mean the atlas's labels)."""
     import flask
 
-    value = value if isinstance(value, str) and parse_label_choice(value) else ""
+    value = value if isinstance(value, str) and parse_label_choice(value) else ATLAS_LABELS
     flask.g.tme_labels = value
-    if flask.request.cookies.get(LABELS_COOKIE, "") == value:
+    if flask.request.cookies.get(LABELS_COOKIE, ATLAS_LABELS) == value:
         return
 
     @flask.after_this_request

@@ -1,6 +1,6 @@
 """The Labels menu: which label version a request sees (atlas labels or a curated one).
 
-The menu's value is ``"SET@VERSION"`` (``""``: the atlas's own labels). The router puts the
+The menu's value is ``"SET@VERSION"`` (:data:`ATLAS_LABELS`: the atlas's own labels). The router puts the
 menu's value in ``flask.g`` for its own request and in a cookie (scoped to the explorer's
 path) for the callbacks that follow, so every callback of a page reads the same labels
 through ``ctx.view`` without carrying the choice as an input.
@@ -12,7 +12,8 @@ from typing import Any
 
 from atlas.curation import SET_NAME_RE
 
-LABELS_COOKIE = "tme_labels"  # the Labels menu's choice: "SET@VERSION", "" = the atlas's own
+LABELS_COOKIE = "tme_labels"  # the Labels menu's choice: "SET@VERSION" or ATLAS_LABELS
+ATLAS_LABELS = "atlas"  # the menu's value for the atlas's own labels (never has an "@")
 LOCAL_EDITOR = "local"  # the recorded editor when curating without auth
 
 
@@ -41,7 +42,7 @@ def label_choice() -> tuple[str, int] | None:
 
 def label_options(view: Any) -> list[dict]:
     """The Labels menu: the atlas's own labels, then every version of every label set."""
-    opts = [{"label": "atlas labels (as built)", "value": ""}]
+    opts = [{"label": "atlas labels (as built)", "value": ATLAS_LABELS}]
     entries = view.label_versions()
     latest: dict[str, int] = {}
     for name, version, _ in entries:

@@ -335,8 +335,8 @@ def test_editor_rename_persists_and_other_users_see_it(app_atlas):
     alice, bob = app1.server.test_client(), app1.server.test_client()
     old = app1.tme.base_view.cell_types[0]
     # the panel is rendered for editors only
-    assert "cur-apply" in _cells_page(alice, _basic("alice"), "").get_data(as_text=True)
-    assert "cur-apply" not in _cells_page(bob, _basic("bob"), "").get_data(as_text=True)
+    assert "cur-apply" in _cells_page(alice, _basic("alice"), "atlas").get_data(as_text=True)
+    assert "cur-apply" not in _cells_page(bob, _basic("bob"), "atlas").get_data(as_text=True)
 
     r = _edit(alice, _basic("alice"), **{"cur-from": [old], "cur-to": "Renamed type"})
     assert r.status_code == 200
@@ -420,7 +420,7 @@ def test_curation_without_auth_is_off_unless_configured(app_atlas):
     app = create_app(app_atlas, load_config(env={}))
     c = app.server.test_client()
     old = app.tme.base_view.cell_types[0]
-    assert "cur-apply" not in _cells_page(c, {}, "").get_data(as_text=True)
+    assert "cur-apply" not in _cells_page(c, {}, "atlas").get_data(as_text=True)
     assert _edit(c, {}, **{"cur-from": [old], "cur-to": "X"}).status_code == 403
     assert A.label_sets(app_atlas) == []
     app = create_app(
