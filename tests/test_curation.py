@@ -9,6 +9,7 @@ import threading
 import numpy as np
 import pandas as pd
 import pytest
+from app_fixtures import browser  # noqa: F401 - fixture
 
 from atlas import curation as A
 from atlas import schema
@@ -436,3 +437,46 @@ def test_editors_must_be_users(app_atlas):
 
     with pytest.raises(ValueError, match="auth.editors: carol not in auth.users"):
         create_app(app_atlas, _auth_config(editors=["alice", "carol"]))
+
+
+@pytest.mark.browser
+def test_curation_in_the_browser(browser, app_atlas):  # noqa: F811 - fixture
+    """In Chromium: rename a type in the panel; the message, the Labels menu and the UMAP
+    legend show the new version, and a reload keeps it (the cookie)."""
+    from app_fixtures import LiveServer
+    from test_browser import choose, figure, idle, open_page, screenshot, severe_logs, wait_for
+
+    from app.factory import create_app
+    from atlas.config import load_config
+
+    app = create_app(
+        app_atlas, load_config(env={}, overrides={"auth": {"curation_without_auth": True}})
+    )
+    old = app.tme.base_view.cell_types[0]
+    srv = LiveServer(app).start()
+    try:
+        browser.get_log("browser")
+        open_page(browser, srv.url + "/cells")
+        figure(browser, "cells-umap", until=lambda f: old in f["names"])
+        idle(browser)
+        choose(browser, "cur-from", old)
+        browser.find_element("id", "cur-to").send_keys("Renamed type")
+        browser.find_element("id", "cur-apply").click()
+        wait_for(
+            lambda: "Saved curated v1" in browser.find_element("id", "labels-msg").text,
+            what="saved message",
+        )
+        figure(
+            browser,
+            "cells-umap",
+            until=lambda f: "Renamed type" in f["names"] and old not in f["names"],
+        )
+        assert "curated v1" in browser.find_element("id", "labels-select").text
+        idle(browser)
+        screenshot(browser, "cells_curation")
+        open_page(browser, srv.url + "/cells")  # a reload keeps the chosen version
+        figure(browser, "cells-umap", until=lambda f: "Renamed type" in f["names"])
+        assert "curated v1" in browser.find_element("id", "labels-select").text
+        assert severe_logs(browser) == []
+    finally:
+        srv.stop()

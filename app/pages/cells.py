@@ -224,7 +224,7 @@ def layout(ctx, params: dict) -> html.Div:
             controls,
             C.row(
                 C.col(C.card(C.graph("cells-umap")), width=8),
-                C.col(*side_cards, width=4),
+                C.col(*side_cards, width=4, className="col-stack" if len(side_cards) > 1 else ""),
             ),
             html.Div(
                 C.card(
