@@ -73,3 +73,16 @@ def test_browser_harness_smoke(tmp_path):
     res = _explorer_bench("bench_browser", tmp_path)
     assert res["first_load_s"] > 0 and res["gene_repaint_ms"] > 0
     assert res["points_drawn"] == 3000
+
+
+def test_curation_harness_smoke(tmp_path):
+    """bench_curation on 2,000 cells: every timing recorded, the version file written."""
+    from benchmarks.bench_curation import main
+
+    out = tmp_path / "curation.json"
+    assert main(["--cells", "2000", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["command"].startswith("python -m benchmarks.bench_curation")
+    (row,) = res["results"]
+    assert row["n_cells"] == 2000 and row["version_file_mb"] > 0
+    assert all(row[k] >= 0 for k in ("first_edit_s", "rename_s", "relabel_5pct_s"))
