@@ -15,6 +15,8 @@ Layout of an atlas directory ``DIR`` (written by ``tme-atlas build``)::
     DIR/integration_metrics.csv
     DIR/provenance.json       versions, config, input checksums, timings per stage
     DIR/build.log
+    DIR/annotations/<set>/    curated label versions and their tables (atlas.curation; written
+                              by the explorer's editors and ``analyse|crosstalk --labels``)
 """
 
 from __future__ import annotations

@@ -243,6 +243,14 @@ def test_analyse_with_curated_labels_changes_the_composition_table(synthetic_atl
     A.edit_labels(d, "merged", {"op": "rename", "from": "Merged cells", "to": "M2"}, user="bob")
     page = _cells_page(client, {}, "merged@2", url="/").get_data(as_text=True)
     assert "tme-atlas analyse DIR --labels merged" in page
+    # who changed what, when, and which versions have their tables
+    capsys.readouterr()
+    assert main(["labels", str(d)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("merged\tv1\t") and "\talice\t" in lines[0]
+    assert "merge" in lines[0] and lines[0].endswith("tables: analyse, crosstalk")
+    assert "\tbob\t" in lines[1] and lines[1].endswith("tables: -")
+    assert main(["labels", str(d), "--set", "../x"]) == 2
     assert main(["crosstalk", str(d), "--labels", "merged"]) == 2
     assert "tme-atlas analyse DIR --labels merged" in capsys.readouterr().err
 

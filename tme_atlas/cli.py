@@ -110,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cells-per-section", type=int, default=4000, metavar="N")
     p.add_argument("-v", "--verbose", action="store_true")
 
+    p = sub.add_parser("labels", help="list the curated label sets: who changed what, when")
+    p.add_argument("atlas_dir", metavar="DIR")
+    p.add_argument("--set", metavar="NAME", help="only this label set")
+    p.add_argument("-v", "--verbose", action="store_true")
+
     p = sub.add_parser("export", help="self-contained h5ad (and tables) for collaborators")
     p.add_argument("atlas_dir", metavar="DIR")
     p.add_argument("--out", required=True, metavar="FILE.h5ad")
@@ -168,6 +173,10 @@ def _run(args: argparse.Namespace) -> int:
             n_patients=args.patients,
             cells_per_section=args.cells_per_section,
         )
+        return 0
+
+    if args.command == "labels":
+        _list_labels(args.atlas_dir, args.set)
         return 0
 
     config = load_config(args.config, overrides=_overrides(args))
@@ -231,6 +240,31 @@ def _run(args: argparse.Namespace) -> int:
 
         serve(args.atlas_dir, config=config, config_file=args.config)
     return 0
+
+
+def _list_labels(atlas_dir: str, name: str | None) -> None:
+    """One line per version: set, version, time (UTC), user, what, cells changed, and
+    whether its tables were recomputed (``analyse`` / ``crosstalk --labels``)."""
+    from pathlib import Path
+
+    from atlas import curation, schema
+    from atlas.errors import InputError, clip
+
+    if not (Path(atlas_dir) / schema.ATLAS_FILE).is_file():
+        raise InputError(f"{atlas_dir}: not an atlas directory (no {schema.ATLAS_FILE})")
+    names = [curation.check_set_name(name)] if name else curation.label_sets(atlas_dir)
+    if not names:
+        print("no curated label sets")
+    for n in names:
+        for e in curation.versions(atlas_dir, n):
+            v = int(e["version"])
+            tables = curation.table_names(atlas_dir, n, v)
+            done = [s for s, t in (("analyse", schema.TABLE_COMPOSITION),
+                                   ("crosstalk", schema.TABLE_INTERACTIONS)) if t in tables]  # fmt: skip
+            print(
+                f"{n}\tv{v}\t{e.get('time', '')}\t{clip(e.get('user', ''), 64)}\t{e.get('summary', '')}"
+                f"\t{e.get('n_changed', '')} cells\ttables: {', '.join(done) or '-'}"
+            )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
