@@ -373,6 +373,12 @@ class AtlasView:
         return out
 
     # ------------------------------------------------------------------ tables / summary
+    @cached_property
+    def spatial(self) -> Any:
+        """The atlas's spatial results (``atlas.spatial.SpatialResults``) or ``None``."""
+        opener = getattr(self.store, "spatial", None)
+        return opener() if opener is not None else None
+
     def has_table(self, name: str) -> bool:
         try:
             return bool(self.store.has_table(name))

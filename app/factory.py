@@ -36,13 +36,13 @@ from .labels import (
     label_options,
     parse_label_choice,
 )
-from .pages import cells, downloads, genes, interactions, overview
+from .pages import cells, downloads, genes, interactions, overview, spatial
 from .urls import parse_query
 
 log = logging.getLogger("tme_atlas.app")
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-PAGES = (overview, cells, genes, interactions, downloads)
+PAGES = (overview, cells, genes, interactions, spatial, downloads)
 APP_TITLE = "CLL TME Atlas"
 
 

@@ -1172,3 +1172,110 @@ def cnv_heatmap(
     )
     fig.update_yaxes(type="category", autorange="reversed", showgrid=False)
     return style(fig, title=title, height=max(300, 22 * len(labels) + 140))
+
+
+# ----------------------------------------------------------------------------- spatial
+def spatial_section_figure(
+    df: pd.DataFrame,
+    *,
+    categorical: bool,
+    colour_label: str = "",
+    category_order: Sequence[str] | None = None,
+    colours: dict[str, str] | None = None,
+    title: str | None = None,
+) -> go.Figure:
+    """One section as WebGL scatter (µm, equal aspect): ``df`` columns ``x``, ``y``,
+    ``value`` as for :func:`umap_figure` (single-colour traces per category or per binned
+    value, so large sections repaint fast); panning instead of lasso."""
+    fig = umap_figure(
+        df,
+        categorical=categorical,
+        colour_label=colour_label,
+        category_order=category_order,
+        colours=colours,
+        title=title,
+        height=640,
+    )
+    fig.update_layout(dragmode="pan", uirevision="spatial")
+    return fig
+
+
+def nhood_heatmap(df: pd.DataFrame, *, order: Sequence[str] | None = None,
+                  title: str | None = None) -> go.Figure:  # fmt: skip
+    """Neighbourhood-enrichment matrix (symmetric) from the long ``nhood_enrichment`` rows
+    of one condition: colour = combined z-score, ``*`` where padj < 0.05."""
+    if df.empty:
+        return empty_figure("No neighbourhood enrichment for this choice")
+    a, b = schema.COL_TYPE_A, schema.COL_TYPE_B
+    types = sorted(set(df[a].astype(str)) | set(df[b].astype(str)))
+    if order is not None:
+        types = [t for t in order if t in set(types)] + [t for t in types if t not in set(order)]
+    idx = {t: i for i, t in enumerate(types)}
+    z = np.full((len(types), len(types)), np.nan)
+    star = np.full(z.shape, "", dtype=object)
+    for ta, tb, zz, padj in zip(
+        df[a].astype(str), df[b].astype(str), df[schema.COL_ZSCORE], df[schema.COL_PADJ]
+    ):
+        i, j = idx[ta], idx[tb]
+        z[i, j] = z[j, i] = zz
+        s = "*" if (padj == padj and padj < 0.05) else ""
+        star[i, j] = star[j, i] = s
+    lim = float(np.nanmax(np.abs(z))) if np.isfinite(z).any() else 1.0
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=types,
+            y=types,
+            text=star,
+            texttemplate="%{text}",
+            colorscale=DIVERGING_SCALE,
+            zmin=-lim,
+            zmax=lim,
+            colorbar={"title": {"text": "z"}, "thickness": 12},
+            hovertemplate="%{y} – %{x}<br>z %{z:.2f}<extra></extra>",
+        )
+    )
+    fig.update_xaxes(type="category", tickangle=-40)
+    fig.update_yaxes(type="category", autorange="reversed")
+    return style(fig, title=title, height=max(380, 26 * len(types) + 170))
+
+
+def niche_composition_figure(
+    props: pd.DataFrame, *, condition_order: Sequence[str] | None = None,
+    niche_order: Sequence[str] | None = None, title: str | None = None,
+) -> go.Figure:  # fmt: skip
+    """Niche proportions per condition: stacked bars of the niche shares (cells pooled over
+    the sections of a condition; the test uses sections as units)."""
+    if props.empty:
+        return empty_figure("No niches")
+    return composition_bar(
+        props,
+        group=schema.OBS_CONDITION,
+        category=schema.COL_NICHE,
+        value="n_cells",
+        group_order=condition_order,
+        category_order=niche_order,
+        title=title,
+    )
+
+
+def niche_content_heatmap(comp: pd.DataFrame, *, title: str | None = None) -> go.Figure:
+    """Cell-type composition of each niche (rows niches, columns cell types)."""
+    if comp.empty:
+        return empty_figure("No niches")
+    m = comp.pivot_table(
+        index=schema.COL_NICHE, columns=schema.COL_CELL_TYPE, values=schema.COL_FRACTION
+    ).fillna(0)
+    fig = go.Figure(
+        go.Heatmap(
+            z=m.to_numpy(),
+            x=list(m.columns),
+            y=list(m.index),
+            colorscale="YlOrRd",
+            colorbar={"title": {"text": "share"}, "thickness": 12},
+            hovertemplate="%{y}: %{x} %{z:.1%}<extra></extra>",
+        )
+    )
+    fig.update_xaxes(type="category", tickangle=-40)
+    fig.update_yaxes(type="category", autorange="reversed")
+    return style(fig, title=title, height=max(320, 30 * len(m) + 170))

@@ -1190,6 +1190,13 @@ class AtlasStore:
     def programs_table(self) -> pd.DataFrame:
         return self.table(schema.TABLE_PROGRAMS)
 
+    def spatial(self):
+        """The atlas's spatial results (:class:`atlas.spatial.SpatialResults`, written by
+        ``tme-atlas spatial`` into ``DIR/spatial``), or ``None`` when there are none."""
+        from .spatial import open_spatial
+
+        return open_spatial(self.path)
+
     def interactions(self, kind: str = "consensus") -> pd.DataFrame:
         """Interaction table: ``kind`` = "consensus" | "by_sample" | "diff"."""
         name = {

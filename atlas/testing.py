@@ -1051,3 +1051,98 @@ def make_synthetic_atlas(
         n_cells=n_cells, n_genes=n_genes, seed=seed, species=species, **kwargs
     )
     return write_atlas(adata, out_dir)
+
+
+def make_synthetic_spatial(
+    atlas_dir: str | Path,
+    *,
+    sections: dict[str, int] | None = None,
+    conditions: Sequence[str] = ("NAIVE", "IBR_RES"),
+    cell_types: Sequence[str] = ("CLL resting", "CLL proliferating", "CD4 Tfh", "NLC",
+                                 "CD8 effector", "Classical monocyte"),
+    n_niches: int = 5,
+    interactions: Sequence[str] = ("CXCL12^CXCR4", "CD40LG^CD40", "TNFSF13B^TNFRSF13C"),
+    seed: int = 0,
+) -> Path:
+    """Synthetic results of ``tme-atlas spatial`` in ``atlas_dir/spatial`` (for the explorer's
+    tests and benchmarks; the analysis itself is tested in ``tests/test_spatial.py``):
+    ``sections`` maps section -> cells (sections alternate over ``conditions``). Returns the
+    folder."""
+    import json
+
+    from .tables import csv_text
+
+    rng = np.random.default_rng(seed)
+    sections = sections or {"S1": 2000, "S2": 2000}
+    out = Path(atlas_dir) / schema.SPATIAL_DIR
+    (out / schema.TABLES_DIR).mkdir(parents=True, exist_ok=True)
+    niches = [f"N{i + 1}" for i in range(n_niches)]
+    parts, meta_rows = [], []
+    for k, (sid, n) in enumerate(sections.items()):
+        cond = conditions[k % len(conditions)]
+        side = float(np.sqrt(n / 0.01))
+        xy = rng.uniform(0, side, (n, 2)).astype(np.float32)
+        niche = (np.floor(xy[:, 0] / side * n_niches)).astype(int).clip(0, n_niches - 1)
+        t = (niche + rng.integers(0, 2, n)) % len(cell_types)
+        parts.append(
+            pd.DataFrame(
+                {
+                    schema.OBS_SAMPLE: sid,
+                    schema.OBS_CONDITION: cond,
+                    schema.OBS_SPATIAL_X: xy[:, 0],
+                    schema.OBS_SPATIAL_Y: xy[:, 1],
+                    schema.OBS_CELL_TYPE: np.asarray(cell_types)[t],
+                    schema.OBS_CELL_TYPE_CONFIDENCE: rng.uniform(0.5, 1, n).astype(np.float32),
+                    schema.OBS_NICHE: np.asarray(niches)[niche],
+                }
+            )
+        )
+        meta_rows.append((sid, f"P{k // len(conditions) + 1:02d}", cond))
+    cells = pd.concat(parts, ignore_index=True)
+    cells.index = pd.Index([f"{s}:{i}" for i, s in enumerate(cells[schema.OBS_SAMPLE])],
+                           name="cell_id")  # fmt: skip
+    for c in (schema.OBS_SAMPLE, schema.OBS_CONDITION, schema.OBS_CELL_TYPE, schema.OBS_NICHE):
+        cells[c] = cells[c].astype("category")
+    cells.to_parquet(out / schema.SPATIAL_CELLS_FILE)
+    np.save(out / schema.SPATIAL_LR_LOCAL_FILE,
+            rng.gamma(1.0, 0.1, (len(cells), len(interactions))).astype(np.float32))  # fmt: skip
+    nh, props, comp = [], [], []
+    for cond in ["all", *conditions]:
+        for i, a in enumerate(cell_types):
+            for b in cell_types[i:]:
+                z = float(rng.normal(0, 3))
+                nh.append((cond, a, b, z, z, len(sections), 0.01 if abs(z) > 4 else 0.5,
+                           0.02 if abs(z) > 4 else 0.8))  # fmt: skip
+    for sid, pat, cond in meta_rows:
+        sub = cells[cells[schema.OBS_SAMPLE] == sid]
+        vc = sub[schema.OBS_NICHE].value_counts()
+        for nn in niches:
+            props.append((sid, pat, cond, nn, int(vc.get(nn, 0)), vc.get(nn, 0) / len(sub)))
+    ct = pd.crosstab(cells[schema.OBS_NICHE], cells[schema.OBS_CELL_TYPE])
+    for nn in ct.index:
+        for t in ct.columns:
+            comp.append((nn, t, ct.loc[nn, t] / ct.loc[nn].sum(), int(ct.loc[nn, t])))
+    cols = schema.SPATIAL_TABLE_COLUMNS
+    tables = {
+        schema.TABLE_NHOOD: pd.DataFrame(nh, columns=cols[schema.TABLE_NHOOD]),
+        schema.TABLE_NICHE_PROPORTIONS: pd.DataFrame(
+            props, columns=cols[schema.TABLE_NICHE_PROPORTIONS]
+        ),
+        schema.TABLE_NICHE_COMPOSITION: pd.DataFrame(
+            comp, columns=cols[schema.TABLE_NICHE_COMPOSITION]
+        ),
+    }
+    for name, df in tables.items():
+        (out / schema.TABLES_DIR / f"{name}.csv").write_text(csv_text(df), "utf-8")
+    meta = {
+        "sections": list(sections),
+        "conditions": list(conditions),
+        "reference": conditions[0],
+        "n_cells": len(cells),
+        "n_genes": 0,
+        "interactions": list(interactions),
+        "cell_types": list(cell_types),
+        "niches": niches,
+    }
+    (out / schema.SPATIAL_META_FILE).write_text(json.dumps(meta))
+    return out
