@@ -89,7 +89,7 @@ def _choices(sp, params: dict, msgs: list[str]) -> dict:
     if condition != "all" and condition not in conds:
         msgs.append(f"unknown condition {str(condition)[:40]!r}")
         condition = "all"
-    return {"section": section, "colour": colour, "lr": lr, "condition": condition}
+    return {"section": section, "colour": colour, "lr": lr, "nhood_cond": condition}
 
 
 def layout(ctx, params: dict) -> html.Div:
@@ -172,7 +172,7 @@ def layout(ctx, params: dict) -> html.Div:
             C.card(
                 C.control(
                     "Condition",
-                    C.dropdown("sp-nhood-cond", cond_opts, ch["condition"], clearable=False),
+                    C.dropdown("sp-nhood-cond", cond_opts, ch["nhood_cond"], clearable=False),
                 ),  # fmt: skip
                 C.graph("sp-nhood"),
                 title="Neighbourhood enrichment",
