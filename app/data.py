@@ -437,14 +437,14 @@ class AtlasView:
     def labelled(self, name: str, version: int) -> AtlasView:
         """This atlas seen with curated label set ``name`` at ``version`` (validated; cached
         per view, a few at a time)."""
+        with self._lock:  # a saved version never changes: a cached one needs no disk read
+            cache = self.__dict__.setdefault("_labelled", OrderedDict())
+            hit = cache.get((name, version))
+            if hit is not None:
+                cache.move_to_end((name, version))
+                return hit
         version = curation.check_version(self.atlas_dir, name, version)
         key = (name, version)
-        with self._lock:
-            cache = self.__dict__.setdefault("_labelled", OrderedDict())
-            hit = cache.get(key)
-            if hit is not None:
-                cache.move_to_end(key)
-                return hit
         view = LabelledView(self, name, version)
         with self._lock:
             cache[key] = view
