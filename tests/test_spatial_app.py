@@ -136,3 +136,18 @@ while (fiber && !(fiber.memoizedProps && fiber.memoizedProps.setProps && fiber.m
 fiber.memoizedProps.setProps({value: '__COLOUR__'});
 """,
 )
+
+
+def test_interactions_page_links_to_where_the_pair_is_in_space(spatial_atlas, dash_app):
+    from app.factory import create_app
+    from app.pages import interactions, spatial
+
+    app = create_app(spatial_atlas, small_config())
+    ctx = app.tme
+    link = interactions._spatial_link(ctx, ctx.view, "CXCL12", "CXCR4")
+    assert link and "/spatial?colour=lr&lr=CXCL12%5ECXCR4" in link[-1].href
+    assert interactions._spatial_link(ctx, ctx.view, "CCL3", "CCR1") == []  # not scored
+    assert interactions._spatial_link(dash_app.tme, dash_app.tme.view, "CXCL12", "CXCR4") == []
+    # the link's query opens the Spatial page on that pair's local score
+    ch = spatial._choices(ctx.view.spatial, {"colour": "lr", "lr": "CXCL12^CXCR4"}, [])
+    assert ch["colour"] == spatial.COLOUR_LR and ch["lr"] == "CXCL12^CXCR4"

@@ -21,12 +21,23 @@ from .. import figures as F
 from ..data import UnknownValue
 from ..labels import run_hint
 from ..urls import as_bool, as_list, build_query
+from . import spatial
 
 NAME = "interactions"
 PATH = "/interactions"
 TITLE = "Interactions"
 TABLE_ROWS = 500  # rows sent to the browser table (the CSV download has all)
 KEYS = ("source", "target", "ligand", "receptor")
+
+
+def _spatial_link(ctx, view, ligand, receptor) -> list:
+    """A link to where the pair is co-expressed in space (Spatial page), when it was scored."""
+    sp = view.spatial
+    name = f"{ligand}{spatial.LR_SEP}{receptor}"
+    if sp is None or name not in sp.interactions:
+        return []
+    href = ctx.href(spatial.PATH, spatial.lr_href(str(ligand), str(receptor)))
+    return [" · ", dcc.Link("where it is co-expressed in space", href=href, id="ia-spatial-link")]
 
 
 def prepare(df: pd.DataFrame) -> pd.DataFrame:
@@ -398,7 +409,7 @@ def register(app, ctx) -> None:
             f"{pick.get(schema.COL_SOURCE)} → {pick.get(schema.COL_TARGET)}: {ligand} → {receptor} "
             "(sender and receiver outlined)"
         )
-        return fig, text
+        return fig, html.Span([text, *_spatial_link(ctx, view, ligand, receptor)])
 
     @app.callback(
         Output("ia-diff", "figure"),
