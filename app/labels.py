@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from atlas import curation
 from atlas.curation import SET_NAME_RE
 
 LABELS_COOKIE = "tme_labels"  # the Labels menu's choice: "SET@VERSION" or ATLAS_LABELS
@@ -62,6 +63,15 @@ def label_options(view: Any) -> list[dict]:
 
 def run_hint(view: Any, command: str) -> str:
     """The command that computes a missing table for what ``view`` shows: ``tme-atlas
-    analyse DIR``, or with ``--labels SET`` for a curated version."""
+    analyse DIR``, or with ``--labels SET`` (``SET@N`` for an older version) for a curated
+    version."""
     labels = getattr(view, "label_set", None)
-    return f"`tme-atlas {command} DIR" + (f" --labels {labels}`" if labels else "`")
+    if not labels:
+        return f"`tme-atlas {command} DIR`"
+    version = getattr(view, "label_version", None)
+    try:
+        latest = curation.latest_version(view.atlas_dir, labels)
+    except Exception:  # noqa: BLE001 - a hint only
+        latest = version
+    spec = labels if version == latest else f"{labels}@{version}"
+    return f"`tme-atlas {command} DIR --labels {spec}`"

@@ -119,6 +119,18 @@ def check_label(label: Any) -> str:
     return s
 
 
+def parse_labels_arg(spec: Any) -> tuple[str, int | None]:
+    """``("NAME", None)`` for ``--labels NAME`` (the latest version), ``("NAME", N)`` for
+    ``--labels NAME@N``; else :class:`InvalidName`."""
+    name, sep, version = str(spec).partition("@")
+    check_set_name(name)
+    if not sep:
+        return name, None
+    if not version.isdigit() or len(version) > 6:
+        raise InvalidName(f"--labels {clip(spec)!r}: use NAME or NAME@VERSION")
+    return name, int(version)
+
+
 # ------------------------------------------------------------------ paths and reading
 def annotations_dir(atlas_dir: str | Path) -> Path:
     return Path(atlas_dir) / schema.ANNOTATIONS_DIR

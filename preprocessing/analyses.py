@@ -1153,7 +1153,8 @@ def run_analyse_dir(atlas_dir: str | Path, *, config=None, labels: str | None = 
     an atlas without ``obs["cell_type"]`` and :class:`InputError` for unknown conditions;
     nothing is rewritten then. Returns the AnnData written.
 
-    With ``labels`` (``--labels NAME``): the latest version of that curated label set
+    With ``labels`` (``--labels NAME``, or ``NAME@N`` for version N): the latest version of
+    that curated label set
     (:mod:`atlas.curation`) stands in for ``obs["cell_type"]`` and the tables go to
     ``DIR/annotations/NAME/tables/v<N>/`` (:mod:`preprocessing.curated`); the atlas, its
     store and ``DIR/tables/`` are left as they are.
@@ -1161,16 +1162,17 @@ def run_analyse_dir(atlas_dir: str | Path, *, config=None, labels: str | None = 
     from atlas.store import read_atlas_adata, write_atlas
 
     atlas_dir = Path(atlas_dir)
-    if labels is not None:
-        from atlas.curation import check_version
+    if labels is not None:  # NAME or NAME@VERSION; unknown: before the atlas is read
+        from atlas.curation import check_version, parse_labels_arg
 
-        check_version(atlas_dir, labels)  # an unknown set: before the atlas is read
+        labels, version = parse_labels_arg(labels)
+        version = check_version(atlas_dir, labels, version)
     adata = read_atlas_adata(atlas_dir)
     schema.require_obs(adata, schema.OBS_CELL_TYPE)
     if labels is not None:
         from preprocessing.curated import save_curated_tables, use_curated_labels
 
-        version = use_curated_labels(adata, atlas_dir=atlas_dir, name=labels)
+        version = use_curated_labels(adata, atlas_dir=atlas_dir, name=labels, version=version)
         run_analyses(adata, config=config)
         save_curated_tables(
             adata,

@@ -1192,9 +1192,10 @@ def run_crosstalk_dir(atlas_dir, *, config=None, labels: str | None = None):
     atlas_dir = Path(atlas_dir)
     cfg = _crosstalk_config(config)
     if labels is not None:
-        from atlas.curation import check_version, read_table
+        from atlas.curation import check_version, parse_labels_arg, read_table
 
-        version = check_version(atlas_dir, labels)
+        labels, version = parse_labels_arg(labels)  # NAME or NAME@VERSION
+        version = check_version(atlas_dir, labels, version)
         read_table(atlas_dir, labels, version, schema.TABLE_DE)  # analysed? before reading
     adata = _read_atlas(atlas_dir)
     if labels is not None:

@@ -251,6 +251,18 @@ def test_analyse_with_curated_labels_changes_the_composition_table(synthetic_atl
     assert "merge" in lines[0] and lines[0].endswith("tables: analyse, crosstalk")
     assert "\tbob\t" in lines[1] and lines[1].endswith("tables: -")
     assert main(["labels", str(d), "--set", "../x"]) == 2
+    # an older version by number: its page names it, an unknown one is one line
+    page = _cells_page(client, {}, "merged@1", url="/interactions").get_data(as_text=True)
+    assert "could not be shown" not in page
+    A.edit_labels(d, "merged", {"op": "rename", "from": "M2", "to": "M3"}, user="bob")
+    page = _cells_page(client, {}, "merged@2", url="/").get_data(as_text=True)
+    assert "tme-atlas analyse DIR --labels merged@2" in page
+    assert main(["analyse", str(d), "--labels", "merged@7"]) == 2
+    assert "unknown version" in capsys.readouterr().err
+    assert A.parse_labels_arg("merged@2") == ("merged", 2)
+    for bad in ("merged@x", "../a@1", "merged@1@2"):
+        with pytest.raises(InvalidName):
+            A.parse_labels_arg(bad)
     assert main(["crosstalk", str(d), "--labels", "merged"]) == 2
     assert "tme-atlas analyse DIR --labels merged" in capsys.readouterr().err
 

@@ -74,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--labels",
         metavar="NAME",
-        help="use the latest version of this curated label set; tables go to "
-        "DIR/annotations/NAME/tables/vN/ (the atlas is not rewritten)",
+        help="use the latest version of this curated label set (NAME@N: version N); tables "
+        "go to DIR/annotations/NAME/tables/vN/ (the atlas is not rewritten)",
     )
     _add_config(p)
 
@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--labels",
         metavar="NAME",
-        help="use the latest version of this curated label set (after analyse --labels NAME)",
+        help="use the latest version of this curated label set (NAME@N: version N), after "
+        "analyse --labels with the same version",
     )
     _add_config(p)
 
