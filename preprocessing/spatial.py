@@ -310,7 +310,7 @@ def _categorical(adata, key: str) -> None:
 
 
 def spatial_graph(adata, *, library_key: str = schema.OBS_SAMPLE):
-    """Delaunay neighbour graph per section (``squidpy.gr.spatial_neighbors``).
+    """Delaunay neighbour graph per section (``squidpy.gr.spatial_neighbors_delaunay``).
 
     Writes
     ------
@@ -319,12 +319,8 @@ def spatial_graph(adata, *, library_key: str = schema.OBS_SAMPLE):
     import squidpy as sq
 
     _categorical(adata, library_key)
-    sq.gr.spatial_neighbors(
-        adata,
-        spatial_key=schema.OBSM_SPATIAL,
-        library_key=library_key,
-        coord_type="generic",
-        delaunay=True,
+    sq.gr.spatial_neighbors_delaunay(
+        adata, spatial_key=schema.OBSM_SPATIAL, library_key=library_key
     )
     return adata
 

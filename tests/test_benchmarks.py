@@ -86,3 +86,22 @@ def test_curation_harness_smoke(tmp_path):
     (row,) = res["results"]
     assert row["n_cells"] == 2000 and row["version_file_mb"] > 0
     assert all(row[k] >= 0 for k in ("first_edit_s", "rename_s", "relabel_5pct_s"))
+
+
+@pytest.mark.slow
+def test_spatial_harness_smoke(tmp_path, small_atlas_dir_session):
+    """bench_spatial on 2,400 cells against the small atlas: time, peak memory, accuracy."""
+    env = {
+        **os.environ,
+        "TME_BENCH_WORK": str(tmp_path / "work"),
+        "TME_BENCH_RESULTS": str(tmp_path / "results"),
+    }
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_spatial", "--atlas",
+         str(small_atlas_dir_session), "--cells", "2400", "--patients", "2"],
+        cwd=REPO, env=env, check=True, timeout=600,
+    )  # fmt: skip
+    res = json.loads((tmp_path / "results" / "spatial.json").read_text())
+    assert res["rc"] == 0 and res["peak_mb"] > 0 and res["seconds"] > 0
+    assert res["n_cells"] > 2000 and res["typing_accuracy"] > 0.8
+    assert {"ingest", "nhood_enrichment", "spatial_lr"} <= set(res["timings_s"])

@@ -220,3 +220,43 @@ def test_bad_spatial_input_cli(spatial_input, small_atlas_dir_session, tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "missing coordinates" in err[0]
     assert not out.exists()
+
+
+def test_simulate_spatial_command(tmp_path):
+    from tme_atlas.cli import main
+
+    out = tmp_path / "sim"
+    rc = main(["simulate-spatial", "--out", str(out), "--patients", "1",
+               "--cells-per-section", "300"])  # fmt: skip
+    assert rc == 0
+    sheet = pd.read_csv(out / "samplesheet.csv")
+    assert list(sheet.columns) == list(schema.SHEET_REQUIRED)
+    assert len(sheet) == 3 and (out / sheet.loc[0, "path"] / schema.XENIUM_MATRIX_FILE).is_file()
+    for name in ("cells", "nhood", "niches", "spatial_lr"):
+        assert (out / "truth" / f"{name}.csv").is_file()
+
+
+def test_panel_not_in_the_atlas_is_one_line(spatial_input, small_atlas_dir_session, tmp_path,
+                                            capsys):  # fmt: skip
+    import shutil
+
+    import anndata as ad
+
+    from tme_atlas.cli import main
+
+    d = tmp_path / "bad"
+    shutil.copytree(spatial_input, d)
+    sheet = pd.read_csv(d / "samplesheet.csv")
+    sheet = sheet.iloc[1:2]  # one h5ad section, its genes renamed
+    sheet.to_csv(d / "samplesheet.csv", index=False)
+    h5 = d / sheet["path"].iloc[0]
+    a = ad.read_h5ad(h5)
+    a.var_names = [f"NOTAGENE{i}" for i in range(a.n_vars)]
+    a.write_h5ad(h5)
+    out = tmp_path / "out"
+    rc = main(["spatial", str(d / "samplesheet.csv"), "--atlas", str(small_atlas_dir_session),
+               "--out", str(out)])  # fmt: skip
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "measured by the atlas" in err[0]
+    assert not out.exists()
