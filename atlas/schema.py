@@ -534,6 +534,7 @@ TABLE_NICHE_PROPORTIONS = "niche_proportions"
 TABLE_NICHE_TEST = "niche_test"
 TABLE_SPATIAL_LR = "spatial_lr"
 TABLE_SPATIAL_LR_BY_SECTION = "spatial_lr_by_section"
+TABLE_SPATIAL_LR_DIFF = "spatial_lr_diff"  # per-section mean local score: state vs reference
 COL_TYPE_A = "cell_type_a"
 COL_TYPE_B = "cell_type_b"
 COL_ZSCORE = "zscore"
@@ -560,4 +561,6 @@ SPATIAL_TABLE_COLUMNS: dict[str, list[str]] = {
     TABLE_SPATIAL_LR: [COL_INTERACTION, COL_LIGAND, COL_RECEPTOR, COL_LOCAL_MEAN,
                        COL_GLOBAL_MORANS, "ligand_props", "receptor_props", "source_table"],
     TABLE_SPATIAL_LR_BY_SECTION: [OBS_SAMPLE, OBS_CONDITION, COL_INTERACTION, COL_LOCAL_MEAN],
+    TABLE_SPATIAL_LR_DIFF: [COL_INTERACTION, COL_CONDITION, COL_REFERENCE, "mean", "mean_ref",
+                            "change", "t", COL_PVALUE, COL_PADJ, "n_sections", "paired"],
 }  # fmt: skip

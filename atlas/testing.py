@@ -1138,6 +1138,14 @@ def make_synthetic_spatial(
             comp, columns=cols[schema.TABLE_NICHE_COMPOSITION]
         ),
     }
+    diff = [
+        (lr, c, conditions[0], 0.2, 0.1, 0.1, 2.0, 0.04, 0.08, len(sections), True)
+        for lr in interactions
+        for c in conditions[1:]
+    ]
+    tables[schema.TABLE_SPATIAL_LR_DIFF] = pd.DataFrame(
+        diff, columns=cols[schema.TABLE_SPATIAL_LR_DIFF]
+    )
     for name, df in tables.items():
         (out / schema.TABLES_DIR / f"{name}.csv").write_text(csv_text(df), "utf-8")
     meta = {

@@ -23,7 +23,8 @@ k-means over all sections, so a niche means the same in every section; niche pro
 section are compared across resistance states with the atlas's propeller-style composition
 test (:func:`preprocessing.analyses.compare_composition`, ``~ patient + condition`` when
 paired). LIANA+ bivariate local scores (``li.mt.bivariate``, resource passed explicitly) on
-the spatial graph for the atlas's differential interactions whose genes are on the panel.
+the spatial graph for the atlas's differential interactions whose genes are on the panel;
+their per-section means compared across states like the niches (section as unit, paired).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from atlas import schema
 from atlas.errors import InputError
 from atlas.io import atomic_write_text
 from atlas.params import record_params
+from atlas.stats import bh_adjust
 
 from .log import get_logger
 
@@ -627,6 +629,44 @@ def spatial_lr(adata, pairs: pd.DataFrame, *, local_score: str = "product"):
     return table[cols], pd.DataFrame(brows, columns=bcols), local
 
 
+def compare_lr_states(by_section: pd.DataFrame, sections: pd.DataFrame, *, reference: str):
+    """Per-section mean local score of each LR pair, each state vs ``reference``: the
+    section is the unit, ``score ~ patient + condition`` when patients are seen in several
+    states (else ``~ condition``), limma-moderated t, BH over the pairs of a contrast.
+    ``sections``: one row per section (index sample_id; patient, condition)."""
+    from .analyses import _design, linear_fit
+
+    cols = schema.SPATIAL_TABLE_COLUMNS[schema.TABLE_SPATIAL_LR_DIFF]
+    if by_section.empty:
+        return pd.DataFrame(columns=cols)
+    Y = by_section.pivot_table(
+        index=schema.OBS_SAMPLE, columns=schema.COL_INTERACTION, values=schema.COL_LOCAL_MEAN
+    )
+    meta = sections.loc[Y.index]
+    conds = [c for c in dict.fromkeys(meta[schema.OBS_CONDITION].astype(str))]
+    if reference not in conds:
+        return pd.DataFrame(columns=cols)
+    conds = [reference] + [c for c in conds if c != reference]
+    X, paired = _design(meta, reference, conds)
+    if X.shape[0] - X.shape[1] < 1:
+        log.warning("spatial LR by state: too few sections for a test")
+        return pd.DataFrame(columns=cols)
+    fit = linear_fit(X, Y.to_numpy(float), moderate=True)
+    cond = meta[schema.OBS_CONDITION].astype(str).to_numpy()
+    rows = []
+    for c in conds[1:]:
+        est, t, p = fit.t_test(f"cond_{c}")
+        padj = bh_adjust(p)
+        for j, name in enumerate(Y.columns):
+            rows.append(
+                (name, c, reference, float(Y.iloc[cond == c, j].mean()),
+                 float(Y.iloc[cond == reference, j].mean()), float(est[j]), float(t[j]),
+                 float(p[j]), float(padj[j]), int(((cond == c) | (cond == reference)).sum()),
+                 bool(paired))
+            )  # fmt: skip
+    return pd.DataFrame(rows, columns=cols)
+
+
 # ======================================================================================
 # the command
 # ======================================================================================
@@ -728,6 +768,11 @@ def run_spatial(
             [schema.COL_LIGAND, schema.COL_RECEPTOR]
         )
     lr_table, lr_sec, local = spatial_lr(adata, pairs, local_score=cfg.local_score)
+    sec_meta = adata.obs.drop_duplicates(schema.OBS_SAMPLE).set_index(schema.OBS_SAMPLE)[
+        [schema.OBS_PATIENT, schema.OBS_CONDITION]
+    ]
+    sec_meta.index = sec_meta.index.astype(str)
+    lr_diff = compare_lr_states(lr_sec, sec_meta.astype(str), reference=ref_cond)
     timings["spatial_lr"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -744,6 +789,7 @@ def run_spatial(
         schema.TABLE_NICHE_TEST: ntest,
         schema.TABLE_SPATIAL_LR: lr_table,
         schema.TABLE_SPATIAL_LR_BY_SECTION: lr_sec,
+        schema.TABLE_SPATIAL_LR_DIFF: lr_diff,
     }
     from atlas.tables import csv_text
 

@@ -24,7 +24,8 @@ What is planted, and where (never in anything a method reads directly):
   only when it touches a cell of the partner type (one of its 6 nearest neighbours). Null
   pairs get the same expression in the same cell types and in the same share of cells,
   chosen at random (no contact dependence). Both use genes that are otherwise low
-  everywhere.
+  everywhere. Two planted pairs (``state_up``) depend on the state: under venetoclax
+  resistance every touching cell expresses them, in the other states 40% of them.
 
 Written: ``samplesheet.csv`` (``sample_id,path,patient,condition,tissue,species``),
 ``sections/<id>.h5ad`` (``layers["counts"]``, ``obsm["spatial"]`` in µm) and, for the first
@@ -127,6 +128,11 @@ LR_SENDER_RECEIVER: list[tuple[str, str]] = [
     (S.CD4_TFH, S.CLL_PROLIFERATING),
 ]
 N_PLANTED_LR = 6
+# planted pairs (by index) whose contact-dependent expression changes with the state: in
+# LR_STATE every touching cell expresses, elsewhere only a share LR_STATE_OTHER of them
+LR_STATE_PAIRS = (1, 4)
+LR_STATE = "VEN_RES"
+LR_STATE_OTHER = 0.4
 N_NULL_LR = 12
 LR_COUNTS = 4.0  # expected extra counts of a ligand / receptor in an expressing cell
 LR_BASE = 0.03  # expected counts of these genes elsewhere
@@ -314,9 +320,11 @@ def simulate_spatial(
     for i, (lig, rec) in enumerate(cands[:n_lr]):
         snd, rcv = LR_SENDER_RECEIVER[i % len(LR_SENDER_RECEIVER)]
         kind = "planted" if i < N_PLANTED_LR else "null"
+        state = LR_STATE if (kind == "planted" and i in LR_STATE_PAIRS) else ""
         lr_rows.append(
-            {"ligand": lig, "receptor": rec, "sender": snd, "receiver": rcv, "kind": kind}
-        )
+            {"ligand": lig, "receptor": rec, "sender": snd, "receiver": rcv, "kind": kind,
+             "state_up": state}
+        )  # fmt: skip
     lr = pd.DataFrame(lr_rows)
     lr_genes = list(lr["ligand"]) + list(lr["receptor"])
     panel = _panel(internal, logcp, lr_genes, rng)
@@ -362,6 +370,9 @@ def simulate_spatial(
                 if row.kind == "null":  # same share of the same types, random cells
                     s_on = is_s & (r.random(n) < s_on.sum() / max(is_s.sum(), 1))
                     t_on = is_t & (r.random(n) < t_on.sum() / max(is_t.sum(), 1))
+                elif row.state_up and c != row.state_up:  # fewer touching cells express
+                    s_on &= r.random(n) < LR_STATE_OTHER
+                    t_on &= r.random(n) < LR_STATE_OTHER
                 mu[s_on, lr_col[row.ligand]] += LR_COUNTS
                 mu[t_on, lr_col[row.receptor]] += LR_COUNTS
             counts = r.negative_binomial(theta, theta / (theta + mu)).astype(np.int32)

@@ -42,7 +42,11 @@ def analysed():
     comp, props, test = SP.niche_tables(a, reference="NAIVE")
     lr = sim.truth["spatial_lr"]
     table, by_sec, local = SP.spatial_lr(a, lr.assign(source_table="truth"))
-    return {"sim": sim, "adata": a, "nhood": nhood, "by_section": by_section, "niche_test": test,
+    meta = a.obs.drop_duplicates(schema.OBS_SAMPLE).set_index(schema.OBS_SAMPLE)
+    meta = meta[[schema.OBS_PATIENT, schema.OBS_CONDITION]].astype(str)
+    meta.index = meta.index.astype(str)
+    lr_diff = SP.compare_lr_states(by_sec, meta, reference="NAIVE")
+    return {"lr_diff": lr_diff,"sim": sim, "adata": a, "nhood": nhood, "by_section": by_section, "niche_test": test,
             "lr": table, "local": local}  # fmt: skip
 
 
@@ -118,6 +122,25 @@ def test_spatial_lr_ranks_planted_pairs(analysed):
     y = (merged["kind"] == "planted").to_numpy()
     assert roc_auc_score(y, merged[schema.COL_LOCAL_MEAN]) >= 0.9
     assert analysed["local"].shape == (analysed["adata"].n_obs, len(table))
+
+
+def test_spatial_lr_change_across_states(analysed):
+    """Pairs whose contact-dependent expression rises under venetoclax resistance: higher
+    per-section local scores in VEN_RES (paired test, section as unit), above every null
+    pair of the same sender and receiver types (which change only with the niches)."""
+    truth = analysed["sim"].truth["spatial_lr"]
+    d = analysed["lr_diff"]
+    d = d[d[schema.COL_CONDITION] == "VEN_RES"].set_index(schema.COL_INTERACTION)
+    assert d["paired"].all()
+    state = truth[truth["state_up"].fillna("") == "VEN_RES"]
+    assert len(state) == 2
+    for r in state.itertuples():
+        row = d.loc[f"{r.ligand}^{r.receptor}"]
+        assert row["change"] > 0 and row[schema.COL_PADJ] < 0.05, row
+        same = truth[(truth.kind == "null") & (truth.sender == r.sender)
+                     & (truth.receiver == r.receiver)]  # fmt: skip
+        t_null = [d.loc[f"{x.ligand}^{x.receptor}", "t"] for x in same.itertuples()]
+        assert len(t_null) >= 1 and row["t"] > max(t_null), (row["t"], t_null)
 
 
 # ----------------------------------------------------------------------------- the command

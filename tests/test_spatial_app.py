@@ -75,6 +75,7 @@ def test_spatial_page_and_reader(spatial_atlas):
     page = spatial.layout(app.tme, {"section": "nope", "lr": "CD40LG^CD40"})
     text = str(page)
     assert "unknown section" in text
+    assert "sp-lr-diff" in text  # the LR-across-states table
     df, categorical, label = spatial.section_frame(sp, "S2", spatial.COLOUR_LR, "CD40LG^CD40")
     assert not categorical and len(df) == 3000 and "CD40" in label
     assert spatial.lr_href("CD40LG", "CD40").endswith("lr=CD40LG%5ECD40")

@@ -179,9 +179,26 @@ def layout(ctx, params: dict) -> html.Div:
                 subtitle="z-score combined over sections (Stouffer); * Holm-adjusted p < 0.05 "
                 "(t-test of the section z-scores)",
             ),
+            _lr_states_card(sp),
             dcc.Store(id="sp-dummy"),
         ],
         className="page",
+    )
+
+
+def _lr_states_card(sp):
+    """The LR pairs' per-section local scores, each state vs the reference (sections as
+    units, paired by patient): where the dissociated crosstalk shows up in space."""
+    if not sp.has_table(schema.TABLE_SPATIAL_LR_DIFF):
+        return html.Div()
+    d = sp.table(schema.TABLE_SPATIAL_LR_DIFF)
+    if not d.empty:
+        d = d.sort_values(schema.COL_PVALUE)
+    return C.card(
+        C.table("sp-lr-diff", d, page_size=10, filterable=True),
+        title="LR local scores across states",
+        subtitle="mean local score per section, each state vs the reference "
+        "(section as unit, paired by patient when possible; BH per contrast)",
     )
 
 
