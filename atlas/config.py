@@ -209,7 +209,9 @@ class SpatialConfig(_Section):
     co_occurrence_max_cells: int = Field(5000, ge=100, description="cells per section")
     niche_k: int = Field(20, ge=3, description="neighbours defining a cell's neighbourhood")
     n_niches: int = Field(8, ge=2, le=40)
-    local_score: str = Field("product", description="liana bivariate local score")
+    local_score: Literal[
+        "product", "norm_product", "cosine", "pearson", "spearman", "jaccard", "masked_spearman"
+    ] = Field("product", description="liana bivariate local score (li.mt.bivariate)")
     max_lr_pairs: int = Field(50, ge=1, description="LR pairs scored (atlas differential)")
     alpha: float = Field(0.05, gt=0, lt=1)
     seed: int = 0
