@@ -506,6 +506,7 @@ TABLE_COLUMNS: dict[str, list[str]] = {
 #                             obsm["spatial"], obs cell type (+ confidence), niche
 #   spatial/cells.parquet     per cell: section, x, y, cell type, confidence, niche (explorer)
 #   spatial/lr_local.npy      per cell x scored LR pair: liana's local score (float32)
+#   spatial/expr_*.npy        X as CSC (float32 data, int32 indices, int64 indptr), by gene
 #   spatial/tables/*.csv      the tables below
 #   spatial/meta.json         sections, conditions, LR pairs scored, parameters, versions
 # --------------------------------------------------------------------------------------
@@ -513,6 +514,8 @@ SPATIAL_DIR = "spatial"
 SPATIAL_H5AD_FILE = "spatial.h5ad"
 SPATIAL_CELLS_FILE = "cells.parquet"
 SPATIAL_LR_LOCAL_FILE = "lr_local.npy"
+# log-normalised panel expression, CSC (by gene), for the explorer: data / indices / indptr
+SPATIAL_EXPR_FILES = ("expr_data.npy", "expr_indices.npy", "expr_indptr.npy")
 SPATIAL_META_FILE = "meta.json"
 OBSM_SPATIAL = "spatial"  # (n, 2) cell centroids, µm
 OBS_SPATIAL_X = "x_um"

@@ -34,6 +34,7 @@ class SpatialResults:
         self._lock = threading.Lock()
         self._cells: pd.DataFrame | None = None
         self._local: np.ndarray | None = None
+        self._expr: tuple | None = None
         self._tables: dict[str, pd.DataFrame] = {}
 
     @property
@@ -55,6 +56,29 @@ class SpatialResults:
     @property
     def niches(self) -> list[str]:
         return [str(s) for s in self.meta.get("niches", [])]
+
+    @property
+    def genes(self) -> list[str]:
+        """Panel genes (``[]`` for results written without expression)."""
+        return [str(g) for g in self.meta.get("genes", [])]
+
+    def has_expression(self) -> bool:
+        return all((self.path / f).is_file() for f in schema.SPATIAL_EXPR_FILES)
+
+    def expression(self, gene: str, rows: np.ndarray | None = None) -> np.ndarray:
+        """Log-normalised expression of panel gene ``gene`` per cell (float32; read from the
+        memory-mapped CSC column)."""
+        j = self.genes.index(gene)  # ValueError for an unknown gene: callers validate
+        with self._lock:
+            if self._expr is None:
+                self._expr = tuple(
+                    np.load(self.path / f, mmap_mode="r") for f in schema.SPATIAL_EXPR_FILES
+                )
+        data, indices, indptr = self._expr
+        lo, hi = int(indptr[j]), int(indptr[j + 1])
+        col = np.zeros(self.n_cells, dtype=np.float32)
+        col[np.asarray(indices[lo:hi])] = np.asarray(data[lo:hi])
+        return col if rows is None else col[rows]
 
     @property
     def n_cells(self) -> int:

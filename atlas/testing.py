@@ -1110,6 +1110,17 @@ def make_synthetic_spatial(
     for c in (schema.OBS_SAMPLE, schema.OBS_CONDITION, schema.OBS_CELL_TYPE, schema.OBS_NICHE):
         cells[c] = cells[c].astype("category")
     cells.to_parquet(out / schema.SPATIAL_CELLS_FILE)
+    import scipy.sparse as sp
+
+    genes = ["CXCL12", "CXCR4", "CD40"]
+    expr = sp.random(len(cells), len(genes), density=0.3, format="csc", dtype=np.float32,
+                     random_state=seed)  # fmt: skip
+    expr.data *= 3
+    for name, arr in zip(
+        schema.SPATIAL_EXPR_FILES,
+        (expr.data, expr.indices.astype(np.int32), expr.indptr.astype(np.int64)),
+    ):
+        np.save(out / name, arr)
     np.save(out / schema.SPATIAL_LR_LOCAL_FILE,
             rng.gamma(1.0, 0.1, (len(cells), len(interactions))).astype(np.float32))  # fmt: skip
     nh, props, comp = [], [], []
@@ -1153,7 +1164,8 @@ def make_synthetic_spatial(
         "conditions": list(conditions),
         "reference": conditions[0],
         "n_cells": len(cells),
-        "n_genes": 0,
+        "n_genes": len(genes),
+        "genes": genes,
         "interactions": list(interactions),
         "cell_types": list(cell_types),
         "niches": niches,

@@ -812,6 +812,12 @@ def run_spatial(
         cells[c] = cells[c].astype("category")
     cells.to_parquet(tmp / schema.SPATIAL_CELLS_FILE)
     np.save(tmp / schema.SPATIAL_LR_LOCAL_FILE, local)
+    csc = sp.csc_matrix(adata.X, dtype=np.float32)
+    for name, arr in zip(
+        schema.SPATIAL_EXPR_FILES,
+        (csc.data, csc.indices.astype(np.int32), csc.indptr.astype(np.int64)),
+    ):
+        np.save(tmp / name, arr)
     adata.obs = adata.obs.astype(
         {c: str for c in adata.obs.columns if adata.obs[c].dtype == object}
     )
@@ -826,6 +832,7 @@ def run_spatial(
         "reference": ref_cond,
         "n_cells": int(adata.n_obs),
         "n_genes": int(adata.n_vars),
+        "genes": [str(g) for g in adata.var_names],
         "interactions": list(lr_table[schema.COL_INTERACTION]),
         "cell_types": [str(c) for c in adata.obs[schema.OBS_CELL_TYPE].cat.categories],
         "niches": [str(c) for c in adata.obs[schema.OBS_NICHE].cat.categories],

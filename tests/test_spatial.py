@@ -180,6 +180,12 @@ def test_spatial_command(spatial_input, small_atlas_dir_session, tmp_path):
     assert acc >= 0.8, acc
     local = np.load(out / schema.SPATIAL_LR_LOCAL_FILE)
     assert local.shape[0] == len(cells)
+    from atlas.spatial import SpatialResults
+
+    res = SpatialResults(out)
+    g = res.genes[0]
+    expr = res.expression(g)
+    assert expr.shape == (len(cells),) and np.isfinite(expr).all() and (expr > 0).any()
 
 
 def _write_bad(spatial_input, tmp_path, kind: str):

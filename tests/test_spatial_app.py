@@ -79,6 +79,15 @@ def test_spatial_page_and_reader(spatial_atlas):
     df, categorical, label = spatial.section_frame(sp, "S2", spatial.COLOUR_LR, "CD40LG^CD40")
     assert not categorical and len(df) == 3000 and "CD40" in label
     assert spatial.lr_href("CD40LG", "CD40").endswith("lr=CD40LG%5ECD40")
+    # a panel gene overlaid: the memory-mapped CSC column, positions of the section's cells
+    full = sp.expression("CXCR4")
+    assert full.shape == (sp.n_cells,) and (full > 0).mean() > 0.2
+    df, categorical, label = spatial.section_frame(sp, "S2", spatial.COLOUR_GENE, None, "CXCR4")
+    assert not categorical and label == "CXCR4"
+    np.testing.assert_array_equal(df["value"].to_numpy(), full[rows])
+    msgs: list[str] = []
+    ch = spatial._choices(sp, {"colour": "gene", "gene": "NOTONPANEL"}, msgs)
+    assert ch["panel_gene"] == "CXCL12" and "not on the panel" in msgs[0]
 
 
 JS_REPAINT = """
@@ -117,6 +126,8 @@ def test_spatial_page_repaints_200k_cells_under_1s(spatial_atlas, browser):
             res = browser.execute_async_script(JS_REPAINT_SET.replace("__COLOUR__", colour))
             times.append(res["ms"])
             assert res["n"] == BIG
+        res = browser.execute_async_script(JS_REPAINT_SET.replace("__COLOUR__", "gene"))
+        assert res["n"] >= BIG  # a panel gene: binned single-colour traces (+ colour bar)
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         browser.save_screenshot(str(SCREENSHOTS / "spatial.png"))
         print("repaint ms", times)

@@ -1,10 +1,10 @@
-"""Spatial: one section with its cells coloured by cell type, niche, mapping confidence or a
-ligand–receptor pair's LIANA+ local score (WebGL, every cell drawn); niche composition per
+"""Spatial: one section with its cells coloured by cell type, niche, mapping confidence, a
+panel gene or a ligand–receptor pair's LIANA+ local score (WebGL, every cell drawn); niche composition per
 condition; the neighbourhood-enrichment matrix per condition.
 
 Reads the atlas's spatial results (``tme-atlas spatial``) through ``AtlasView.spatial``
 (``atlas.spatial.SpatialResults``). URL: ``/spatial?section=S&colour=cell_type|niche|
-confidence|lr&lr=LIGAND^RECEPTOR&condition=C``; the Interactions page links here with
+confidence|lr|gene&lr=LIGAND^RECEPTOR&gene=G&condition=C``; the Interactions page links here with
 ``lr=`` set.
 """
 
@@ -28,11 +28,13 @@ COLOUR_TYPE = "cell_type"
 COLOUR_NICHE = "niche"
 COLOUR_CONFIDENCE = "confidence"
 COLOUR_LR = "lr"
+COLOUR_GENE = "gene"
 COLOUR_CHOICES = {
     COLOUR_TYPE: "cell type",
     COLOUR_NICHE: "niche",
     COLOUR_CONFIDENCE: "mapping confidence",
     COLOUR_LR: "LR local score",
+    COLOUR_GENE: "gene",
 }
 LR_SEP = "^"  # liana's ligand^receptor
 
@@ -42,7 +44,9 @@ def lr_href(ligand: str, receptor: str) -> str:
     return build_query({"colour": COLOUR_LR, "lr": f"{ligand}{LR_SEP}{receptor}"})
 
 
-def section_frame(sp, section: str, colour: str, lr: str | None) -> tuple[pd.DataFrame, bool, str]:
+def section_frame(
+    sp, section: str, colour: str, lr: str | None, gene: str | None = None
+) -> tuple[pd.DataFrame, bool, str]:
     """``(x, y, value)`` of one section's cells, whether categorical, and the colour label."""
     rows = sp.section_rows(section)
     cells = sp.cells().iloc[rows]
@@ -61,6 +65,9 @@ def section_frame(sp, section: str, colour: str, lr: str | None) -> tuple[pd.Dat
     if colour == COLOUR_LR and lr:
         df["value"] = sp.local_score(lr, rows)
         return df, False, lr.replace(LR_SEP, " → ")
+    if colour == COLOUR_GENE and gene:
+        df["value"] = sp.expression(gene, rows)
+        return df, False, gene
     df["value"] = cells[schema.OBS_CELL_TYPE].to_numpy()
     return df, True, "cell type"
 
@@ -84,12 +91,27 @@ def _choices(sp, params: dict, msgs: list[str]) -> dict:
         lr = lrs[0] if lrs else None
         if lr is None:
             colour = COLOUR_TYPE
+    genes = sp.genes if sp.has_expression() else []
+    gene = params.get("gene")
+    if gene and gene not in genes:
+        msgs.append(f"gene {str(gene)[:40]!r} is not on the panel")
+        gene = None
+    if colour == COLOUR_GENE and not gene:
+        gene = genes[0] if genes else None
+        if gene is None:
+            colour = COLOUR_TYPE
     conds = sp.conditions
     condition = params.get("condition") or "all"
     if condition != "all" and condition not in conds:
         msgs.append(f"unknown condition {str(condition)[:40]!r}")
         condition = "all"
-    return {"section": section, "colour": colour, "lr": lr, "nhood_cond": condition}
+    return {
+        "section": section,
+        "colour": colour,
+        "lr": lr,
+        "panel_gene": gene,
+        "nhood_cond": condition,
+    }
 
 
 def layout(ctx, params: dict) -> html.Div:
@@ -140,6 +162,12 @@ def layout(ctx, params: dict) -> html.Div:
             )
         ),
         C.col(C.control("Ligand → receptor", C.dropdown("sp-lr", lr_opts, ch["lr"]))),
+        C.col(
+            C.control(
+                "Gene (panel)",
+                C.dropdown("sp-gene", sp.genes if sp.has_expression() else [], ch["panel_gene"]),
+            )
+        ),
     )
     cond_opts = [{"label": "all sections", "value": "all"}] + [
         {"label": c, "value": c} for c in sp.conditions
@@ -224,16 +252,20 @@ def register(app, ctx) -> None:
         Input("sp-section", "value"),
         Input("sp-colour", "value"),
         Input("sp-lr", "value"),
+        Input("sp-gene", "value"),
     )
-    def _section(section, colour, lr):
+    def _section(section, colour, lr, gene):
         sp = ctx.view.spatial
         if sp is None:
             return F.empty_figure("No spatial results")
         msgs: list[str] = []
-        ch = _choices(sp, {"section": section, "colour": colour, "lr": lr}, msgs)
+        params = {"section": section, "colour": colour, "lr": lr, "gene": gene}
+        ch = _choices(sp, params, msgs)
         if msgs:
             return F.empty_figure("; ".join(msgs))
-        df, categorical, label = section_frame(sp, ch["section"], ch["colour"], ch["lr"])
+        df, categorical, label = section_frame(
+            sp, ch["section"], ch["colour"], ch["lr"], ch["panel_gene"]
+        )
         order = sp.cell_types if ch["colour"] == COLOUR_TYPE else sp.niches
         return F.spatial_section_figure(
             df,
@@ -260,15 +292,17 @@ def register(app, ctx) -> None:
         Input("sp-section", "value"),
         Input("sp-colour", "value"),
         Input("sp-lr", "value"),
+        Input("sp-gene", "value"),
         Input("sp-nhood-cond", "value"),
         prevent_initial_call=True,
     )
-    def _sync_url(section, colour, lr, condition):
+    def _sync_url(section, colour, lr, gene, condition):
         return build_query(
             {
                 "section": section,
                 "colour": colour,
                 "lr": lr if colour == COLOUR_LR else None,
+                "gene": gene if colour == COLOUR_GENE else None,
                 "condition": condition if condition and condition != "all" else None,
             }
         )
