@@ -264,6 +264,28 @@ class ServeConfig(_Section):
     export_dir: str = ""
 
 
+class ComputeConfig(_Section):
+    """Where the per-sample work of a build runs (QC / doublet scoring per sample).
+
+    ``scheduler``: ``""`` = in this process, one sample after the other; ``"local"`` = a
+    dask ``distributed.LocalCluster`` of ``workers`` processes (one thread each), started
+    and stopped by the build; an address (``tcp://host:8786``, ``tls://...``) = an existing
+    dask scheduler whose workers can read the inputs. The result does not depend on it.
+    """
+
+    scheduler: str = Field("", description='"" (in process), "local", or a dask scheduler address')
+    workers: int = Field(2, ge=1, le=256, description="workers of a local cluster")
+    connect_timeout_s: float = Field(10.0, gt=0, le=600, description="to reach a scheduler")
+
+    @field_validator("scheduler")
+    @classmethod
+    def _scheduler(cls, v: str) -> str:
+        v = v.strip()
+        if v in ("", "local") or v.startswith(("tcp://", "tls://", "ucx://", "inproc://")):
+            return v
+        raise ValueError('use "" (in process), "local", or an address such as tcp://host:8786')
+
+
 class Config(BaseModel):
     """The whole configuration. ``Config()`` gives the defaults."""
 
@@ -281,6 +303,7 @@ class Config(BaseModel):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    compute: ComputeConfig = Field(default_factory=ComputeConfig)
     seed: int = 0
 
     def to_json(self) -> str:

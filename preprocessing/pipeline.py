@@ -20,6 +20,7 @@ it leaves in ``.work`` all come from its registry entry.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -38,6 +39,7 @@ from atlas.errors import InputError
 
 from . import stages as registry
 from .log import FILE_ONLY, get_logger, progress, setup_logging
+from .parallel import compute_cluster
 
 log = get_logger("pipeline")
 
@@ -53,6 +55,7 @@ VERSION_PACKAGES = (
     ("pandas", "pandas"),
     ("scipy", "scipy"),
     ("pydeseq2", "pydeseq2"),
+    ("distributed", "distributed"),
     ("cll-tme-atlas", "cll-tme-atlas"),
 )
 
@@ -475,7 +478,10 @@ def run_build(
             p.unlink(missing_ok=True)
 
     bar = progress(total=len(stages) + 2, desc="build", unit="stage", initial=start_at + 1)
+    cluster = contextlib.ExitStack()
     try:
+        # per-sample work of the stages on a dask cluster when config.compute names one
+        cluster.enter_context(compute_cluster(config.compute))
         for st in stages[start_at:]:
             stage = st.name
             why = st.skip_reason(ctx)
@@ -534,6 +540,7 @@ def run_build(
         bar.update(1)
     finally:
         bar.close()
+        cluster.close()
     # provenance.json after atlas.h5ad: its build_hash marks a finished, up-to-date atlas
     # (a kill in between leaves a mismatch, and --resume redoes the write stage)
     from atlas.io import atomic_write_text

@@ -37,7 +37,8 @@ from atlas.errors import InputError
 from atlas.params import record_params
 from atlas.tables import put_table
 
-from .log import get_logger, progress
+from .log import get_logger
+from .parallel import map_tasks
 
 log = get_logger("qc")
 
@@ -298,6 +299,14 @@ def _scrublet_sample(
     return score, called, (thr if np.isfinite(thr) else None)
 
 
+def _scrublet_task(counts, cfg, seed: int, n_recovered: int):
+    """:func:`_scrublet_sample`, or the error's text (a task on a worker or here)."""
+    try:
+        return _scrublet_sample(counts, cfg, seed, n_recovered=n_recovered)
+    except Exception as e:  # noqa: BLE001 - reported per sample by the caller
+        return f"{e.__class__.__name__}: {e}"
+
+
 def run_qc(
     adata,
     *,
@@ -332,7 +341,8 @@ def run_qc(
     flags = pd.DataFrame(False, index=adata.obs_names, columns=list(REASONS))
     score = np.full(adata.n_obs, np.nan)
     thresholds: dict[str, float | None] = {}
-    for i, sid in enumerate(progress(order, desc="qc", unit="sample")):
+    tasks, task_idx = [], []
+    for i, sid in enumerate(order):
         idx = np.flatnonzero(samples == sid)
         f = _flag_sample(adata.obs.iloc[idx], cfg)
         for c in f.columns:
@@ -349,11 +359,14 @@ def run_qc(
                 MIN_CELLS_SCRUBLET,
             )
             continue
-        try:
-            s, called, thr = _scrublet_sample(counts[cand], cfg, seed + i, n_recovered=idx.size)
-        except Exception as e:  # a scrublet failure must not end a long build
-            log.warning("sample '%s': doublet detection failed (%s); skipped", sid, e)
+        tasks.append((counts[cand], cfg, seed + i, idx.size))
+        task_idx.append((sid, cand))
+    # scrublet per sample: on the build's dask workers when it has a cluster
+    for (sid, cand), res in zip(task_idx, map_tasks(_scrublet_task, tasks, desc="qc")):
+        if isinstance(res, str):  # a scrublet failure must not end a long build
+            log.warning("sample '%s': doublet detection failed (%s); skipped", sid, res)
             continue
+        s, called, thr = res
         score[cand] = s
         flags.iloc[cand, flags.columns.get_loc("doublet")] = called
         thresholds[sid] = thr
