@@ -37,6 +37,7 @@ GENE_CACHE = 8
 # categorical obs columns offered for colouring, in this order when present
 PREFERRED_CATEGORICAL = (
     schema.OBS_CELL_TYPE,
+    schema.OBS_ORIGIN,  # query atlases (tme-atlas map): reference or query
     schema.OBS_CONDITION,
     schema.OBS_LINEAGE,
     schema.OBS_MALIGNANT,
@@ -50,6 +51,7 @@ PREFERRED_CATEGORICAL = (
     schema.OBS_PREDICTED_DOUBLET,
 )
 PREFERRED_NUMERIC = (
+    schema.OBS_LABEL_UNCERTAINTY,  # query atlases: 1 - scANVI's probability of the label
     schema.OBS_TOTAL_COUNTS,
     schema.OBS_N_GENES,
     schema.OBS_PCT_MITO,
@@ -225,6 +227,26 @@ class AtlasView:
     @cached_property
     def colour_columns(self) -> list[str]:
         return self.categorical_columns + self.score_columns + self.numeric_columns
+
+    # ------------------------------------------------------------------ query atlases
+    @cached_property
+    def has_origin(self) -> bool:
+        """A query atlas (``tme-atlas map``) with both reference and query cells."""
+        if schema.OBS_ORIGIN not in self.obs.columns:
+            return False
+        return {str(v) for v in pd.unique(self.obs[schema.OBS_ORIGIN])} >= set(schema.ORIGINS)
+
+    @cached_property
+    def query_mask(self) -> np.ndarray:
+        """Boolean per cell: a mapped query cell (all False outside query atlases)."""
+        if schema.OBS_ORIGIN not in self.obs.columns:
+            return np.zeros(self.n_cells, dtype=bool)
+        return self._str_column(schema.OBS_ORIGIN) == schema.ORIGIN_QUERY
+
+    def shown_idx(self, query_only: bool = False) -> np.ndarray:
+        """The displayed cells (:attr:`display_idx`), only the query's when ``query_only``."""
+        idx = self.display_idx
+        return idx[self.query_mask[idx]] if query_only and self.has_origin else idx
 
     def is_categorical(self, col: str) -> bool:
         return col in self.categorical_columns

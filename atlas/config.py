@@ -107,6 +107,51 @@ class ScviConfig(_Section):
         return v
 
 
+class ScanviConfig(_Section):
+    """scANVI from the scVI model on the atlas labels (stage ``scanvi``; used by ``map``)."""
+
+    max_steps: int = Field(
+        200, ge=10, description="gradient-step budget (the scVI weights are its start)"
+    )
+    batch_size: int = Field(512, ge=16)
+    learning_rate: float = Field(1e-3, gt=0)
+    n_samples_per_label: int | None = Field(
+        None, ge=1, description="labelled cells drawn per label and epoch (default: all)"
+    )
+
+
+class MappingConfig(_Section):
+    """``tme-atlas map``: scArches surgery of the atlas's scANVI model on new samples."""
+
+    max_steps: int = Field(
+        200, ge=10, description="gradient-step budget of the query training (weight decay 0)"
+    )
+    batch_size: int = Field(512, ge=16)
+    learning_rate: float = Field(1e-3, gt=0)
+    unknown_threshold: float = Field(
+        0.4,
+        gt=0,
+        le=1,
+        description="label uncertainty (1 - scANVI's probability) above which a query cell is "
+        "'Unknown'",
+    )
+    novelty_quantile: float = Field(
+        0.99,
+        gt=0,
+        le=1,
+        description="a query cell farther from its nearest reference cells (scANVI latent) "
+        "than this quantile of the reference cells' own distances is 'Unknown' too "
+        "(1 turns it off)",
+    )
+    n_neighbors: int = Field(15, ge=2, description="kNN for the novelty distance and UMAP")
+    min_gene_overlap: float = Field(
+        0.5, gt=0, le=1, description="share of the model's genes the query must measure"
+    )
+    query_only: bool = Field(
+        False, description="write the query cells only (default: reference + query)"
+    )
+
+
 class ClusterConfig(_Section):
     n_neighbors: int = Field(15, ge=2)
     resolutions: list[float] = Field(default_factory=lambda: [0.3, 0.5, 1.0, 2.0])
@@ -297,6 +342,8 @@ class Config(BaseModel):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     annotate: AnnotateConfig = Field(default_factory=AnnotateConfig)
     malignant: MalignantConfig = Field(default_factory=MalignantConfig)
+    scanvi: ScanviConfig = Field(default_factory=ScanviConfig)
+    mapping: MappingConfig = Field(default_factory=MappingConfig)
     analyses: AnalysesConfig = Field(default_factory=AnalysesConfig)
     crosstalk: CrosstalkConfig = Field(default_factory=CrosstalkConfig)
     spatial: SpatialConfig = Field(default_factory=SpatialConfig)

@@ -29,10 +29,12 @@ import pandas as pd
 
 from . import schema
 from .errors import InputError
-from .io import atomic_path, write_h5ad_atomic
+from .io import atomic_path, atomic_write_text, write_h5ad_atomic
 
 UNS_EXPORT = schema.UNS_EXPORT
 MODEL_SUFFIX = "_scvi_model"
+SCANVI_MODEL_SUFFIX = "_scanvi_model"
+README_SUFFIX = "_README.md"
 
 # CLI flag -> obs column it filters
 FILTERS: tuple[tuple[str, str, str], ...] = (
@@ -301,7 +303,9 @@ def export_atlas(
     """Write the selection to ``out`` (``.h5ad``, atomically); returns ``out``.
 
     ``tables_dir``: also write every table as ``<name>.csv`` there. ``with_model``: copy the
-    trained scVI model (``DIR/model``) to ``<out stem>_scvi_model/`` beside ``out``.
+    trained scVI model (``DIR/model``) to ``<out stem>_scvi_model/`` and the scANVI model
+    (``DIR/model_scanvi``, when the atlas has one) to ``<out stem>_scanvi_model/`` beside
+    ``out``, with ``<out stem>_README.md`` saying how to map new samples onto them.
     Raises :class:`InputError` for a bad selection, a bad output path or a missing model.
     """
     from .tables import write_tables_csv
@@ -340,7 +344,91 @@ def export_atlas(
         dst = out.with_name(f"{out.stem}{MODEL_SUFFIX}")
         with atomic_path(dst) as tmp:
             shutil.copytree(model_src, tmp)
+        scanvi_src = atlas_root / schema.SCANVI_MODEL_DIR
+        scanvi_dst = out.with_name(f"{out.stem}{SCANVI_MODEL_SUFFIX}")
+        if scanvi_src.is_dir():
+            with atomic_path(scanvi_dst) as tmp:
+                shutil.copytree(scanvi_src, tmp)
+        readme = model_readme(out, adata, has_scanvi=scanvi_src.is_dir())
+        atomic_write_text(out.with_name(f"{out.stem}{README_SUFFIX}"), readme)
     return out
+
+
+def model_readme(out: Path, adata, *, has_scanvi: bool) -> str:
+    """The README written beside an export ``--with-model``: what the files are and how to
+    map new samples onto the atlas (``tme-atlas map`` or scvi-tools directly)."""
+    params = adata.uns.get(schema.params_key("scanvi"), {}) or {}
+    iparams = adata.uns.get(schema.params_key("integrate"), {}) or {}
+    labels = params.get("labels", [])
+    labels = ", ".join(str(v) for v in np.asarray(labels).ravel()) if len(labels) else "-"
+    species = adata.uns.get(schema.UNS_SPECIES, "")
+    batch_key = iparams.get("batch_key", schema.OBS_SAMPLE)
+    stem = out.stem
+    lines = [
+        f"# {out.name}: atlas export with its models",
+        "",
+        "| file | what |",
+        "|---|---|",
+        f"| `{out.name}` | the atlas cells (raw counts in `layers['{schema.LAYER_COUNTS}']`, "
+        f"`obsm['{schema.OBSM_SCVI}']`, `obsm['{schema.OBSM_SCANVI}']`, "
+        f"`obsm['{schema.OBSM_UMAP}']`, labels in `obs['{schema.OBS_CELL_TYPE}']`) |",
+        f"| `{stem}{MODEL_SUFFIX}/` | the trained scVI model (scvi-tools "
+        f"{iparams.get('scvi_version', '')}), batch = `obs['{batch_key}']` |",
+    ]
+    if has_scanvi:
+        lines.append(
+            f"| `{stem}{SCANVI_MODEL_SUFFIX}/` | scANVI trained from it on the atlas labels "
+            f"(`obs['{schema.OBS_CELL_TYPE}']`; unlabeled category `{schema.UNKNOWN}`) |"
+        )
+    lines += [
+        "",
+        f"Species: {species or 'see obs'}. Labels the model knows: {labels}.",
+        "",
+        "## Map your own samples onto this atlas",
+        "",
+    ]
+    if not has_scanvi:
+        lines += [
+            "This atlas was built without the scANVI stage: rebuild it with the current "
+            "`tme-atlas build` to get a model that maps new samples.",
+            "",
+        ]
+        return "\n".join(lines)
+    lines += [
+        "With the project's command line (same validation and QC as `tme-atlas build`; "
+        "scArches surgery; label transfer with an uncertainty and an `Unknown` call; "
+        "cells placed on this atlas's UMAP; a query atlas the explorer opens):",
+        "",
+        "```bash",
+        f"tme-atlas map SAMPLESHEET.csv --atlas {out.name} --out QUERY_ATLAS/",
+        f"tme-atlas map --h5ad MERGED.h5ad --atlas {out.name} --out QUERY_ATLAS/",
+        "tme-atlas serve QUERY_ATLAS/",
+        "```",
+        "",
+        f"(`--atlas` takes this file when `{stem}{SCANVI_MODEL_SUFFIX}/` lies beside it.)",
+        "",
+        "With scvi-tools only (raw counts, gene symbols as `var_names`, one batch per sample):",
+        "",
+        "```python",
+        "import scvi",
+        f'query.obs["{batch_key}"] = ...   # your sample ids (new batches)',
+        f'query.obs["{schema.OBS_CELL_TYPE}"] = "{schema.UNKNOWN}"',
+        f'query.layers["{schema.LAYER_COUNTS}"] = query.X  # raw counts',
+        f'scvi.model.SCANVI.prepare_query_anndata(query, "{stem}{SCANVI_MODEL_SUFFIX}")',
+        f'model = scvi.model.SCANVI.load_query_data(query, "{stem}{SCANVI_MODEL_SUFFIX}")',
+        'model.train(max_epochs=20, plan_kwargs={"weight_decay": 0.0})',
+        "probs = model.predict(soft=True)          # per-cell label probabilities",
+        'query.obs["label"] = probs.idxmax(axis=1)',
+        'query.obs["uncertainty"] = 1 - probs.max(axis=1)',
+        f'query.obsm["{schema.OBSM_SCANVI}"] = model.get_latent_representation()',
+        "```",
+        "",
+        "Genes the model uses that your data lack are filled with zeros by "
+        "`prepare_query_anndata`; map only data of the same species with most of the "
+        "model's genes measured.",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 __all__ = ["export_adata", "export_atlas", "select_cells", "select_genes", "UNS_EXPORT"]

@@ -12,6 +12,7 @@ Layout of an atlas directory ``DIR`` (written by ``tme-atlas build``)::
     DIR/tables/*.csv          result tables (also in .uns, h5ad-safe)
     DIR/qc/report.html        QC report; DIR/qc/summary.csv
     DIR/model/                trained scVI model
+    DIR/model_scanvi/         scANVI model trained from it on the atlas labels (tme-atlas map)
     DIR/integration_metrics.csv
     DIR/provenance.json       versions, config, input checksums, timings per stage
     DIR/build.log
@@ -35,6 +36,9 @@ QC_DIR = "qc"
 QC_REPORT_FILE = "qc/report.html"
 QC_SUMMARY_FILE = "qc/summary.csv"
 MODEL_DIR = "model"
+SCANVI_MODEL_DIR = "model_scanvi"  # scANVI (from the scVI model, on the atlas labels): `map`
+MODEL_README_FILE = "README.md"  # beside an exported model: how to map new data onto it
+MAPPING_FILE = "mapping.json"  # written by `tme-atlas map`: reference, thresholds, summary
 INTEGRATION_METRICS_FILE = "integration_metrics.csv"
 PROVENANCE_FILE = "provenance.json"
 LOG_FILE = "build.log"
@@ -130,6 +134,15 @@ OBS_CLONOTYPE_SOURCE = "clonotype_source"  # "vdj", "expression" or ""
 OBS_IN_DOMINANT_CLONE = "in_dominant_clone"  # bool: carries the patient's dominant B clone
 OBS_CLL_PROGRAMME = "cll_programme_score"  # float: CLL-vs-normal-B programme (TCL1 excluded)
 
+# reference mapping (stage "scanvi"; command "tme-atlas map")
+OBS_ORIGIN = "origin"  # "reference" or "query" in a query atlas written by tme-atlas map
+ORIGIN_REFERENCE = "reference"
+ORIGIN_QUERY = "query"
+ORIGINS = (ORIGIN_REFERENCE, ORIGIN_QUERY)
+OBS_TRANSFERRED_LABEL = "transferred_label"  # scANVI's most probable reference label
+OBS_LABEL_UNCERTAINTY = "label_uncertainty"  # 1 - scANVI's probability of that label
+UNKNOWN = "Unknown"  # scANVI's unlabeled category; a query cell's label above the threshold
+
 # gene programmes (stage "programs")
 OBS_SCORE_PREFIX = "score_"  # "score_<programme>"
 
@@ -139,6 +152,7 @@ OBS_SCORE_PREFIX = "score_"  # "score_<programme>"
 OBSM_SCVI = "X_scVI"
 OBSM_PCA = "X_pca"  # uncorrected
 OBSM_UMAP = "X_umap"
+OBSM_SCANVI = "X_scANVI"  # scANVI latent (stage "scanvi"): query cells are mapped into it
 LAYER_COUNTS = "counts"
 VAR_GENE_ID = "gene_ids"  # Ensembl ids (or the symbol where none)
 VAR_FEATURE_TYPE = "feature_types"
@@ -156,6 +170,7 @@ UNS_CONDITION_ORDER = "tme_condition_order"  # list of conditions in sheet order
 UNS_SPECIES = "tme_species"
 UNS_PROGRAMS = "tme_programs"  # dict: programme name -> list of genes used
 UNS_LEIDEN_RESOLUTIONS = "tme_leiden_resolutions"
+UNS_MAPPING = "tme_mapping"  # dict in a query atlas: reference atlas, model, thresholds
 UNS_EXPORT = "tme_export"  # dict in an exported h5ad: source, filters (JSON), sizes, time
 
 UNS_MALIGNANT = "tme_malignant"  # dict: parameters, versions, lesion regions used

@@ -224,6 +224,18 @@ def default_torch_threads() -> int:
     return max(1, os.cpu_count() or 1)
 
 
+def resolve_accelerator(requested: str) -> str:
+    """``"gpu"`` or ``"cpu"`` for Lightning: ``auto`` is the GPU when CUDA is present."""
+    import torch
+
+    if requested == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    if requested == "gpu" and not torch.cuda.is_available():
+        log.warning("scvi: accelerator 'gpu' requested but CUDA is unavailable; using the CPU")
+        return "cpu"
+    return requested
+
+
 def epochs_for_steps(max_steps: int, n_cells: int, batch_size: int, train_size: float = 0.9):
     """``ceil(max_steps / steps_per_epoch)`` clamped to [10, 400]."""
     n_train = max(1, math.ceil(train_size * n_cells))
@@ -392,12 +404,7 @@ def run_scvi(
     torch.set_num_threads(threads)
     scvi.settings.seed = cfg.seed
     scvi.settings.dl_num_workers = 0
-    accelerator = cfg.accelerator
-    if accelerator == "auto":
-        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
-    if accelerator == "gpu" and not torch.cuda.is_available():
-        log.warning("scvi: accelerator 'gpu' requested but CUDA is unavailable; using the CPU")
-        accelerator = "cpu"
+    accelerator = resolve_accelerator(cfg.accelerator)
 
     mask = adata.var[hvg_key].values.astype(bool)
     sub = adata[:, mask].copy()

@@ -2,8 +2,8 @@
 
 It runs the stages of the registry :data:`preprocessing.stages.STAGES` in order (ingest ->
 qc -> normalize -> hvg -> integrate -> cluster -> annotate (+ integration metrics) ->
-malignant -> programs -> analyses -> crosstalk -> write) and knows nothing stage-specific: what a stage
-runs, which config sections it depends on, whether it is checkpointed or skipped and what
+malignant -> scanvi -> programs -> analyses -> crosstalk -> write) and knows nothing
+stage-specific: what a stage runs, which config sections it depends on, whether it is checkpointed or skipped and what
 it leaves in ``.work`` all come from its registry entry.
 
 * Everything is validated first (:mod:`preprocessing.ingest`); a bad input ends with an
@@ -130,6 +130,10 @@ class BuildContext:
     @property
     def model_dir(self) -> Path:
         return self.work / schema.MODEL_DIR
+
+    @property
+    def scanvi_model_dir(self) -> Path:
+        return self.work / schema.SCANVI_MODEL_DIR
 
     @property
     def qc_dir(self) -> Path:
@@ -296,6 +300,10 @@ def _write_outputs(adata, ctx: BuildContext) -> None:
         )
     if ctx.model_dir.is_dir():
         _replace_dir(ctx.model_dir, out / schema.MODEL_DIR)
+    if ctx.scanvi_model_dir.is_dir():
+        _replace_dir(ctx.scanvi_model_dir, out / schema.SCANVI_MODEL_DIR)
+    elif (out / schema.SCANVI_MODEL_DIR).is_dir():  # skipped: an earlier model is stale
+        shutil.rmtree(out / schema.SCANVI_MODEL_DIR, ignore_errors=True)
     if ctx.qc_dir.is_dir():
         _replace_dir(ctx.qc_dir, out / schema.QC_DIR)
     if has_table(adata, schema.TABLE_INTEGRATION_METRICS):
@@ -314,7 +322,7 @@ def _write_outputs(adata, ctx: BuildContext) -> None:
 
 
 # ----------------------------------------------------------------------------- driver
-def _validate(
+def validate_inputs(
     samplesheet, h5ad, config, allow_outside_paths: bool
 ) -> tuple[object, str, list[str], str]:
     from .ingest import ingest, ingest_h5ad
@@ -422,7 +430,7 @@ def run_build(
     t0 = time.perf_counter()
     with PeakRSS() as mem:
         try:
-            res, species, conditions, reference = _validate(
+            res, species, conditions, reference = validate_inputs(
                 samplesheet, h5ad, config, allow_outside_paths
             )
         except InputError as e:

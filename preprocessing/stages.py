@@ -54,6 +54,7 @@ from .integrate import normalize, run_scvi, select_hvg
 from .malignant import run_malignant
 from .programs import score_programs
 from .qc import run_qc
+from .scanvi_model import train_scanvi
 
 if TYPE_CHECKING:  # pragma: no cover
     from .pipeline import BuildContext
@@ -272,6 +273,21 @@ STAGES: tuple[Stage, ...] = (
             uns=(schema.UNS_MALIGNANT, schema.UNS_CNV, *_params("malignant")),
             tables=(schema.TABLE_LESIONS, schema.TABLE_CNV_PROFILE, schema.TABLE_CLONES),
         ),
+    ),
+    Stage(
+        "scanvi",
+        train_scanvi,
+        options=lambda ctx: {
+            "scvi_model_dir": ctx.model_dir,
+            "model_dir": ctx.scanvi_model_dir,
+            "config": ctx.config.scanvi,
+            "scvi_config": ctx.config.scvi,
+        },
+        sections=("scanvi",),
+        products=(schema.SCANVI_MODEL_DIR,),
+        skippable=True,
+        command="tme-atlas build (stage 'scanvi')",
+        writes=Writes(obsm=(schema.OBSM_SCANVI,), uns=_params("scanvi")),
     ),
     Stage(
         "programs",

@@ -46,6 +46,8 @@ def fast_config(**sections):
         "scvi": {"max_steps": 300, "batch_size": 256, "n_latent": 10},
         "crosstalk": {"n_perms": 20},
         "hvg": {"n_top_genes": 1000},
+        "scanvi": {"max_steps": 150},
+        "mapping": {"max_steps": 100},
     }
     for k, v in sections.items():
         overrides.setdefault(k, {}).update(v)

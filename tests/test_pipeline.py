@@ -110,6 +110,7 @@ class StandIns:
             "cluster",
             "annotate",
             "malignant",
+            "scanvi",
             "programs",
             "analyses",
             "crosstalk",
@@ -189,7 +190,8 @@ def test_build_outputs_and_provenance(tiny, tmp_path, stand_ins, capsys):
     assert (out / schema.STORE_DIR).is_dir() and (out / schema.TABLES_DIR).is_dir()
     assert not (out / schema.WORK_DIR).exists()
     assert stand_ins.calls == [
-        "integrate", "cluster", "annotate", "malignant", "programs", "analyses", "crosstalk"
+        "integrate", "cluster", "annotate", "malignant", "scanvi", "programs", "analyses",
+        "crosstalk",
     ]  # fmt: skip
 
     prov = json.loads((out / schema.PROVENANCE_FILE).read_text())
@@ -286,7 +288,9 @@ def test_resume_after_a_crash_gives_the_same_atlas(tiny, tmp_path, stand_ins):
     stand_ins.fail_at = None
     stand_ins.calls.clear()
     _build(tiny, out, resume=True)
-    assert stand_ins.calls == ["annotate", "malignant", "programs", "analyses", "crosstalk"]
+    assert stand_ins.calls == [
+        "annotate", "malignant", "scanvi", "programs", "analyses", "crosstalk"
+    ]  # fmt: skip
     assert not work.exists()
     got = _read(out)
     _same_atlas(got, ref)
@@ -313,7 +317,7 @@ def test_resume_redoes_a_stage_whose_config_changed(tiny, tmp_path, stand_ins):
     _build(tiny, out, resume=True, config=cfg)
     # integrate is upstream of cluster and kept; cluster and everything after are redone
     assert stand_ins.calls == [
-        "cluster", "annotate", "malignant", "programs", "analyses", "crosstalk"
+        "cluster", "annotate", "malignant", "scanvi", "programs", "analyses", "crosstalk"
     ]  # fmt: skip
 
 

@@ -1,6 +1,6 @@
 """``tme-atlas`` (also ``python -m tme_atlas``): the command-line interface.
 
-Subcommands: ``simulate``, ``build``, ``analyse``, ``crosstalk``, ``export`` (offline:
+Subcommands: ``simulate``, ``build``, ``map``, ``analyse``, ``crosstalk``, ``export`` (offline:
 :mod:`preprocessing`, :mod:`atlas`) and ``serve`` (the explorer, :mod:`app`, imported only
 for that subcommand; it execs gunicorn on ``app.wsgi:server``, the Docker image's command).
 Bad input (any :class:`atlas.errors.AtlasError`: ``InputError``, ``ConfigError``, a
@@ -65,6 +65,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="allow sheet paths outside the sheet's folder",
     )
     p.add_argument("--skip", nargs="*", default=[], choices=list(stages.skippable()))
+    _add_config(p)
+
+    p = sub.add_parser(
+        "map", help="map new samples onto a built atlas (scArches surgery, label transfer)"
+    )
+    p.add_argument("samplesheet", nargs="?", metavar="SAMPLESHEET.csv")
+    p.add_argument("--h5ad", metavar="MERGED.h5ad", help="one pre-merged AnnData instead")
+    p.add_argument("--atlas", required=True, metavar="DIR", help="the reference atlas")
+    p.add_argument("--out", required=True, metavar="DIR2", help="the query atlas")
+    p.add_argument(
+        "--unknown-threshold",
+        type=float,
+        metavar="U",
+        help="label uncertainty above which a cell is Unknown (mapping.unknown_threshold)",
+    )
+    p.add_argument("--query-only", action="store_true", default=None, help="query cells only")
+    p.add_argument(
+        "--allow-outside-paths",
+        action="store_true",
+        help="allow sheet paths outside the sheet's folder",
+    )
     _add_config(p)
 
     p = sub.add_parser("analyse", help="composition, pseudobulk DE and programmes")
@@ -139,6 +160,8 @@ def _overrides(args: argparse.Namespace) -> dict:
         o["analyses"] = {"reference": args.reference, "contrasts": args.contrast}
     elif args.command == "crosstalk":
         o["crosstalk"] = {"n_perms": args.n_perms}
+    elif args.command == "map":
+        o["mapping"] = {"unknown_threshold": args.unknown_threshold, "query_only": args.query_only}
     elif args.command == "serve":
         o["serve"] = {"host": args.host, "port": args.port}
     return o
@@ -198,6 +221,24 @@ def _run(args: argparse.Namespace) -> int:
             keep_all=args.keep_all,
             allow_outside_paths=args.allow_outside_paths,
             skip=tuple(args.skip),
+            verbose=args.verbose,
+        )
+        return 0
+
+    if args.command == "map":
+        from preprocessing.mapping import run_map
+
+        if bool(args.samplesheet) == bool(args.h5ad):
+            from atlas.errors import InputError
+
+            raise InputError("map: give either SAMPLESHEET.csv or --h5ad MERGED.h5ad")
+        run_map(
+            samplesheet=args.samplesheet,
+            h5ad=args.h5ad,
+            atlas=args.atlas,
+            out=args.out,
+            config=config,
+            allow_outside_paths=args.allow_outside_paths,
             verbose=args.verbose,
         )
         return 0

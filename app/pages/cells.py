@@ -55,9 +55,10 @@ def default_colour(view) -> str | None:
     return schema.OBS_CELL_TYPE if schema.OBS_CELL_TYPE in cols else (cols[0] if cols else None)
 
 
-def umap_frame(view, values, split: bool) -> pd.DataFrame:
-    """x, y, value (and panel = condition when split) for the displayed cells."""
-    idx = view.display_idx
+def umap_frame(view, values, split: bool, query_only: bool = False) -> pd.DataFrame:
+    """x, y, value (and panel = condition when split) for the displayed cells (only the
+    mapped query cells of a query atlas when ``query_only``)."""
+    idx = view.shown_idx(query_only)
     xy = view.umap
     df = pd.DataFrame({"x": xy[idx, 0], "y": xy[idx, 1], "value": values})
     if split and schema.OBS_CONDITION in view.obs.columns:
@@ -65,9 +66,9 @@ def umap_frame(view, values, split: bool) -> pd.DataFrame:
     return df
 
 
-def colour_values(view, gene: str | None, colour: str | None):
+def colour_values(view, gene: str | None, colour: str | None, query_only: bool = False):
     """(values on displayed cells, categorical?, label, category order)."""
-    idx = view.display_idx
+    idx = view.shown_idx(query_only)
     if gene:
         return view.gene(gene)[idx], False, gene, None
     if colour in view.categorical_columns:
@@ -82,10 +83,20 @@ def colour_values(view, gene: str | None, colour: str | None):
     return vals, False, label, None
 
 
-def selected_cells(view, selected: dict | None, split: bool) -> np.ndarray:
-    """Positions of all cells (not only displayed ones) inside the lasso/box selection."""
+def selected_cells(
+    view, selected: dict | None, split: bool, query_only: bool = False
+) -> np.ndarray:
+    """Positions of all cells (not only displayed ones) inside the lasso/box selection
+    (query cells only when ``query_only``)."""
     if not selected or view.umap is None:
         return np.zeros(0, dtype=np.int64)
+    cells = _selected_cells(view, selected, split)
+    if query_only and view.has_origin:
+        cells = cells[view.query_mask[cells]]
+    return cells
+
+
+def _selected_cells(view, selected: dict, split: bool) -> np.ndarray:
     shapes = F.selection_geometry(
         selected, max_vertices=int(getattr(view.limits, "max_lasso_vertices", 1000))
     )
@@ -143,6 +154,10 @@ def layout(ctx, params: dict) -> html.Div:
             msgs.append(str(e))
             gene = None
     split = as_bool(params.get("split"))
+    query_only = as_bool(params.get("query")) and view.has_origin
+    layout_opts = [{"label": " split by condition", "value": "split"}]
+    if view.has_origin:  # a query atlas (tme-atlas map)
+        layout_opts.append({"label": " mapped query cells only", "value": "query"})
     gene_opts = [{"label": gene, "value": gene}] if gene else []
     n_show = len(view.display_idx)
     note = (
@@ -172,8 +187,8 @@ def layout(ctx, params: dict) -> html.Div:
                 "Layout",
                 dcc.Checklist(
                     id="cells-split",
-                    options=[{"label": " split by condition", "value": "split"}],
-                    value=["split"] if split else [],
+                    options=layout_opts,
+                    value=(["split"] if split else []) + (["query"] if query_only else []),
                     className="checklist",
                 ),
             ),
@@ -436,23 +451,25 @@ def register(app, ctx) -> None:
     def _render(colour, gene, split_val, meta):
         view = ctx.view
         split = "split" in (split_val or [])
+        query_only = "query" in (split_val or [])
         try:
             if gene:
                 gene = view.resolve_gene(gene)
             if not gene and colour not in view.colour_columns:
                 raise UnknownValue(f"unknown colour {str(colour)[:40]!r}")
-            values, categorical, label, cats = colour_values(view, gene, colour)
+            values, categorical, label, cats = colour_values(view, gene, colour, query_only)
         except UnknownValue as e:
             return no_update, no_update, C.messages([str(e)])
         mode = "categorical" if categorical else "continuous"
-        new_meta = {"mode": mode, "split": split, "label": label}
-        df = umap_frame(view, values, split)
+        new_meta = {"mode": mode, "split": split, "label": label, "query": query_only}
+        df = umap_frame(view, values, split, query_only)
         panels = view.conditions if split else None
         if (
             meta
             and meta.get("mode") == "continuous"
             and mode == "continuous"
             and meta.get("split") == split
+            and bool(meta.get("query")) == query_only
             and dash_ctx.triggered_id in ("cells-gene", "cells-colour")
         ):
             # only the colours change: new binned traces in a Patch, the layout stays
@@ -482,7 +499,10 @@ def register(app, ctx) -> None:
         prevent_initial_call=True,
     )
     def _sync_url(colour, gene, split_val):
-        return build_query({"color": colour, "gene": gene, "split": "split" in (split_val or [])})
+        vals = split_val or []
+        return build_query(
+            {"color": colour, "gene": gene, "split": "split" in vals, "query": "query" in vals}
+        )
 
     @app.callback(
         Output("cells-sel-summary", "children"),
@@ -495,7 +515,9 @@ def register(app, ctx) -> None:
     )
     def _selection(selected, meta):
         view = ctx.view
-        cells_ = selected_cells(view, selected, bool((meta or {}).get("split")))
+        cells_ = selected_cells(
+            view, selected, bool((meta or {}).get("split")), bool((meta or {}).get("query"))
+        )
         n = len(cells_)
         if n == 0:
             return (
@@ -539,7 +561,9 @@ def register(app, ctx) -> None:
     )
     def _quick_de(n_clicks, selected, meta):
         view = ctx.view
-        cells_ = selected_cells(view, selected, bool((meta or {}).get("split")))
+        cells_ = selected_cells(
+            view, selected, bool((meta or {}).get("split")), bool((meta or {}).get("query"))
+        )
         if len(cells_) == 0:
             return (no_update,) * 3 + (C.message("Select cells first.", "warn"), no_update)
         if len(cells_) == view.n_cells:
@@ -563,7 +587,9 @@ def register(app, ctx) -> None:
     )
     def _export(n_clicks, selected, meta):
         view = ctx.view
-        cells_ = selected_cells(view, selected, bool((meta or {}).get("split")))
+        cells_ = selected_cells(
+            view, selected, bool((meta or {}).get("split")), bool((meta or {}).get("query"))
+        )
         if len(cells_) == 0:
             return no_update
         ids = pd.DataFrame({"cell_id": view.cell_ids[cells_]})
