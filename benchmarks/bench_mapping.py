@@ -153,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     if "rebuild" in res:
         res["time_ratio"] = res["map"]["seconds"] / res["rebuild"]["seconds"]
 
+    save(args.out, res)  # the held-out part, in case the rest is interrupted
+    print(json.dumps({k: v for k, v in res.items() if k != "held_out"}, indent=1), flush=True)
+    print(json.dumps(res["held_out"], indent=1, default=str)[:3000], flush=True)
     if args.absent:
         refa = work / "reference_absent"
         shutil.rmtree(refa, ignore_errors=True)

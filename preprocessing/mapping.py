@@ -466,11 +466,11 @@ def run_map(
         schema.require_obsm(reference, schema.OBSM_SCANVI, schema.OBSM_UMAP)
         ref_species = str(reference.uns.get(schema.UNS_SPECIES, species))
         label = f"query {h5ad or samplesheet}"
-        problems = []
-        if species != ref_species:
-            problems.append(
+        if species != ref_species:  # one line: the gene check would only repeat it
+            raise InputError(
                 f"{label}: species '{species}' differs from the reference atlas's '{ref_species}'"
             )
+        problems = []
         model_genes = scvi.model.SCANVI.prepare_query_anndata(
             res.adata, str(ref.model_dir), return_reference_var_names=True
         )

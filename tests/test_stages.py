@@ -37,7 +37,7 @@ def test_registry_order_and_names():
     names = stages.names()
     assert names[0] == "ingest" and names[-1] == "write"
     assert len(set(names)) == len(names)
-    assert stages.skippable() == ("analyses", "crosstalk")
+    assert stages.skippable() == ("scanvi", "analyses", "crosstalk")
     for s in STAGES:
         for need in s.needs:
             assert need in stages.skippable(), (s.name, need)
