@@ -237,8 +237,11 @@ def test_export_with_model_gives_what_mapping_needs(holdout, tmp_path):
     assert "tme-atlas map" in readme and "load_query_data" in readme
     ref = reference_paths(out)
     assert ref.model_dir == tmp_path / f"share{SCANVI_MODEL_SUFFIX}"
+    lone = tmp_path / "lone" / "share.h5ad"  # the h5ad without its model folder
+    lone.parent.mkdir()
+    shutil.copy(out, lone)
     with pytest.raises(InputError, match="no scANVI model"):
-        reference_paths(Path(tmp_path / "share.h5ad").with_name("missing.h5ad"))
+        reference_paths(lone)
 
 
 # ----------------------------------------------------------------------------- real data
