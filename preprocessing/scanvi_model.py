@@ -10,6 +10,7 @@ unlabeled category) and budgets training by gradient steps like :func:`run_scvi`
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -124,6 +125,8 @@ def train_scanvi(
     accelerator = resolve_accelerator(scfg.accelerator)
     batch_size = _safe_batch_size(sub.n_obs, cfg.batch_size, 1.0)
     max_epochs, steps_per_epoch = epochs_for_steps(cfg.max_steps, sub.n_obs, batch_size, 1.0)
+    # the step budget itself: scVI's 10-epoch floor would raise 200 steps to 340 on the demo
+    max_epochs = max(1, math.ceil(cfg.max_steps / steps_per_epoch))
     show = progress_enabled()
     t0 = time.perf_counter()
     try:
