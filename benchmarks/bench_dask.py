@@ -48,7 +48,10 @@ def main(argv: list[str] | None = None) -> None:
     cluster = LocalCluster(n_workers=args.workers, threads_per_worker=1, dashboard_address=None)
     try:
         for name, scheduler in (("in_process", ""), ("dask_address", cluster.scheduler_address)):
-            cfg = load_config(env={}, overrides={"compute": {"scheduler": scheduler}})
+            cfg = load_config(
+                env={},
+                overrides={"compute": {"scheduler": scheduler}, "scvi": {"torch_threads": 1}},
+            )
             t0 = time.perf_counter()
             run_build(samplesheet=sheet, out=args.work / name, config=cfg)
             prov = json.loads((args.work / name / schema.PROVENANCE_FILE).read_text())
