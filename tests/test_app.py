@@ -189,6 +189,7 @@ def test_cells_full_figure_categorical_and_split(dash_app):
         "mode": "categorical",
         "split": True,
         "label": "cell_type",
+        "query": False,  # the synthetic atlas has no mapped query cells
     }
     # coordinates travel base64-encoded
     assert fig["data"][0]["x"]["dtype"] == "f4"
