@@ -101,6 +101,11 @@ def train_scanvi(
     if hvg_key not in adata.var:
         raise schema.MissingKeyError("var", hvg_key)
     scvi_model_dir = Path(scvi_model_dir)
+    # scVI's loader unpickles (torch.load): only the build's own model folder is read
+    if scvi_model_dir.name != schema.MODEL_DIR:
+        raise ValueError(
+            f"scanvi: reads the build's scVI model folder '{schema.MODEL_DIR}', not {scvi_model_dir}"
+        )
     if not (scvi_model_dir / "model.pt").is_file():
         raise ValueError(f"scanvi: no scVI model in {scvi_model_dir} (stage 'integrate')")
     genes = adata.var_names[adata.var[hvg_key].to_numpy().astype(bool)]  # as run_scvi
