@@ -47,6 +47,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from atlas import schema
+from atlas.tables import csv_text
 
 from . import simulate as S
 from .log import get_logger
@@ -446,7 +447,7 @@ def _write_xenium(sub, folder: Path) -> None:
     xy = np.asarray(sub.obsm[schema.OBSM_SPATIAL])
     cells = pd.DataFrame({"cell_id": ids, "x_centroid": xy[:, 0], "y_centroid": xy[:, 1]})
     with gzip.open(folder / "cells.csv.gz", "wt") as fh:
-        cells.to_csv(fh, index=False)
+        fh.write(csv_text(cells))
 
 
 def write_spatial_dataset(
@@ -477,9 +478,9 @@ def write_spatial_dataset(
             sub.obs = sub.obs[["sample_id", "patient", "condition"]].copy()
             sub.obs_names = [n.split(":", 1)[1] for n in sub.obs_names]
             sub.write_h5ad(tmp / row.path)
-    sheet.to_csv(tmp / "samplesheet.csv", index=False)
+    (tmp / "samplesheet.csv").write_text(csv_text(sheet), encoding="utf-8")
     for name, df in sim.truth.items():
-        df.to_csv(tmp / "truth" / f"{name}.csv", index=False)
+        (tmp / "truth" / f"{name}.csv").write_text(csv_text(df), encoding="utf-8")
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
