@@ -208,10 +208,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "build":
         from preprocessing.pipeline import run_build
 
-        if bool(args.samplesheet) == bool(args.h5ad):
-            from atlas.errors import InputError
-
-            raise InputError("build: give either SAMPLESHEET.csv or --h5ad MERGED.h5ad")
+        _one_input(args, "build")
         run_build(
             samplesheet=args.samplesheet,
             h5ad=args.h5ad,
@@ -228,10 +225,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "map":
         from preprocessing.mapping import run_map
 
-        if bool(args.samplesheet) == bool(args.h5ad):
-            from atlas.errors import InputError
-
-            raise InputError("map: give either SAMPLESHEET.csv or --h5ad MERGED.h5ad")
+        _one_input(args, "map")
         run_map(
             samplesheet=args.samplesheet,
             h5ad=args.h5ad,
@@ -307,6 +301,14 @@ def _list_labels(atlas_dir: str, name: str | None) -> None:
                 f"{n}\tv{v}\t{e.get('time', '')}\t{clip(e.get('user', ''), 64)}\t{e.get('summary', '')}"
                 f"\t{e.get('n_changed', '')} cells\ttables: {', '.join(done) or '-'}"
             )
+
+
+def _one_input(args, command: str) -> None:
+    """``build`` and ``map`` read a sample sheet or one merged h5ad, not both, not neither."""
+    if bool(args.samplesheet) == bool(args.h5ad):
+        from atlas.errors import InputError
+
+        raise InputError(f"{command}: give either SAMPLESHEET.csv or --h5ad MERGED.h5ad")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
