@@ -23,8 +23,12 @@ Layout of an atlas directory ``DIR`` (written by ``tme-atlas build``)::
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from .errors import AtlasError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 # --------------------------------------------------------------------------------------
 # files in an atlas directory
@@ -299,6 +303,24 @@ def require_table(adata, *names: str) -> None:
     for name in names:
         if name not in tables:
             raise MissingKeyError(f"uns[{UNS_TABLES!r}]", name)
+
+
+def flag_column(adata, key: str) -> np.ndarray:
+    """A boolean ``.obs`` flag as a bool array, missing values False. Reads the forms a
+    flag takes after concatenation and an h5ad round trip: bool, nullable boolean, object
+    with NaN, and categoricals of ``True``/``False`` strings (``"False"`` is False)."""
+    import pandas as pd
+
+    s = adata.obs[key]
+    if s.dtype == bool:
+        return s.to_numpy()
+    if isinstance(s.dtype, pd.CategoricalDtype):
+        s = s.astype(object)
+    if pd.api.types.is_numeric_dtype(s.dtype) or pd.api.types.is_bool_dtype(s.dtype):
+        return s.astype("float64").fillna(0.0).to_numpy() != 0
+    return s.map(
+        lambda x: x is True or x == "True" or (not isinstance(x, str) and x == 1)
+    ).to_numpy(dtype=bool)
 
 
 def leiden_key(resolution: float) -> str:

@@ -450,7 +450,7 @@ def malignant_mask(adata, groupby: str = schema.OBS_CELL_TYPE) -> np.ndarray:
     (:data:`~atlas.schema.OBS_MALIGNANT`) when present, else the CLL labels of the
     annotation (``groupby`` values starting with ``CLL``)."""
     if schema.OBS_MALIGNANT in adata.obs:
-        return adata.obs[schema.OBS_MALIGNANT].fillna(False).astype(bool).to_numpy()
+        return schema.flag_column(adata, schema.OBS_MALIGNANT)
     lab = _obs_str(adata, groupby)
     return lab.str.startswith(schema.CLL_LABEL_PREFIX).to_numpy()
 
@@ -1040,7 +1040,7 @@ def run_analyses(
     cons = contrast_conditions(adata, ref, contrasts if contrasts is not None else cfg.contrasts)
     full = adata
     if schema.OBS_DOUBLET_CLUSTER in adata.obs:
-        flagged = adata.obs[schema.OBS_DOUBLET_CLUSTER].fillna(False).astype(bool).to_numpy()
+        flagged = schema.flag_column(adata, schema.OBS_DOUBLET_CLUSTER)
         if flagged.any():
             log.info("analyses: %d cells of doublet-like clusters left out", int(flagged.sum()))
             adata = adata[~flagged]

@@ -385,10 +385,12 @@ def _subtypes_within_lineages(
         rows = np.flatnonzero(
             (lab_lin == lin) & np.isin(cl_label.astype(str), [types[i] for i in cand])
         )
+        called = set(cl_label[rows].astype(str))  # the lineage-level call found it
         cand = [
             i
             for i in cand
-            if (cl_type_mean[rows, i] >= MIN_SCORE).any() and coverage[types[i]] >= MIN_COVERAGE
+            if ((cl_type_mean[rows, i] >= MIN_SCORE).any() or types[i] in called)
+            and coverage[types[i]] >= MIN_COVERAGE
         ]
         if len(cand) == 1:  # one credible type: the lineage's clusters take it
             cl_label[rows] = types[cand[0]]

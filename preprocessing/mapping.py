@@ -355,9 +355,15 @@ def query_atlas(reference, query, *, query_only: bool = False):
         combined.var = var
     for col in (schema.OBS_ORIGIN, schema.OBS_CELL_TYPE, schema.OBS_LINEAGE):
         combined.obs[col] = pd.Categorical(combined.obs[col].astype(str))
-    combined.obs[schema.OBS_MALIGNANT] = (
-        combined.obs[schema.OBS_MALIGNANT].astype("boolean").fillna(False).astype(bool)
-    )
+    # flags the reference has and the query lacks (doublet-like cluster, ...) are False for
+    # query cells: a bool column stays bool (an object column of bools and NaN is written
+    # as a categorical that later readers cannot fill)
+    for col in (
+        schema.OBS_MALIGNANT,
+        *(c for c, t in reference.obs.dtypes.items() if pd.api.types.is_bool_dtype(t)),
+    ):
+        if col in combined.obs:
+            combined.obs[col] = combined.obs[col].astype("boolean").fillna(False).astype(bool)
     uns = dict(reference.uns)
     tables = dict(uns.get(schema.UNS_TABLES, {}) or {})
     for name in (
@@ -410,6 +416,7 @@ def _tables(adata, config, query_qc) -> None:
             label_key=schema.OBS_CELL_TYPE,
             embeddings=(schema.OBSM_SCANVI,),
             seed=config.seed,
+            cluster_metrics=False,  # mixing and label metrics; no Leiden graph (umap's numba)
         )
         put_table(adata, schema.TABLE_INTEGRATION_METRICS, metrics)
 
