@@ -311,7 +311,7 @@ def flag_column(adata, key: str) -> np.ndarray:
     with NaN, and categoricals of ``True``/``False`` strings (``"False"`` is False)."""
     import pandas as pd
 
-    s = adata.obs[key]
+    s = getattr(adata, "obs", adata)[key]  # an AnnData or its obs frame
     if s.dtype == bool:
         return s.to_numpy()
     if isinstance(s.dtype, pd.CategoricalDtype):

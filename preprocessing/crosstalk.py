@@ -177,9 +177,9 @@ def _usable_cells(adata, groupby: str) -> np.ndarray:
     labels = obs[groupby].astype(str)
     mask = obs[groupby].notna().to_numpy() & ~labels.isin(["", "nan", schema.UNASSIGNED]).to_numpy()
     if schema.OBS_DOUBLET_CLUSTER in obs:
-        mask &= ~obs[schema.OBS_DOUBLET_CLUSTER].astype(bool).to_numpy()
+        mask &= ~schema.flag_column(obs, schema.OBS_DOUBLET_CLUSTER)
     if schema.OBS_QC_PASS in obs:
-        mask &= obs[schema.OBS_QC_PASS].astype(bool).to_numpy()
+        mask &= schema.flag_column(obs, schema.OBS_QC_PASS)
     return mask
 
 
@@ -204,17 +204,22 @@ def working_adata(adata, genes: set[str], groupby: str):
     if not keep:
         raise ValueError("no gene of the ligand-receptor resource is in the atlas")
     gidx = adata.var_names.get_indexer(keep)
-    Xm = adata.X[mask]
-    if _looks_like_counts(Xm):
+    X = adata.X
+    if _looks_like_counts(X):
         log.warning("crosstalk: atlas X looks like raw counts; log-normalising (1e4) here")
-        Xm = sp.csr_matrix(Xm, dtype=np.float32)
+        Xm = sp.csr_matrix(X[mask], dtype=np.float32)
         totals = np.asarray(Xm.sum(axis=1)).ravel()
         totals[totals == 0] = 1
         Xm = sp.diags((1e4 / totals).astype(np.float32)) @ Xm
         Xm.data = np.log1p(Xm.data)
-    # row sums over *all* genes: liana's SingleCellSignalR score uses the matrix mean
-    xsum = np.asarray(Xm.sum(axis=1), dtype=np.float64).ravel()
-    Xs = sp.csr_matrix(Xm[:, gidx], dtype=np.float32)
+        xsum = np.asarray(Xm.sum(axis=1), dtype=np.float64).ravel()
+        Xs = sp.csr_matrix(Xm[:, gidx], dtype=np.float32)
+    else:
+        # the resource's genes first, then the cells: no copy of the whole matrix (1.4 GB
+        # at 300k cells); row sums over *all* genes (liana's SingleCellSignalR score uses
+        # the matrix mean)
+        xsum = np.asarray(X.sum(axis=1), dtype=np.float64).ravel()[mask]
+        Xs = sp.csr_matrix(X[:, gidx][mask], dtype=np.float32)
     Xs.eliminate_zeros()
     cols = [
         c

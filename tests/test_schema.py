@@ -160,3 +160,29 @@ def test_literal_key_detector_finds_subscripts(tmp_path):
 def test_schema_keys_are_spelled_only_in_schema():
     hits = literal_key_subscripts()
     assert not hits, "literal AnnData keys outside atlas/schema.py:\n" + "\n".join(hits)
+
+
+def test_flag_column_reads_flags_after_concat_and_h5ad(tmp_path):
+    """A bool flag that only some cells carry (a reference's ``doublet_like_cluster`` beside
+    query cells) becomes object-with-NaN after ``concat`` and a categorical of the strings
+    ``'False'``/``'True'`` after an h5ad round trip, where ``astype(bool)`` reads ``'False'``
+    as True: ``flag_column`` reads every form as the flag it was, missing as False."""
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+
+    a = ad.AnnData(obs=pd.DataFrame({"f": [True, False]}, index=["a", "b"]))
+    b = ad.AnnData(obs=pd.DataFrame(index=["c"]))
+    c = ad.concat([a, b], join="outer")
+    c.write_h5ad(tmp_path / "c.h5ad")
+    back = ad.read_h5ad(tmp_path / "c.h5ad")
+    for obj in (c, back, back.obs):
+        np.testing.assert_array_equal(schema.flag_column(obj, "f"), [True, False, False])
+    # as a query atlas held it (measured): a categorical of strings, where astype(bool)
+    # reads 'False' as True
+    cat = pd.DataFrame({"f": pd.Categorical(["True", "False", np.nan])})
+    assert cat["f"].astype(object).fillna("False").astype(bool).tolist() == [True, True, True]
+    np.testing.assert_array_equal(schema.flag_column(cat, "f"), [True, False, False])
+    num = pd.DataFrame({"f": [1.0, np.nan, 0.0], "g": pd.array([True, None, False])})
+    np.testing.assert_array_equal(schema.flag_column(num, "f"), [True, False, False])
+    np.testing.assert_array_equal(schema.flag_column(num, "g"), [True, False, False])
