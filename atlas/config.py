@@ -113,7 +113,9 @@ class ScanviConfig(_Section):
     max_steps: int = Field(
         200, ge=10, description="gradient-step budget (the scVI weights are its start)"
     )
-    batch_size: int = Field(512, ge=16)
+    # each scANVI step also draws a labelled batch (~2x an scVI step): 256 halves the stage
+    # (demo: 40 -> ~20 s) at equal mapping accuracy (held-out demo patient 0.970 vs 0.965)
+    batch_size: int = Field(256, ge=16)
     learning_rate: float = Field(1e-3, gt=0)
     n_samples_per_label: int | None = Field(
         None, ge=1, description="labelled cells drawn per label and epoch (default: all)"
