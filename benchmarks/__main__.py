@@ -102,7 +102,14 @@ def bench_build(
         "TME_ATLAS_NO_PROGRESS": "1",
     }
     if smoke:
-        env.update({"TME_ATLAS__SCVI__MAX_STEPS": "50", "TME_ATLAS__CROSSTALK__N_PERMS": "10"})
+        env.update(
+            {
+                "TME_ATLAS__SCVI__MAX_STEPS": "50",
+                "TME_ATLAS__SCVI__MIN_STEPS": "0",
+                "TME_ATLAS__SCANVI__MAX_STEPS": "20",
+                "TME_ATLAS__CROSSTALK__N_PERMS": "10",
+            }
+        )
     results = {}
     for n in sizes:
         data = WORK / f"sim_{n}"
