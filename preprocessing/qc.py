@@ -38,7 +38,7 @@ from atlas.params import record_params
 from atlas.tables import put_table
 
 from .log import get_logger
-from .parallel import map_tasks
+from .parallel import current_client, map_tasks
 
 log = get_logger("qc")
 
@@ -299,12 +299,31 @@ def _scrublet_sample(
     return score, called, (thr if np.isfinite(thr) else None)
 
 
-def _scrublet_task(counts, cfg, seed: int, n_recovered: int):
-    """:func:`_scrublet_sample`, or the error's text (a task on a worker or here)."""
+def _scrublet_task(counts, cfg, seed: int, n_recovered: int, rows=None):
+    """:func:`_scrublet_sample`, or the error's text (a task on a worker or here). With
+    ``rows`` the sample's cells are sliced here, when the task runs (in this process only one
+    sample's copy exists at a time; a worker gets its sample already sliced)."""
     try:
+        if rows is not None:
+            counts = counts[rows]
         return _scrublet_sample(counts, cfg, seed, n_recovered=n_recovered)
     except Exception as e:  # noqa: BLE001 - reported per sample by the caller
         return f"{e.__class__.__name__}: {e}"
+
+
+def genes_detected(counts, rows: np.ndarray, *, block: int = 50_000) -> np.ndarray:
+    """Per gene, the number of cells among ``rows`` (bool mask) with a non-zero count, in
+    blocks of cells (no copy of the matrix; stored zeros do not count)."""
+    counts = sp.csr_matrix(counts)
+    out = np.zeros(counts.shape[1], dtype=np.int64)
+    for a in range(0, counts.shape[0], block):
+        b = min(a + block, counts.shape[0])
+        sel = np.flatnonzero(rows[a:b]) + a
+        if sel.size == 0:
+            continue
+        part = counts[sel]
+        out += np.bincount(part.indices[part.data != 0], minlength=counts.shape[1])
+    return out
 
 
 def run_qc(
@@ -342,6 +361,7 @@ def run_qc(
     score = np.full(adata.n_obs, np.nan)
     thresholds: dict[str, float | None] = {}
     tasks, task_idx = [], []
+    local = current_client() is None
     for i, sid in enumerate(order):
         idx = np.flatnonzero(samples == sid)
         f = _flag_sample(adata.obs.iloc[idx], cfg)
@@ -359,7 +379,10 @@ def run_qc(
                 MIN_CELLS_SCRUBLET,
             )
             continue
-        tasks.append((counts[cand], cfg, seed + i, idx.size))
+        if local:  # the whole matrix is shared; each task slices its sample when it runs
+            tasks.append((counts, cfg, seed + i, idx.size, cand))
+        else:
+            tasks.append((counts[cand], cfg, seed + i, idx.size))
         task_idx.append((sid, cand))
     # scrublet per sample: on the build's dask workers when it has a cluster
     for (sid, cand), res in zip(task_idx, map_tasks(_scrublet_task, tasks, desc="qc")):
@@ -403,26 +426,19 @@ def run_qc(
     if empty:
         log.warning("samples with no cells passing QC (kept by --keep-all): %s", ", ".join(empty))
 
-    if keep_all:
-        out = adata
-    else:
-        out = adata[~fail].copy()
-    # genes seen in too few (kept) cells
+    keep = np.ones(adata.n_obs, dtype=bool) if keep_all else ~fail
+    # genes seen in too few (kept) cells; counted in blocks of rows, then one copy of the
+    # kept cells x genes (not a copy of the cells and then another of their genes)
+    genes = np.ones(adata.n_vars, dtype=bool)
     if cfg.min_cells_gene > 0:
-        c = sp.csr_matrix(
-            out.layers[schema.LAYER_COUNTS] if schema.LAYER_COUNTS in out.layers else out.X
-        )
-        c = c.copy()
-        c.eliminate_zeros()
-        n_cells = np.bincount(c.indices, minlength=out.n_vars)
-        genes = n_cells >= cfg.min_cells_gene
+        genes = genes_detected(counts, keep) >= cfg.min_cells_gene
         if not genes.all():
             log.info(
                 "dropping %d genes detected in fewer than %d cells",
                 int((~genes).sum()),
                 cfg.min_cells_gene,
             )
-            out = out[:, genes].copy()
+    out = adata if (keep.all() and genes.all()) else adata[keep, genes].copy()
     record_params(
         out,
         "qc",

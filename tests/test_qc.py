@@ -380,3 +380,20 @@ def test_scrublet_simulates_fewer_doublets_in_large_samples(monkeypatch):
         (qc.SCRUBLET_LARGE_SAMPLE, qc.SCRUBLET_SIM_RATIO_LARGE, False),
     ]
     assert qc.SCRUBLET_SIM_RATIO_LARGE < qc.SCRUBLET_SIM_RATIO
+
+
+def test_genes_detected_counts_kept_cells_in_blocks():
+    """Cells per gene among the kept cells, counted in blocks of rows: equal to counting on
+    a copy of the kept cells, stored zeros not counted, any block size."""
+    import scipy.sparse as sp
+
+    from preprocessing.qc import genes_detected
+
+    X = sp.random(230, 40, density=0.2, format="csr", random_state=0, dtype=np.float32)
+    X.data[::7] = 0.0  # stored zeros
+    keep = np.random.default_rng(1).random(230) < 0.6
+    sub = X[keep].copy()
+    sub.eliminate_zeros()
+    want = np.bincount(sub.indices, minlength=40)
+    for block in (1, 17, 1000):
+        np.testing.assert_array_equal(genes_detected(X, keep, block=block), want)
