@@ -122,6 +122,7 @@ def infer_cnv(
     pooled mean is one more reference category, so B-cell-specific genes (CD19, CD79A, ...)
     are not read as focal gains.
     """
+    import anndata as ad
     import infercnvpy as cnv
 
     var = gene_positions_var(adata, species)
@@ -172,9 +173,12 @@ def infer_cnv(
             )
             skipped.append(p)
             continue
-        sub = adata[cells].copy()
-        sub.var = var.loc[sub.var_names].copy()
-        X = sub.X
+        # a lean AnnData (X and the gene positions): not a copy of the patient's counts
+        # layer, embeddings and graphs
+        X = adata.X[cells]
+        sub = ad.AnnData(
+            X=X, obs=pd.DataFrame(index=adata.obs_names[cells]), var=var.loc[adata.var_names]
+        )
         rows = [
             np.asarray(X[np.flatnonzero(is_ref[cells] & (ctype[cells] == t))].mean(axis=0)).ravel()
             for t in ref_types
