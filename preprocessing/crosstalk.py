@@ -331,17 +331,72 @@ def expressed_resource(w, resource: pd.DataFrame, cfg, by: str | None = None):
     return res, w[:, [g in genes for g in w.var_names]]
 
 
+def _fast_join_stats():
+    """A drop-in for liana's ``_join_stats`` that indexes arrays instead of merging frames.
+
+    liana 1.10 joins the ligand-receptor table to the sender's and the receiver's per-gene
+    statistics with two ``DataFrame.merge`` per (sender, receiver) pair: ~5 ms each, over
+    half of the stage at 16 cell types x 16 samples. Within one liana call the resource and
+    the per-label statistics do not change, so the gene positions of every row are looked
+    up once and each pair is a gather of numpy columns. Same rows, order (the resource's),
+    columns, dtypes and index as the merges (``test_fast_liana_join_is_liana``).
+    """
+    keep_alive: list = []  # ids stay unique while the objects are cached
+    rows: dict[int, tuple] = {}
+    cols: dict[int, tuple] = {}
+
+    def resource_rows(resource: pd.DataFrame, names: pd.Index):
+        key = id(resource)
+        if key not in rows:
+            lig = names.get_indexer(resource["ligand"])
+            rec = names.get_indexer(resource["receptor"])
+            ok = (lig >= 0) & (rec >= 0)
+            base = {c: resource[c].to_numpy()[ok] for c in resource.columns}
+            keep_alive.append(resource)
+            rows[key] = (base, lig[ok], rec[ok])
+        return rows[key]
+
+    def stats_cols(stats: pd.DataFrame):
+        key = id(stats)
+        if key not in cols:
+            keep_alive.append(stats)
+            cols[key] = (
+                pd.Index(stats["names"]),
+                {c: stats[c].to_numpy() for c in stats.columns if c != "names"},
+            )
+        return cols[key]
+
+    def join(source, target, dedict, resource):
+        names, src = stats_cols(dedict[source])
+        _, tgt = stats_cols(dedict[target])
+        if names.has_duplicates or not names.equals(stats_cols(dedict[target])[0]):
+            raise AssertionError("per-label statistics are not on one gene order")
+        base, lig, rec = resource_rows(resource, names)
+        out = dict(base)
+        for prefix, idx, stats, label_col in (
+            ("ligand_", lig, src, "source"),
+            ("receptor_", rec, tgt, "target"),
+        ):
+            for c, v in stats.items():
+                out[label_col if c == "label" else prefix + c] = v[idx]
+        return pd.DataFrame(out)
+
+    return join
+
+
 @contextlib.contextmanager
-def _fast_liana_positions():
-    """Within the block, liana looks up gene positions with an index instead of a scan.
+def _fast_liana():
+    """Within the block, liana looks up gene positions with an index instead of a scan and
+    joins statistics by array indexing (:func:`_fast_join_stats`).
 
     liana 1.10's ``_get_positions`` runs ``np.where(var_names == g)`` once per *row* of the
     interaction table (O(rows x genes); a quarter of the run time at 16 cell types). The
     replacement returns the same dictionaries (first position of each name) in O(rows).
     """
     from liana.method._pipe_utils import _get_mean_perms as gmp
+    from liana.method.sc import _liana_pipe as pipe
 
-    original = gmp._get_positions
+    original = gmp._get_positions, pipe._join_stats
 
     def positions(adata, lr_res):
         labels = adata.obs["@label"].cat.categories
@@ -354,10 +409,11 @@ def _fast_liana_positions():
         return ligand_pos, receptor_pos, labels_pos
 
     gmp._get_positions = positions
+    pipe._join_stats = _fast_join_stats()
     try:
         yield
     finally:
-        gmp._get_positions = original
+        gmp._get_positions, pipe._join_stats = original
 
 
 def liana_by_condition(w, resource: pd.DataFrame, cfg, conditions: list[str]) -> pd.DataFrame:
@@ -379,7 +435,7 @@ def liana_by_condition(w, resource: pd.DataFrame, cfg, conditions: list[str]) ->
         if res_c.empty:
             log.warning("crosstalk: condition %s: no expressed ligand-receptor pair", cond)
             continue
-        with _fast_liana_positions():
+        with _fast_liana():
             res = li.mt.rank_aggregate(sub.copy(), inplace=False, **_liana_kwargs(cfg, res_c))
         res = _tidy_liana(_correct_lrscore(res, sub, cfg))
         res.insert(0, "condition", cond)
@@ -412,7 +468,7 @@ def liana_by_sample(w, resource: pd.DataFrame, cfg) -> pd.DataFrame:
     sub.obs[schema.OBS_SAMPLE] = sub.obs[schema.OBS_SAMPLE].cat.remove_unused_categories()
     resource, sub = expressed_resource(sub, resource, cfg, by=schema.OBS_SAMPLE)
     sub = sub.copy()
-    with _fast_liana_positions():
+    with _fast_liana():
         res = li.mt.rank_aggregate.by_sample(
             sub,
             sample_key=schema.OBS_SAMPLE,
