@@ -162,6 +162,9 @@ class ClusterConfig(_Section):
     # exact kNN (scikit-learn, brute force) up to this many cells: faster than pynndescent's
     # approximate search there, since it skips pynndescent's ~35 s numba compilation
     exact_knn_max_cells: int = Field(100_000, ge=0)
+    # neighbours / UMAP / Leiden on the GPU with rapids-singlecell (`pip install .[gpu]`):
+    # auto = when rapids-singlecell is installed and a CUDA device is visible, else scanpy
+    backend: Literal["auto", "cpu", "gpu"] = "auto"
     seed: int = 0
 
 

@@ -22,6 +22,39 @@ def knn_method(n_obs: int, exact_max: int | None = None) -> str:
     return "sklearn" if n_obs <= exact_max else "pynndescent"
 
 
+def gpu_available() -> str | None:
+    """Why the GPU backend cannot run here (``None`` when it can): rapids-singlecell and
+    cupy installed (``pip install .[gpu]``) and a CUDA device visible."""
+    import importlib.util
+
+    for module in ("rapids_singlecell", "cupy"):
+        if importlib.util.find_spec(module) is None:
+            return f"{module.replace('_', '-')} is not installed (pip install .[gpu])"
+    try:
+        import cupy
+
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return "no CUDA device is visible"
+    except Exception as e:  # noqa: BLE001 - a broken CUDA setup is a reason, not a crash
+        return f"CUDA is not usable ({e.__class__.__name__}: {e})"
+    return None
+
+
+def graph_backend(requested: str = "auto") -> str:
+    """``"gpu"`` (rapids-singlecell) or ``"cpu"`` (scanpy) for neighbours / UMAP / Leiden.
+
+    ``auto`` takes the GPU when :func:`gpu_available`; ``gpu`` without one logs why and
+    uses the CPU (the atlas is the same kind either way)."""
+    if requested == "cpu":
+        return "cpu"
+    why = gpu_available()
+    if why is None:
+        return "gpu"
+    if requested == "gpu":
+        log.warning("cluster: backend 'gpu' requested but %s; using scanpy on the CPU", why)
+    return "cpu"
+
+
 def leiden(adata, resolution: float, *, seed: int, key_added: str) -> None:
     """Leiden (igraph, 2 iterations, undirected) on ``adata``'s kNN graph into
     ``obs[key_added]``."""
@@ -38,6 +71,29 @@ def leiden(adata, resolution: float, *, seed: int, key_added: str) -> None:
     )
 
 
+KNN_LABELS = {
+    "sklearn": "exact (scikit-learn)",
+    "pynndescent": "approximate (pynndescent)",
+    "brute": "exact (rapids-singlecell brute force, GPU)",
+}
+
+
+def _gpu_graph(adata, cfg, *, use_rep: str, n_neighbors: int, umap: bool, resolutions) -> None:
+    """rapids-singlecell's neighbours (exact, brute force), UMAP and Leiden (cuGraph): the
+    same keys as scanpy's (``obsp`` graph, ``obsm[OBSM_UMAP]``, ``obs[leiden_key(r)]``)."""
+    import rapids_singlecell as rsc
+
+    rsc.pp.neighbors(
+        adata, use_rep=use_rep, n_neighbors=n_neighbors, random_state=cfg.seed, algorithm="brute"
+    )
+    if umap:
+        rsc.tl.umap(adata, min_dist=cfg.umap_min_dist, random_state=cfg.seed)
+    for res in resolutions:
+        rsc.tl.leiden(
+            adata, resolution=res, random_state=cfg.seed, key_added=schema.leiden_key(res)
+        )
+
+
 def run_clustering(
     adata,
     *,
@@ -49,7 +105,9 @@ def run_clustering(
     """kNN graph, UMAP and Leiden clusterings on ``obsm[use_rep]``.
 
     The kNN graph is exact (scikit-learn) up to ``config.exact_knn_max_cells`` cells and
-    approximate (pynndescent) above.
+    approximate (pynndescent) above. With ``config.backend`` ``auto`` (default) and
+    rapids-singlecell on a CUDA device (``pip install .[gpu]``) the three steps run there
+    instead (:func:`graph_backend`): exact brute-force kNN, cuML UMAP, cuGraph Leiden.
 
     ``config``: an :class:`atlas.config.ClusterConfig`.
 
@@ -70,21 +128,33 @@ def run_clustering(
     schema.require_obsm(adata, use_rep)
     resolutions = sorted({float(r) for r in [*cfg.resolutions, cfg.default_resolution]})
     n_neighbors = int(max(2, min(cfg.n_neighbors, adata.n_obs - 1)))
-    knn = knn_method(adata.n_obs, cfg.exact_knn_max_cells)
-    sc.pp.neighbors(
-        adata,
-        use_rep=use_rep,
-        n_neighbors=n_neighbors,
-        random_state=cfg.seed,
-        transformer=knn,
+    backend = graph_backend(cfg.backend)
+    log.info(
+        "cluster: %d cells, neighbours / UMAP / Leiden with %s",
+        adata.n_obs,
+        "rapids-singlecell on the GPU" if backend == "gpu" else "scanpy on the CPU",
     )
+    if backend == "gpu":
+        knn = "brute"
+        _gpu_graph(adata, cfg, use_rep=use_rep, n_neighbors=n_neighbors, umap=umap,
+                   resolutions=resolutions)  # fmt: skip
+    else:
+        knn = knn_method(adata.n_obs, cfg.exact_knn_max_cells)
+        sc.pp.neighbors(
+            adata,
+            use_rep=use_rep,
+            n_neighbors=n_neighbors,
+            random_state=cfg.seed,
+            transformer=knn,
+        )
+        if umap:
+            sc.tl.umap(adata, min_dist=cfg.umap_min_dist, random_state=cfg.seed)
+        for res in resolutions:
+            leiden(adata, res, seed=cfg.seed, key_added=schema.leiden_key(res))
     if umap:
-        sc.tl.umap(adata, min_dist=cfg.umap_min_dist, random_state=cfg.seed)
         adata.obsm[schema.OBSM_UMAP] = np.asarray(adata.obsm[schema.OBSM_UMAP], dtype=np.float32)
     for res in resolutions:
-        key = schema.leiden_key(res)
-        leiden(adata, res, seed=cfg.seed, key_added=key)
-        log.info("leiden r=%g: %d clusters", res, adata.obs[key].nunique())
+        log.info("leiden r=%g: %d clusters", res, adata.obs[schema.leiden_key(res)].nunique())
     adata.obs[schema.OBS_LEIDEN] = adata.obs[schema.leiden_key(cfg.default_resolution)].copy()
     adata.uns[schema.UNS_LEIDEN_RESOLUTIONS] = [float(r) for r in resolutions]
     adata.uns.pop("leiden", None)
@@ -96,12 +166,13 @@ def run_clustering(
         {
             "use_rep": use_rep,
             "n_neighbors": n_neighbors,
-            "knn": "exact (scikit-learn)" if knn == "sklearn" else "approximate (pynndescent)",
+            "backend": "rapids-singlecell (GPU)" if backend == "gpu" else "scanpy (CPU)",
+            "knn": KNN_LABELS[knn],
             "resolutions": [float(r) for r in resolutions],
             "default_resolution": float(cfg.default_resolution),
             "umap_min_dist": float(cfg.umap_min_dist),
             "seed": int(cfg.seed),
-            "leiden": "igraph, n_iterations=2, undirected",
+            "leiden": "cuGraph" if backend == "gpu" else "igraph, n_iterations=2, undirected",
         },
     )
     return adata
