@@ -224,6 +224,27 @@ def default_torch_threads() -> int:
     return max(1, os.cpu_count() or 1)
 
 
+def forget_models(*models) -> None:
+    """Drop ``models``' AnnData registrations from scvi-tools' class-level stores.
+
+    scvi-tools keeps every AnnData a model was set up with in
+    ``cls._setup_adata_manager_store`` / ``cls._per_instance_manager_store`` for the life of
+    the process, so the HVG counts copy a stage trains on outlived the stage (at 232k cells
+    ~1 GB through every later stage of a build). A model is unusable afterwards: call this
+    once its latent, predictions and files are out.
+    """
+    for model in models:
+        if model is None:
+            continue
+        for cls in type(model).__mro__:
+            per_instance = vars(cls).get("_per_instance_manager_store")
+            setup = vars(cls).get("_setup_adata_manager_store")
+            if per_instance is None or setup is None:
+                continue
+            for adata_id in per_instance.pop(model.id, {}):
+                setup.pop(adata_id, None)
+
+
 def resolve_accelerator(requested: str) -> str:
     """``"gpu"`` or ``"cpu"`` for Lightning: ``auto`` is the GPU when CUDA is present."""
     import torch
@@ -491,6 +512,7 @@ def run_scvi(
         model_dir = Path(model_dir)
         model_dir.parent.mkdir(parents=True, exist_ok=True)
         model.save(str(model_dir), overwrite=True, save_anndata=False)
+    forget_models(model)
     log.info(
         "scvi: trained %d epochs (%d steps) in %.1f s; final validation ELBO %.1f",
         epochs, epochs * steps_per_epoch, seconds, elbo_val,

@@ -38,6 +38,7 @@ from atlas import schema
 from atlas.errors import InputError
 from atlas.params import record_params
 
+from .integrate import forget_models
 from .log import FILE_ONLY, get_logger, setup_logging
 from .scanvi_model import LABELS_KEY, model_anndata
 
@@ -585,6 +586,7 @@ def run_map(
     }
     t0 = time.perf_counter()
     model.save(str(ctx.work / schema.SCANVI_MODEL_DIR), overwrite=True, save_anndata=False)
+    forget_models(model)
     _replace_dir(ctx.work / schema.SCANVI_MODEL_DIR, out / schema.SCANVI_MODEL_DIR)
     if ctx.qc_dir.is_dir():
         _replace_dir(ctx.qc_dir, out / schema.QC_DIR)

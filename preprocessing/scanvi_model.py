@@ -25,6 +25,7 @@ from .integrate import (
     _safe_batch_size,
     default_torch_threads,
     epochs_for_steps,
+    forget_models,
     resolve_accelerator,
 )
 from .log import get_logger, progress_enabled
@@ -164,6 +165,7 @@ def train_scanvi(
         model_dir = Path(model_dir)
         model_dir.parent.mkdir(parents=True, exist_ok=True)
         model.save(str(model_dir), overwrite=True, save_anndata=False)
+    forget_models(vae, model)
     log.info(
         "scanvi: %d epochs (%d steps) in %.1f s on %d labelled cells (%d labels); "
         "agrees with the atlas labels on %.3f",
