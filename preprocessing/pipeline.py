@@ -91,6 +91,7 @@ class PeakRSS:
     def __init__(self, interval: float = 0.1):
         self.interval = interval
         self.peak = 0
+        self.start = 0  # resident memory when the block began
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -107,7 +108,7 @@ class PeakRSS:
             self.peak = max(self.peak, self._rss())
 
     def __enter__(self) -> PeakRSS:
-        self.peak = self._rss()
+        self.peak = self.start = self._rss()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
@@ -121,6 +122,10 @@ class PeakRSS:
     @property
     def peak_mb(self) -> float:
         return round(self.peak / 2**20, 1)
+
+    @property
+    def start_mb(self) -> float:
+        return round(self.start / 2**20, 1)
 
 
 @dataclass
@@ -533,13 +538,17 @@ def run_build(
             timing = {
                 "seconds": round(secs, 2),
                 "peak_rss_mb": mem.peak_mb,
+                "start_rss_mb": mem.start_mb,
                 "status": "done",
                 "n_obs_in": n_in,
                 "n_obs": int(adata.n_obs),
                 "n_vars": int(adata.n_vars),
             }
             ctx.timings[stage] = timing
-            log.info("stage %s done in %.1fs (peak RSS %.0f MiB)", stage, secs, mem.peak_mb)
+            log.info(
+                "stage %s done in %.1fs (RSS %.0f MiB at start, peak %.0f MiB)",
+                stage, secs, mem.start_mb, mem.peak_mb,
+            )  # fmt: skip
             _write_checkpoint(adata, ctx, stage, hashes[stage], {"timing": timing})
             # go on from the checkpoint itself: a resumed build sees exactly the same data
             del adata
@@ -589,7 +598,7 @@ def _closing_summary(ctx: BuildContext, adata, cells_in: dict, prov: dict) -> No
     for sid, n in cells_in.items():
         lines.append(f"{sid:<24}{n:>10}{int(out_counts.get(sid, 0)):>11}")
     lines.append(f"{'total':<24}{sum(cells_in.values()):>10}{int(out_counts.sum()):>11}")
-    lines.append(f"{'stage':<24}{'seconds':>10}{'peak MiB':>11}")
+    lines.append(f"{'stage':<24}{'seconds':>10}{'peak MiB':>11}{'start MiB':>11}")
     for stage in registry.names():
         t = ctx.timings.get(stage)
         if not t:
@@ -598,7 +607,10 @@ def _closing_summary(ctx: BuildContext, adata, cells_in: dict, prov: dict) -> No
         status = t.get("status", "")
         col = f"{secs:>10.1f}" if isinstance(secs, int | float) else f"{'-':>10}"
         mem = t.get("peak_rss_mb")
-        memc = f"{mem:>11.0f}" if isinstance(mem, int | float) else f"{'-':>11}"
+        start = t.get("start_rss_mb")
+        memc = "".join(
+            f"{v:>11.0f}" if isinstance(v, int | float) else f"{'-':>11}" for v in (mem, start)
+        )
         extra = "" if status == "done" else f"  {status}"
         lines.append(f"{stage:<24}{col}{memc}{extra}")
     lines.append(f"total {prov['total_seconds']:.1f}s")

@@ -223,7 +223,7 @@ def test_build_outputs_and_provenance(tiny, tmp_path, stand_ins, capsys):
     printed = capsys.readouterr().out
     assert "cells in" in printed and "S4" in printed and "qc" in printed
     log = (out / schema.LOG_FILE).read_text()
-    assert "stage qc done" in log and "peak RSS" in log
+    assert "stage qc done" in log and "MiB at start, peak" in log
 
 
 def test_reference_from_config(tiny, tmp_path, stand_ins):
