@@ -506,7 +506,8 @@ def run_map(
     ctx.ingest = res
     shutil.rmtree(ctx.work, ignore_errors=True)
     ctx.work.mkdir(parents=True, exist_ok=True)
-    query = res.adata
+    query, res.adata = res.adata, None  # ctx keeps provenance, not the matrix
+    n_query_in = int(query.n_obs)
     query.uns[schema.UNS_SPECIES] = species
     query.uns[schema.UNS_CONDITION_ORDER] = list(conditions)
     for name in ("qc", "normalize"):
@@ -565,7 +566,7 @@ def run_map(
         "reference_model": str(ref.model_dir.resolve()),
         "query": str(h5ad or samplesheet),
         "scvi_version": scvi.__version__,
-        "n_query_cells_in": int(res.adata.n_obs),
+        "n_query_cells_in": n_query_in,
         "n_query_cells": int(query.n_obs),
         "n_reference_cells": int((combined.obs[schema.OBS_ORIGIN] == "reference").sum()),
         "n_model_genes": int(len(model_genes)),

@@ -457,7 +457,9 @@ def run_build(
                 log.error("%s", line, extra=FILE_ONLY)
             raise
     ctx.ingest, ctx.species, ctx.conditions, ctx.reference = res, species, conditions, reference
-    adata = res.adata
+    # the context keeps what provenance needs, not the ingested matrix: held there, the raw
+    # counts of every cell and gene (4.5 GB at 300k cells) outlived QC through every stage
+    adata, res.adata = res.adata, None
     adata.uns[schema.UNS_REFERENCE_CONDITION] = reference
     adata.uns[schema.UNS_CONDITION_ORDER] = list(conditions)
     adata.uns[schema.UNS_SPECIES] = species
