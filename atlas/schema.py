@@ -120,7 +120,6 @@ OBS_LEIDEN_PREFIX = "leiden_r"  # + resolution, e.g. "leiden_r0.5"
 # annotation (stage "annotate")
 OBS_CELL_TYPE = "cell_type"
 OBS_CELL_TYPE_CONFIDENCE = "cell_type_confidence"  # float in [0, 1]
-OBS_MALIGNANT = "malignant"  # bool: per-cell malignant (CLL) call
 MALIGNANT_ROW = "Malignant"  # composition: the malignant fraction of all cells
 CLL_LABEL_PREFIX = "CLL"  # annotation labels of the leukaemia (CLL resting, ...)
 OBS_LINEAGE = "lineage"  # coarse: B/CLL, T/NK, Myeloid, ...

@@ -140,6 +140,25 @@ def _neighbour_vote(adata, cells: np.ndarray, typed: np.ndarray, vote: np.ndarra
 
 
 # ----------------------------------------------------------------------------- the call
+def _shallow_copy(adata):
+    """What the first (clonotype-only) pass may change, copied; the matrices it only reads
+    shared. ``adata.copy()`` there duplicated X, the counts layer and every embedding (2+ GB
+    at 232k cells) for a pass that writes ``obs`` columns, tables and ``uns`` entries."""
+    import anndata as ad
+
+    out = ad.AnnData(
+        X=adata.X,
+        obs=adata.obs.copy(),
+        var=adata.var.copy(),
+        layers={k: adata.layers[k] for k in adata.layers},
+        obsp={k: adata.obsp[k] for k in adata.obsp},
+    )
+    out.uns.update(adata.uns)
+    if schema.UNS_TABLES in adata.uns:
+        out.uns[schema.UNS_TABLES] = dict(adata.uns[schema.UNS_TABLES])
+    return out
+
+
 def call_malignant(
     adata,
     *,
@@ -204,7 +223,7 @@ def call_malignant(
     inferred = np.zeros(n, bool)
     called_pre: dict[str, np.ndarray] = {}
     if cnv and len(lesions):
-        first = call_malignant(adata.copy(), species=species, cnv=False,
+        first = call_malignant(_shallow_copy(adata), species=species, cnv=False,
                                min_clone_fraction=min_clone_fraction,
                                min_clone_cells=min_clone_cells, _first_pass=True)  # fmt: skip
         clone0 = first.obs[schema.OBS_IN_DOMINANT_CLONE].to_numpy(dtype=bool)
