@@ -338,3 +338,30 @@ def test_scib_metrics_on_planted_mixing():
     s.obsm["X_emb"] = s.obsm["X_emb"][np.random.default_rng(0).permutation(s.n_obs)]
     sc = I.scib_integration_metrics(s, embeddings=["X_emb"], n_neighbors=15)
     assert sc.set_index("metric")["value"]["knn_purity"] < 0.5
+
+
+def test_scanvi_step_budget_whole_epochs_or_the_budget(tmp_path):
+    """scANVI trains whole epochs while an epoch is shorter than ``max_steps`` (the demo:
+    4 x 63 = 252 steps for 200) and stops at the budget when one epoch is longer (a large
+    atlas: one epoch of 232k cells was 908 steps); the steps come from the trainer."""
+    import pandas as pd
+
+    from atlas.config import ScanviConfig
+    from preprocessing.scanvi_model import train_scanvi
+
+    a = _toy_counts(n_cells=1200)
+    I.normalize(a)
+    I.select_hvg(a, n_top_genes=60)
+    scfg = ScviConfig(max_steps=20, batch_size=64, n_latent=4, torch_threads=1, min_steps=0)
+    I.run_scvi(a, config=scfg, model_dir=tmp_path / "model")
+    a.obs[schema.OBS_CELL_TYPE] = pd.Categorical(np.where(np.arange(a.n_obs) % 2, "A", "B"))
+    # 1,200 cells, batch 64: 19 steps per epoch
+    for budget, expected in ((30, 38), (12, 12)):
+        train_scanvi(
+            a,
+            scvi_model_dir=tmp_path / "model",
+            config=ScanviConfig(max_steps=budget, batch_size=64),
+            scvi_config=scfg,
+        )
+        p = a.uns[schema.UNS_PARAMS_PREFIX + "scanvi"]
+        assert p["steps_trained"] == expected, (budget, p)
