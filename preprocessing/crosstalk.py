@@ -368,8 +368,8 @@ def _fast_join_stats():
 
     def join(source, target, dedict, resource):
         names, src = stats_cols(dedict[source])
-        _, tgt = stats_cols(dedict[target])
-        if names.has_duplicates or not names.equals(stats_cols(dedict[target])[0]):
+        target_names, tgt = stats_cols(dedict[target])
+        if names.has_duplicates or not names.equals(target_names):
             raise AssertionError("per-label statistics are not on one gene order")
         base, lig, rec = resource_rows(resource, names)
         out = dict(base)

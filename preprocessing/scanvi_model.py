@@ -157,10 +157,7 @@ def train_scanvi(
                 enable_checkpointing=False,
                 **({"max_steps": stop_at} if stop_at else {}),
             )
-            trainer = getattr(model, "trainer", None)
-            steps_trained = int(getattr(trainer, "global_step", 0) or 0) or (
-                stop_at or max_epochs * steps_per_epoch
-            )
+            steps_trained = int(model.trainer.global_step)  # scvi-tools keeps its trainer
             latent = model.get_latent_representation(batch_size=max(batch_size, 1024))
             pred = np.asarray(model.predict(batch_size=max(batch_size, 1024))).astype(str)
     finally:
